@@ -1,0 +1,236 @@
+"""The configuration schema (structured OmegaConf dataclasses) and its loader.
+
+The schema lives here; YAML files in configs/ only set values. Unknown keys and wrong types are
+errors that name the key, and every run saves the resolved config next to its outputs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from relvid import relations
+
+PLACEMENTS = ("QK/V", "Q/KV", "KV/Q", "V/QK", "direct")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that does not fit the schema."""
+
+
+@dataclass
+class TinyModelConfig:
+    """A Mochi-architecture transformer small enough for CPU tests and the toy world."""
+
+    num_layers: int = 2
+    num_attention_heads: int = 2
+    attention_head_dim: int = 16
+    pooled_projection_dim: int = 16
+    text_embed_dim: int = 32
+    time_embed_dim: int = 16
+    in_channels: int = 4
+    seed: int = 0  # random init seed (the tiny preset has no weights on disk)
+
+
+@dataclass
+class ModelConfig:
+    # Local diffusers-format folder of genmo/mochi-1-preview (the pipeline root with transformer/,
+    # or the transformer folder itself). Falls back to the MOCHI_PATH environment variable.
+    path: Optional[str] = None
+    preset: str = "mochi"  # "mochi" (weights from path) | "tiny" (random weights, for tests)
+    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU | bf16 | fp16 | fp32
+    gradient_checkpointing: bool = True
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class LoRAConfig:
+    placement: str = "QK/V"  # relation/subject projections: QK/V, Q/KV, KV/Q, V/QK, or direct
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    branches: str = "both"  # both | vision | text
+
+
+@dataclass
+class HMTConfig:
+    """Hybrid mask training: per-step LoRA selection and mask-weighted reconstruction loss."""
+
+    enabled: bool = True
+    probs: List[float] = field(default_factory=lambda: [1 / 3, 1 / 3, 1 / 3])  # relation, subject1, subject2
+    lambda_m: float = 50.0
+    weighting: str = "linear"  # linear: 1 + lambda_m * M (paper) | squared: 1 + lambda_m * M^2 (reference code)
+    relation_mask: str = "union"  # union (paper) | sum (reference code)
+
+
+@dataclass
+class RCLConfig:
+    """Space-time relational contrastive loss and its memory bank."""
+
+    enabled: bool = True
+    lambda_1: float = 0.01
+    n_pos: int = 4
+    n_neg: int = 10
+    bank_size: int = 64
+    tau: float = 0.07
+
+
+@dataclass
+class DataConfig:
+    # Clip cache folder written by `relvid preprocess` (falls back to RELVID_CACHE).
+    cache_dir: Optional[str] = None
+    batch_size: int = 1
+    num_workers: int = 2
+    caption_dropout: float = 0.1
+    sample_posterior: bool = True  # draw a fresh latent from the cached VAE posterior every step
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 200
+    schedule: str = "cosine"  # cosine | constant (after warm-up)
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    grad_clip: float = 0.0  # max grad norm; 0 disables
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 2400
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | ... (Lightning strategy name)
+    precision: str = "auto"  # auto: bf16 autocast on GPU, 32 on CPU
+    log_every_n_steps: int = 1
+    checkpoint_every: int = 200
+    progress_bar: bool = True
+    deterministic: bool = False
+
+
+@dataclass
+class RelvidConfig:
+    relation: str = "shaking_hands"  # canonical name or alias (handshake -> shaking_hands)
+    custom_relation: bool = False  # allow a relation name that is not in the registry
+    seed: int = 0
+    output_dir: str = "outputs/${relation}"
+    resume: Optional[str] = None  # a checkpoint path, or "last" for output_dir/checkpoints/last.ckpt
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    hmt: HMTConfig = field(default_factory=HMTConfig)
+    rcl: RCLConfig = field(default_factory=RCLConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def schema() -> DictConfig:
+    cfg = OmegaConf.structured(RelvidConfig)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def _merge(cfg: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(cfg, other)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"{source}: bad key {key!r}: {_short(err)}") from None
+
+
+def _short(err: Exception) -> str:
+    # OmegaConf appends a multi-line "full_key/object_type" trailer; keep the first line.
+    return str(err).splitlines()[0]
+
+
+def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> DictConfig:
+    """Schema <- each YAML file in order <- `key=value` overrides; then validated and resolved."""
+    cfg = schema()
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            values = OmegaConf.load(path)
+        except Exception as err:  # yaml.YAMLError and friends: report which file
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        cfg = _merge(cfg, values, str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-4)")
+        try:
+            dot = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"override {item!r}: {_short(err)}") from None
+        cfg = _merge(cfg, dot, f"override {item!r}")
+    return finalize(cfg)
+
+
+def finalize(cfg: DictConfig) -> DictConfig:
+    """Canonicalize the relation, apply environment fallbacks and check value ranges."""
+    if relations.is_known(cfg.relation):
+        cfg.relation = relations.resolve(cfg.relation).name
+    elif not cfg.custom_relation:
+        try:
+            relations.resolve(cfg.relation)
+        except relations.UnknownRelationError as err:
+            raise ConfigError(f"relation: {err}; for a relation of your own set custom_relation=true") from None
+    if cfg.model.path is None and os.environ.get("MOCHI_PATH"):
+        cfg.model.path = os.environ["MOCHI_PATH"]
+    if cfg.data.cache_dir is None and os.environ.get("RELVID_CACHE"):
+        cfg.data.cache_dir = os.environ["RELVID_CACHE"]
+    _check(cfg)
+    return cfg
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _check(cfg: DictConfig) -> None:
+    _require(cfg.model.preset in ("mochi", "tiny"), "model.preset", "must be 'mochi' or 'tiny'")
+    _require(cfg.model.dtype in ("auto", "bf16", "fp16", "fp32"), "model.dtype", "must be auto, bf16, fp16 or fp32")
+    _require(cfg.lora.placement in PLACEMENTS, "lora.placement", f"must be one of {', '.join(PLACEMENTS)}")
+    _require(cfg.lora.branches in ("both", "vision", "text"), "lora.branches", "must be both, vision or text")
+    _require(cfg.lora.rank >= 1, "lora.rank", "must be >= 1")
+    _require(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+    probs = list(cfg.hmt.probs)
+    _require(len(probs) == 3 and all(p >= 0 for p in probs), "hmt.probs",
+             "must be three non-negative numbers (relation, subject1, subject2)")
+    _require(abs(sum(probs) - 1.0) < 1e-6, "hmt.probs", f"must sum to 1, got {sum(probs):.6f}")
+    _require(cfg.hmt.weighting in ("linear", "squared"), "hmt.weighting", "must be linear or squared")
+    _require(cfg.hmt.relation_mask in ("union", "sum"), "hmt.relation_mask", "must be union or sum")
+    _require(cfg.hmt.lambda_m >= 0, "hmt.lambda_m", "must be >= 0")
+    _require(cfg.rcl.n_pos >= 1 and cfg.rcl.n_neg >= 1, "rcl.n_pos/rcl.n_neg", "must be >= 1")
+    _require(cfg.rcl.bank_size >= 1, "rcl.bank_size", "must be >= 1")
+    _require(cfg.rcl.tau > 0, "rcl.tau", "must be > 0")
+    _require(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
+    _require(0.0 <= cfg.data.caption_dropout <= 1.0, "data.caption_dropout", "must be in [0, 1]")
+    _require(cfg.optim.lr > 0, "optim.lr", "must be > 0")
+    _require(cfg.optim.schedule in ("cosine", "constant"), "optim.schedule", "must be cosine or constant")
+    _require(len(cfg.optim.betas) == 2, "optim.betas", "must be two numbers")
+    _require(cfg.trainer.max_steps >= 1, "trainer.max_steps", "must be >= 1")
+    _require(cfg.trainer.checkpoint_every >= 1, "trainer.checkpoint_every", "must be >= 1")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> Path:
+    """Write the resolved config (interpolations expanded) atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(to_yaml(cfg), encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,291 @@
+"""LoRA interchange: export the inference set as a diffusers LoRA, import reference checkpoints.
+
+The diffusers file is what `MochiPipeline.load_lora_weights` reads: one LoRA (relation + FFN, or
+the direct LoRA) with its peft config stored as adapter metadata, so alpha != rank and different
+relation/FFN ranks load with the right scale. The reference import reads the DreamRelation
+reference code's checkpoints (a fork of genmo's Mochi LoRA fine-tuner).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import shutil
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from relvid.models.lora import (
+    BLOCK_PATTERN,
+    LoRAConfigError,
+    TripletSpec,
+    adapter_state_dict,
+    inference_adapters,
+    module_suffixes,
+    save_adapter_state,
+    target_modules,
+)
+
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+TRIPLET_WEIGHT_NAME = "relvid_adapters.safetensors"
+
+# Reference attention layer names -> diffusers Mochi `attn1` module names.
+_REF_QKV = {
+    "to_q_x": ("vision", "q", "to_q"),
+    "to_k_x": ("vision", "k", "to_k"),
+    "to_v_x": ("vision", "v", "to_v"),
+    "to_q_y": ("text", "q", "add_q_proj"),
+    "to_k_y": ("text", "k", "add_k_proj"),
+    "to_v_y": ("text", "v", "add_v_proj"),
+}
+_REF_OUT = {"proj_x": ("vision", "to_out.0"), "proj_y": ("text", "to_add_out")}
+_REF_KEY = re.compile(
+    r"^(?P<prefix>(?:.*\.)?)blocks\.(?P<block>\d+)\.attn\."
+    r"(?:(?P<qkv>to_[qkv]_[xy])\.lora_(?P<ab>[AB])\.(?P<adapter>relation|subject1|subject2)"
+    r"|(?P<out>proj_[xy])\.lora_(?P<ab_out>[AB]))$"
+)
+# (relation projections, subject projections) -> placement.
+_PLACEMENT_OF = {
+    (frozenset(rel), frozenset(sub)): name
+    for name, (rel, sub) in {"QK/V": ("qk", "v"), "Q/KV": ("q", "kv"), "KV/Q": ("kv", "q"), "V/QK": ("v", "qk")}.items()
+}
+
+
+def _inference_state_to_diffusers(
+    state: dict[str, torch.Tensor], spec: TripletSpec
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Our adapter-keyed inference tensors -> one diffusers LoRA (keys + peft config as a dict)."""
+    names = inference_adapters(spec)
+    out: dict[str, torch.Tensor] = {}
+    owner: dict[str, str] = {}
+    for key, tensor in state.items():
+        adapter, rest = key.split("/", 1)
+        if adapter not in names:
+            continue
+        module = rest.rsplit(".lora_", 1)[0]
+        # One diffusers LoRA has one A/B per module; the placements keep inference adapters disjoint.
+        if owner.setdefault(module, adapter) != adapter:
+            raise LoRAConfigError(f"{module} carries both {owner[module]!r} and {adapter!r}; cannot export as one LoRA")
+        out[f"transformer.{rest}"] = tensor.detach().to("cpu", torch.float32).contiguous()
+    if not out:
+        raise LoRAConfigError(f"no weights of the inference adapters {names} to export")
+    main = names[0]
+    config: dict = {
+        "r": spec.rank_of(main),
+        "lora_alpha": spec.alpha_of(main),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "init_lora_weights": True,
+        "target_modules": BLOCK_PATTERN + "(" + "|".join(
+            re.escape(s) for name in names for s in module_suffixes(name, spec)
+        ) + ")",
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    for other in names[1:]:
+        # peft matches pattern keys as `(.*\.)?(key)$` against module names: our target regex fits.
+        if spec.rank_of(other) != spec.rank_of(main):
+            config["rank_pattern"][target_modules(other, spec)] = spec.rank_of(other)
+        if spec.alpha_of(other) != spec.alpha_of(main):
+            config["alpha_pattern"][target_modules(other, spec)] = spec.alpha_of(other)
+    return out, config
+
+
+def diffusers_lora_state_dict(transformer: nn.Module, spec: TripletSpec) -> tuple[dict[str, torch.Tensor], dict]:
+    """The inference set (relation + FFN, or direct) as one diffusers LoRA: (tensors, LoraConfig kwargs).
+
+    Keys look like "transformer.transformer_blocks.0.attn1.to_q.lora_A.weight". The config holds
+    only the LoraConfig fields that matter, so it loads across peft versions.
+    """
+    return _inference_state_to_diffusers(adapter_state_dict(transformer, inference_adapters(spec)), spec)
+
+
+def _write_diffusers(state: dict[str, torch.Tensor], config: dict, out_dir: Path) -> Path:
+    from diffusers.loaders import Mochi1LoraLoaderMixin  # MochiPipeline's own save_lora_weights
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    layers = {k.removeprefix("transformer."): v for k, v in state.items()}
+    # Save into a temp folder next to the target, then rename: no half-written LoRA file on a crash.
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
+    try:
+        Mochi1LoraLoaderMixin.save_lora_weights(
+            tmp_dir,
+            transformer_lora_layers=layers,
+            weight_name=DIFFUSERS_WEIGHT_NAME,
+            transformer_lora_adapter_metadata=dict(config),
+        )
+        target = out_dir / DIFFUSERS_WEIGHT_NAME
+        os.replace(tmp_dir / DIFFUSERS_WEIGHT_NAME, target)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return target
+
+
+def export_diffusers(transformer: nn.Module, spec: TripletSpec, out_dir: str | os.PathLike) -> Path:
+    """Write out_dir/pytorch_lora_weights.safetensors for MochiPipeline.load_lora_weights."""
+    return export_state_dict(adapter_state_dict(transformer, inference_adapters(spec)), spec, out_dir)
+
+
+def export_state_dict(state: dict[str, torch.Tensor], spec: TripletSpec, out_dir: str | os.PathLike) -> Path:
+    """Like export_diffusers, from an adapter state ("<adapter>/<module>...") without any model.
+
+    Only the inference adapters are written; the subject LoRAs in `state` are dropped.
+    """
+    keep = tuple(f"{name}/" for name in inference_adapters(spec))
+    inference = {k: v for k, v in state.items() if k.startswith(keep)}
+    if not inference:
+        raise LoRAConfigError(f"no tensors of the inference adapters {inference_adapters(spec)} to export")
+    return _write_diffusers(*_inference_state_to_diffusers(inference, spec), Path(out_dir))
+
+
+def convert_reference_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], TripletSpec]:
+    """Reference-code LoRA tensors -> our adapter_state_dict keys for all four adapters, and the spec.
+
+    Accepts any prefix before "blocks." (model., module., _orig_mod., ...); refuses anything it does
+    not recognise. The reference scales every LoRA by 1, so alpha = rank.
+    """
+    if not state:
+        raise LoRAConfigError("reference state dict is empty: expected blocks.{i}.attn.* LoRA tensors")
+    unknown = sorted(k for k in state if not _REF_KEY.match(k))
+    if unknown:
+        raise LoRAConfigError(
+            f"unrecognised reference keys {unknown[:20]}{' ...' if len(unknown) > 20 else ''}; expected "
+            "[prefix]blocks.{i}.attn.{to_q_x,to_k_x,to_v_x,to_q_y,to_k_y,to_v_y}.lora_{A,B}.{relation,subject1,"
+            "subject2} and [prefix]blocks.{i}.attn.{proj_x,proj_y}.lora_{A,B}"
+        )
+    prefixes = sorted({_REF_KEY.match(k)["prefix"] for k in state})
+    if len(prefixes) > 1:
+        raise LoRAConfigError(f"reference keys mix prefixes {prefixes}; pass one model's LoRA weights")
+
+    # (adapter, module path) -> {"A": tensor, "B": tensor}; plus what sits where, to infer the spec.
+    pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = defaultdict(dict)
+    projections: dict[str, set[str]] = defaultdict(set)  # adapter -> {"q", "k", "v"}
+    branches: set[str] = set()
+    blocks: set[int] = set()
+    for key, tensor in state.items():
+        m = _REF_KEY.match(key)
+        block = int(m["block"])
+        blocks.add(block)
+        if m["qkv"]:
+            branch, proj, module = _REF_QKV[m["qkv"]]
+            adapter, ab = m["adapter"], m["ab"]
+            projections[adapter].add(proj)
+        else:
+            branch, module = _REF_OUT[m["out"]]
+            adapter, ab = "ffn", m["ab_out"]
+        branches.add(branch)
+        if not isinstance(tensor, torch.Tensor) or tensor.ndim != 2:
+            raise LoRAConfigError(f"reference key {key}: expected a 2-D tensor, got {_describe(tensor)}")
+        pairs[(adapter, f"transformer_blocks.{block}.attn1.{module}")][ab] = tensor
+
+    half = sorted(f"{a}/{mod} has only lora_{next(iter(t))}" for (a, mod), t in pairs.items() if len(t) != 2)
+    if half:
+        raise LoRAConfigError(f"reference LoRAs without their A/B partner: {half}")
+    ranks: dict[str, int] = {}
+    bad_rank = []
+    for (adapter, module), t in sorted(pairs.items()):
+        r_a, r_b = t["A"].shape[0], t["B"].shape[1]
+        if r_a != r_b or ranks.setdefault(adapter, r_a) != r_a:
+            bad_rank.append(f"{adapter}/{module}: A {tuple(t['A'].shape)}, B {tuple(t['B'].shape)}")
+    if bad_rank:
+        raise LoRAConfigError(
+            f"reference LoRA ranks disagree (A is (rank, in), B is (out, rank); one rank per adapter): {bad_rank}"
+        )
+
+    spec = _infer_spec(projections, branches, ranks)
+    expected = _expected_modules(spec, num_blocks=max(blocks) + 1)
+    present = set(pairs)
+    missing = sorted(f"{a}/{m}" for a, m in expected - present)
+    extra = sorted(f"{a}/{m}" for a, m in present - expected)
+    if missing or extra:
+        raise LoRAConfigError(
+            f"reference LoRAs do not form a {spec.placement} triplet over {max(blocks) + 1} blocks "
+            f"(branches {spec.branches}; the last block has no proj_y): missing {missing}, unexpected {extra}"
+        )
+    out = {
+        f"{adapter}/{module}.lora_{ab}.weight": t[ab].detach().to("cpu", torch.float32).contiguous()
+        for (adapter, module), t in pairs.items()
+        for ab in ("A", "B")
+    }
+    return out, spec
+
+
+def _describe(x: object) -> str:
+    return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _infer_spec(projections: dict[str, set[str]], branches: set[str], ranks: dict[str, int]) -> TripletSpec:
+    absent = [a for a in ("relation", "subject1", "subject2", "ffn") if a not in ranks]
+    if absent:
+        raise LoRAConfigError(f"reference checkpoint has no {absent} LoRAs; expected the full triplet + FFN LoRA")
+    rel = frozenset(projections["relation"])
+    subs = {frozenset(projections["subject1"]), frozenset(projections["subject2"])}
+    placement = _PLACEMENT_OF.get((rel, subs.pop())) if len(subs) == 1 else None
+    if placement is None:
+        raise LoRAConfigError(
+            f"cannot infer the placement: relation LoRAs on {sorted(projections['relation'])}, subject1 on "
+            f"{sorted(projections['subject1'])}, subject2 on {sorted(projections['subject2'])}; expected one of "
+            "QK/V, Q/KV, KV/Q, V/QK (subjects on the same projections, relation on the rest)"
+        )
+    base = ranks["relation"]
+    overrides = {a: r for a, r in ranks.items() if r != base}
+    return TripletSpec(
+        placement=placement,
+        rank=base,
+        alpha=float(base),
+        dropout=0.0,
+        branches="both" if len(branches) == 2 else branches.pop(),
+        ranks=overrides or None,
+        alphas={a: float(r) for a, r in overrides.items()} or None,
+    )
+
+
+def _expected_modules(spec: TripletSpec, num_blocks: int) -> set[tuple[str, str]]:
+    out = set()
+    for adapter in ("relation", "subject1", "subject2", "ffn"):
+        for suffix in module_suffixes(adapter, spec):
+            for block in range(num_blocks):
+                if suffix == "to_add_out" and block == num_blocks - 1:
+                    continue  # Mochi's last block never updates text tokens
+                out.add((adapter, f"transformer_blocks.{block}.attn1.{suffix}"))
+    return out
+
+
+def _unwrap(obj: object, file: Path) -> dict[str, torch.Tensor]:
+    # Training checkpoints often nest the weights under "state_dict" or "model".
+    while isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        inner = [k for k in ("state_dict", "model") if isinstance(obj.get(k), dict)]
+        if not inner:
+            non_tensor = sorted(k for k, v in obj.items() if not isinstance(v, torch.Tensor))[:10]
+            raise LoRAConfigError(
+                f"{file}: not a LoRA state dict (non-tensor entries {non_tensor} and no 'state_dict'/'model' key)"
+            )
+        obj = obj[inner[0]]
+    if not isinstance(obj, dict):
+        raise LoRAConfigError(f"{file}: expected a dict of tensors, got {type(obj).__name__}")
+    return obj
+
+
+def import_reference(file: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Convert a reference checkpoint: writes the diffusers inference LoRA and our full-triplet file.
+
+    Returns out_dir/pytorch_lora_weights.safetensors; the triplet goes to out_dir/relvid_adapters.safetensors.
+    """
+    file, out_dir = Path(file), Path(out_dir)
+    if not file.is_file():
+        raise FileNotFoundError(f"reference checkpoint not found: {file}")
+    try:
+        raw = torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
+        raise LoRAConfigError(f"{file}: cannot be read as a torch checkpoint (weights_only=True): {e}") from e
+    tensors = _unwrap(raw, file)
+    try:
+        state, spec = convert_reference_state_dict(tensors)
+    except LoRAConfigError as e:
+        raise LoRAConfigError(f"{file}: {e}") from e
+    save_adapter_state(out_dir / TRIPLET_WEIGHT_NAME, state, spec, metadata={"source": str(file)})
+    return _write_diffusers(*_inference_state_to_diffusers(state, spec), out_dir)

@@ -1,0 +1,227 @@
+"""RelationModule: the DreamRelation training step on a Mochi backbone, and nothing else."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from relvid.losses.contrastive import rcl_loss_for_batch
+from relvid.losses.flow_matching import (
+    masked_flow_loss,
+    model_timestep,
+    noisy_latents,
+    sample_sigmas,
+    velocity_target,
+)
+from relvid.models.backbone import load_transformer
+from relvid.models.lora import (
+    SELECTIONS,
+    TripletSpec,
+    activate,
+    adapter_state_dict,
+    adapters_for_selection,
+    inference_adapters,
+    inject_triplet,
+    lora_parameters,
+)
+from relvid.seeding import derive_seed
+
+CHECKPOINT_FORMAT = 1
+
+# Independent random streams, each a pure function of (seed, step[, rank]): resuming at any step
+# and every rank of a multi-process run reproduce them exactly.
+_SELECT_STREAM = 1
+_NOISE_STREAM = 2
+_RCL_STREAM = 3
+_GLOBAL_STREAM = 4
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint whose adapters do not fit the configured LoRA triplet."""
+
+
+def spec_from_config(cfg: DictConfig) -> TripletSpec:
+    lora = cfg.lora
+    return TripletSpec(placement=lora.placement, rank=int(lora.rank), alpha=float(lora.alpha),
+                       dropout=float(lora.dropout), branches=lora.branches)
+
+
+def wants_gpu(cfg: DictConfig) -> bool:
+    accel = str(cfg.trainer.accelerator)
+    return accel in ("gpu", "cuda") or (accel == "auto" and torch.cuda.is_available())
+
+
+def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str, min_ratio: float) -> float:
+    """Linear warm-up from lr/warmup to lr, then cosine decay to min_ratio * lr (or constant)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    span = max(1, max_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class RelationModule(L.LightningModule):
+    """Mochi backbone + relation LoRA triplet, trained with hybrid mask training and RCL."""
+
+    def __init__(self, cfg: DictConfig, transformer: torch.nn.Module | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.spec = spec_from_config(cfg)
+        self.transformer = transformer if transformer is not None else load_transformer(cfg.model, wants_gpu(cfg))
+        self.transformer.requires_grad_(False)
+        self.adapters = inject_triplet(self.transformer, self.spec)
+        self.memory_bank = None  # attached by callbacks.MemoryBankCallback
+        self.selections: list[str] = []  # the LoRA selected at each step this process ran
+        self.strict_loading = False  # checkpoints hold the adapters only, not the frozen base
+
+    # --- the step -------------------------------------------------------------------------
+    def select_lora(self, step: int) -> str:
+        """The LoRA group trained at `step`: the same on every rank, a pure function of the seed."""
+        if self.spec.placement == "direct":
+            return "direct"
+        if not self.cfg.hmt.enabled:
+            return "relation"  # w/o HMT: the whole triplet every step
+        gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, step, _SELECT_STREAM))
+        probs = torch.tensor(list(self.cfg.hmt.probs), dtype=torch.float64)
+        return SELECTIONS[int(torch.multinomial(probs, 1, generator=gen))]
+
+    def _hybrid_mask(self, selection: str, batch: dict) -> torch.Tensor | None:
+        if not self.cfg.hmt.enabled:
+            return None
+        subjects = batch["subject_masks"]  # (B, 2, f, h, w)
+        if selection == "subject1":
+            return subjects[:, 0]
+        if selection == "subject2":
+            return subjects[:, 1]
+        if self.cfg.hmt.relation_mask == "sum":
+            return subjects.sum(dim=1)  # the reference code's relation mask: overlap counts twice
+        return batch["relation_mask"]  # (B, f, h, w) union
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text_embeds: torch.Tensor,
+                text_mask: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.transformer.parameters()).dtype
+        return self.transformer(
+            hidden_states=latents.to(dtype),
+            encoder_hidden_states=text_embeds.to(dtype),
+            timestep=timestep,
+            encoder_attention_mask=text_mask,
+            return_dict=False,
+        )[0]
+
+    def training_step(self, batch: dict, batch_idx: int) -> dict:
+        step = self.global_step
+        seed = int(self.cfg.seed)
+        rank = self.global_rank
+        # Anything else drawing from the global generators (LoRA dropout, user callbacks) is
+        # reseeded per step, so resuming needs no snapshot and previews cannot shift the stream.
+        torch.manual_seed(derive_seed(seed, step, rank, _GLOBAL_STREAM))
+
+        selection = self.select_lora(step)
+        activate(self.transformer, adapters_for_selection(selection, self.spec))
+        self.selections.append(selection)
+
+        z0 = batch["latents"].float()  # (B, C, f, h, w), drawn from the cached posterior
+        gen = torch.Generator(device=z0.device).manual_seed(derive_seed(seed, step, rank, _NOISE_STREAM))
+        noise = torch.randn(z0.shape, generator=gen, device=z0.device, dtype=torch.float32)
+        sigma = sample_sigmas(z0.shape[0], gen, device=z0.device)  # (B,)
+        z_sigma = noisy_latents(z0, noise, sigma)
+        target = velocity_target(z0, noise)
+        pred = self(z_sigma, model_timestep(sigma), batch["text_embeds"], batch["text_mask"])
+
+        mask = self._hybrid_mask(selection, batch)
+        loss_rec = masked_flow_loss(pred.float(), target, mask, float(self.cfg.hmt.lambda_m), self.cfg.hmt.weighting)
+        loss = loss_rec
+        out: dict[str, Any] = {"clip_index": batch["clip_index"]}
+
+        rcl = self.cfg.rcl
+        if rcl.enabled:
+            rcl_gen = torch.Generator().manual_seed(derive_seed(seed, step, rank, _RCL_STREAM))
+            bank = self.memory_bank
+            if bank is None:
+                raise RuntimeError("rcl.enabled needs a MemoryBankCallback on the trainer (relvid.train adds it)")
+            loss_rcl, info = rcl_loss_for_batch(pred.float(), batch["clip_index"], bank, n_pos=int(rcl.n_pos),
+                                                n_neg=int(rcl.n_neg), tau=float(rcl.tau), generator=rcl_gen)
+            out["rcl_frames"] = info["frames"]
+            out["rcl_dynamics"] = info["dynamics"]
+            if loss_rcl is None:
+                self.log("train/rcl_skipped", 1.0, on_step=True)
+            else:
+                loss = loss + float(rcl.lambda_1) * loss_rcl
+                self.log("train/loss_rcl", loss_rcl.detach(), on_step=True)
+                self.log("train/rcl_skipped", 0.0, on_step=True)
+
+        self.log("train/loss", loss.detach(), on_step=True, prog_bar=True)
+        self.log("train/loss_rec", loss_rec.detach(), on_step=True)
+        if selection in SELECTIONS:
+            self.log("train/selected_lora", float(SELECTIONS.index(selection)), on_step=True)
+        self.log("train/sigma", sigma.mean(), on_step=True)
+        out["loss"] = loss
+        out["selection"] = selection
+        return out
+
+    # --- optimizer --------------------------------------------------------------------------
+    def configure_optimizers(self):
+        opt_cfg = self.cfg.optim
+        params = list(lora_parameters(self.transformer).values())
+        # grad None (an adapter outside this step's forward) makes AdamW skip the parameter
+        # entirely: no momentum and no weight decay for LoRAs that were not selected.
+        optimizer = torch.optim.AdamW(params, lr=float(opt_cfg.lr), betas=tuple(opt_cfg.betas),
+                                      eps=float(opt_cfg.eps), weight_decay=float(opt_cfg.weight_decay))
+        max_steps = int(self.cfg.trainer.max_steps)
+
+        def factor(step: int) -> float:
+            return lr_factor(step, int(opt_cfg.warmup_steps), max_steps, opt_cfg.schedule, float(opt_cfg.min_lr_ratio))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def optimizer_zero_grad(self, epoch, batch_idx, optimizer):
+        optimizer.zero_grad(set_to_none=True)  # None, not zero: see configure_optimizers
+
+    # --- checkpoints: adapters + training state, never the frozen base ---------------------
+    def trainable_keys(self) -> list[str]:
+        return [f"transformer.{name}" for name in lora_parameters(self.transformer)]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = set(self.trainable_keys())
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["relvid"] = {
+            "format": CHECKPOINT_FORMAT,
+            "spec": self.spec.to_dict(),
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "rng": {"seed": int(self.cfg.seed), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        meta = checkpoint.get("relvid")
+        if meta is None:
+            raise CheckpointMismatchError("checkpoint has no 'relvid' section: it was not written by relvid train")
+        saved = TripletSpec.from_dict(meta["spec"])
+        if saved != self.spec:
+            raise CheckpointMismatchError(
+                f"checkpoint LoRA spec {saved} differs from the configured {self.spec}: set lora.* as in the "
+                "checkpoint's config (saved under checkpoint['relvid']['config'])"
+            )
+        missing = sorted(set(self.trainable_keys()) - set(checkpoint["state_dict"]))
+        if missing:
+            raise CheckpointMismatchError(f"checkpoint lacks {len(missing)} LoRA tensors, e.g. {missing[:3]}")
+        rng = meta.get("rng", {})
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    # --- inference helpers --------------------------------------------------------------------
+    def use_inference_adapters(self) -> None:
+        """Relation + FFN LoRAs active, subject LoRAs dropped (as at sampling time)."""
+        activate(self.transformer, inference_adapters(self.spec))
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return adapter_state_dict(self.transformer)

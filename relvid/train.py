@@ -1,0 +1,120 @@
+"""Assemble and run a training job from a validated config: data, module, callbacks, trainer."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig
+
+from relvid.callbacks.adapter_export import FinalAdapters
+from relvid.callbacks.crash_checkpoint import CrashCheckpoint
+from relvid.callbacks.memory_bank import MemoryBankCallback
+from relvid.config import ConfigError, save_config
+from relvid.data.datamodule import RelationDataModule
+from relvid.module import RelationModule, wants_gpu
+
+
+class RunExistsError(FileExistsError):
+    """The output folder already holds a run and no resume was asked for."""
+
+
+def checkpoint_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.output_dir) / "checkpoints"
+
+
+def resolve_resume(cfg: DictConfig) -> str | None:
+    """The checkpoint to resume from (None for a fresh run); refuses to overwrite a finished run."""
+    ckpt_dir = checkpoint_dir(cfg)
+    if cfg.resume is None:
+        existing = sorted(ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
+        if existing:
+            raise RunExistsError(
+                f"{cfg.output_dir} already holds checkpoints ({existing[-1].name}, ...): resume it with "
+                "resume=last, or set output_dir=<a new folder>"
+            )
+        return None
+    path = ckpt_dir / "last.ckpt" if cfg.resume == "last" else Path(cfg.resume)
+    if not path.is_file():
+        raise ConfigError(f"resume: checkpoint {path} not found (resume=last looks for {ckpt_dir}/last.ckpt)")
+    return str(path)
+
+
+def precision(cfg: DictConfig) -> str:
+    if cfg.trainer.precision != "auto":
+        return str(cfg.trainer.precision)
+    return "bf16-mixed" if wants_gpu(cfg) else "32-true"
+
+
+# The DataModule's sampler resumes mid-run exactly (it starts at the restored global step), so
+# Lightning's generic warning about resuming inside an epoch does not apply.
+warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended.*")
+
+
+def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
+    out = Path(cfg.output_dir)
+    callbacks: list[L.Callback] = [
+        MemoryBankCallback(int(cfg.rcl.bank_size)),
+        LearningRateMonitor(logging_interval="step"),
+        FinalAdapters(out / "adapters"),
+        ModelCheckpoint(dirpath=checkpoint_dir(cfg), filename="step{step:06d}", auto_insert_metric_name=False,
+                        every_n_train_steps=int(cfg.trainer.checkpoint_every), save_top_k=-1, save_last=True),
+        CrashCheckpoint(checkpoint_dir(cfg)),
+        *extra_callbacks,
+    ]
+    if cfg.trainer.progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=1))
+    strategy = cfg.trainer.strategy
+    if strategy == "ddp":
+        # Unselected adapters sit outside the forward in a step; DDP must not wait for their grads.
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = DDPStrategy(find_unused_parameters=True)
+    return L.Trainer(
+        default_root_dir=str(out),
+        max_steps=int(cfg.trainer.max_steps),
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=int(cfg.trainer.num_nodes),
+        strategy=strategy,
+        precision=precision(cfg),
+        logger=TensorBoardLogger(save_dir=str(out), name="tensorboard", version=""),
+        callbacks=callbacks,
+        log_every_n_steps=int(cfg.trainer.log_every_n_steps),
+        gradient_clip_val=float(cfg.optim.grad_clip) or None,
+        enable_progress_bar=bool(cfg.trainer.progress_bar),
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # RelationDataModule shards by rank itself
+        deterministic=bool(cfg.trainer.deterministic),
+    )
+
+
+def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> Path:
+    """Train as configured; returns the output folder (config, checkpoints, logs, adapters)."""
+    if not cfg.data.cache_dir:
+        raise ConfigError("data.cache_dir: not set; point it at a clip cache made by `relvid preprocess` "
+                          "(or set RELVID_CACHE)")
+    ckpt_path = resolve_resume(cfg)
+    out = Path(cfg.output_dir)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    datamodule = RelationDataModule(
+        cfg.data.cache_dir, relation=None if cfg.custom_relation else cfg.relation,
+        batch_size=int(cfg.data.batch_size), num_workers=int(cfg.data.num_workers), seed=int(cfg.seed),
+        caption_dropout=float(cfg.data.caption_dropout), total_steps=int(cfg.trainer.max_steps),
+        sample_posterior=bool(cfg.data.sample_posterior),
+    )
+    datamodule.setup("fit")  # fail on a bad cache before the (slow) backbone load
+    trainer = build_trainer(cfg, extra_callbacks)
+    if trainer.is_global_zero:
+        name = "config.yaml" if ckpt_path is None else f"config.resume-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
+        save_config(cfg, out / name)
+    module = RelationModule(cfg)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    return out

@@ -1,0 +1,120 @@
+"""The training step: what moves, what must not, and how the LoRA group is chosen."""
+
+import lightning as L
+import pytest
+import torch
+
+from relvid.config import load_config
+from relvid.data.datamodule import RelationDataModule
+from relvid.data.random_cache import write_random_cache
+from relvid.models.lora import adapter_state_dict, adapters_for_selection, lora_parameters
+from relvid.module import RelationModule, lr_factor
+from relvid.train import build_trainer
+
+
+def tiny_cfg(tmp_path, *overrides):
+    return load_config([], [
+        "model.preset=tiny", "model.gradient_checkpointing=false", "lora.rank=4", "lora.alpha=4",
+        "rcl.n_pos=2", "rcl.n_neg=4", "rcl.bank_size=8", "data.num_workers=0", "optim.warmup_steps=0",
+        "trainer.accelerator=cpu", "trainer.devices=1", "trainer.max_steps=6", "trainer.checkpoint_every=100",
+        "trainer.progress_bar=false", f"output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}",
+        *overrides,
+    ])
+
+
+class StepWatcher(L.Callback):
+    """Records, around every optimizer step, which adapters changed."""
+
+    def __init__(self):
+        self.records = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._before = adapter_state_dict(pl_module.transformer)
+        self._base_before = {k: v.clone() for k, v in pl_module.transformer.state_dict().items() if "lora_" not in k}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        after = adapter_state_dict(pl_module.transformer)
+        changed = {k.split("/")[0] for k in after if not torch.equal(after[k], self._before[k])}
+        base_after = {k: v for k, v in pl_module.transformer.state_dict().items() if "lora_" not in k}
+        base_same = all(torch.equal(base_after[k], v) for k, v in self._base_before.items())
+        self.records.append((outputs["selection"], changed, base_same))
+
+
+def fit(cfg, callbacks=()):
+    write_random_cache(cfg.data.cache_dir, n_clips=4, relation=cfg.relation, seed=1)
+    dm = RelationDataModule(cfg.data.cache_dir, relation=cfg.relation, batch_size=int(cfg.data.batch_size),
+                            num_workers=0, seed=int(cfg.seed), caption_dropout=float(cfg.data.caption_dropout),
+                            total_steps=int(cfg.trainer.max_steps))
+    module = RelationModule(cfg)
+    trainer = build_trainer(cfg, callbacks)
+    trainer.fit(module, datamodule=dm)
+    return module, trainer
+
+
+def test_only_selected_lora_weights_move_and_base_is_frozen(tmp_path):
+    cfg = tiny_cfg(tmp_path, "trainer.max_steps=9")
+    watcher = StepWatcher()
+    module, _ = fit(cfg, [watcher])
+    assert len(watcher.records) == 9
+    seen = set()
+    for selection, changed, base_same in watcher.records:
+        seen.add(selection)
+        assert base_same, "a frozen base weight moved"
+        assert changed == set(adapters_for_selection(selection, module.spec)), (selection, changed)
+    assert seen == {"relation", "subject1", "subject2"}
+
+
+def test_selection_is_a_pure_function_of_seed_and_step(tmp_path):
+    cfg = tiny_cfg(tmp_path, "hmt.probs=[0.5,0.25,0.25]")
+    a, b = RelationModule(cfg), RelationModule(cfg)
+    seq = [a.select_lora(s) for s in range(400)]
+    assert seq == [b.select_lora(s) for s in range(400)]
+    assert 0.42 < seq.count("relation") / 400 < 0.58
+    other = RelationModule(tiny_cfg(tmp_path, "seed=7"))
+    assert [other.select_lora(s) for s in range(50)] != seq[:50]
+
+
+def test_without_hmt_and_direct_lora_train_everything_every_step(tmp_path):
+    assert RelationModule(tiny_cfg(tmp_path, "hmt.enabled=false")).select_lora(3) == "relation"
+    direct = RelationModule(tiny_cfg(tmp_path, "lora.placement=direct"))
+    assert direct.select_lora(3) == "direct"
+    assert set(k.split("/")[0] for k in direct.adapter_state()) == {"direct"}
+
+
+def test_hybrid_mask_follows_the_selection(tmp_path):
+    module = RelationModule(tiny_cfg(tmp_path))
+    subjects = torch.rand(1, 2, 3, 4, 4)
+    batch = {"subject_masks": subjects, "relation_mask": torch.maximum(subjects[:, 0], subjects[:, 1])}
+    assert torch.equal(module._hybrid_mask("subject1", batch), subjects[:, 0])
+    assert torch.equal(module._hybrid_mask("subject2", batch), subjects[:, 1])
+    assert torch.equal(module._hybrid_mask("relation", batch), batch["relation_mask"])
+    summed = RelationModule(tiny_cfg(tmp_path, "hmt.relation_mask=sum"))
+    assert torch.equal(summed._hybrid_mask("relation", batch), subjects.sum(1))
+    assert RelationModule(tiny_cfg(tmp_path, "hmt.enabled=false"))._hybrid_mask("relation", batch) is None
+
+
+def test_mask_weighting_changes_the_gradient(tmp_path):
+    """lambda_m enters the loss the module optimizes: 0 and 50 give different updates."""
+    finals = []
+    for lam in (0, 50):
+        module, _ = fit(tiny_cfg(tmp_path / f"l{lam}", f"hmt.lambda_m={lam}", "trainer.max_steps=2", "rcl.enabled=false"))
+        finals.append(module.adapter_state())
+    assert any(not torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+
+
+def test_lora_weights_are_fp32_and_only_they_are_optimized(tmp_path):
+    module = RelationModule(tiny_cfg(tmp_path, "model.dtype=bf16"))
+    params = lora_parameters(module.transformer)
+    assert params and all(p.dtype == torch.float32 and p.requires_grad for p in params.values())
+    opt = module.configure_optimizers()["optimizer"]
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(params)
+    assert opt.param_groups[0]["lr"] == pytest.approx(2e-4) and opt.param_groups[0]["weight_decay"] == 0.01
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert lr_factor(0, 200, 2400, "cosine", 0.0) == pytest.approx(1 / 200)
+    assert lr_factor(199, 200, 2400, "cosine", 0.0) == pytest.approx(1.0)
+    assert lr_factor(200, 200, 2400, "cosine", 0.0) == pytest.approx(1.0)
+    assert lr_factor(1300, 200, 2400, "cosine", 0.0) == pytest.approx(0.5)
+    assert lr_factor(2400, 200, 2400, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_factor(2000, 200, 2400, "constant", 0.0) == 1.0

@@ -1,0 +1,73 @@
+"""A whole tiny run through `relvid.train`: outputs, checkpoints, logs, resume."""
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from relvid.data.random_cache import write_random_cache
+from relvid.models.lora import load_adapters
+from relvid.train import RunExistsError, run
+from tests.test_module import tiny_cfg
+
+
+@pytest.fixture
+def cache(tmp_path):
+    write_random_cache(tmp_path / "cache", n_clips=4, relation="shaking_hands", seed=1)
+    return tmp_path / "cache"
+
+
+def scalars(logdir):
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tiny_run_writes_config_checkpoints_logs_and_adapters(tmp_path, cache):
+    cfg = tiny_cfg(tmp_path, "trainer.max_steps=4", "trainer.checkpoint_every=2")
+    out = run(cfg)
+    assert (out / "config.yaml").is_file() and "max_steps: 4" in (out / "config.yaml").read_text()
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("*.ckpt"))
+    assert ckpts == ["last.ckpt", "step000002.ckpt", "step000004.ckpt"]
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])  # never the frozen base
+    assert ckpt["optimizer_states"] and ckpt["lr_schedulers"]
+    assert ckpt["relvid"]["spec"]["placement"] == "QK/V"
+    assert any("MemoryBank" in k for k in ckpt["callbacks"])
+    logs = scalars(out / "tensorboard")
+    for tag in ("train/loss", "train/loss_rec", "train/loss_rcl", "train/selected_lora", "train/rcl_skipped"):
+        assert tag in logs, sorted(logs)
+    assert len(logs["train/loss"]) == 4
+    assert logs["train/rcl_skipped"][0] == 1.0  # empty bank on the first step: RCL skipped and logged
+    assert any(t.startswith("lr-") for t in logs)
+    spec, state, meta = load_adapters(out / "adapters" / "relvid_adapters.safetensors")
+    assert {k.split("/")[0] for k in state} == {"relation", "subject1", "subject2", "ffn"}
+    assert meta["relation"] == "shaking_hands"
+
+
+def test_a_finished_run_is_not_overwritten(tmp_path, cache):
+    cfg = tiny_cfg(tmp_path, "trainer.max_steps=2", "trainer.checkpoint_every=2")
+    run(cfg)
+    with pytest.raises(RunExistsError, match="resume=last"):
+        run(cfg)
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, cache):
+    full = tiny_cfg(tmp_path, "trainer.max_steps=6", "trainer.checkpoint_every=3", "optim.warmup_steps=2",
+                    "data.caption_dropout=0.3", "lora.dropout=0.1")
+    out = run(full)
+    resumed = tiny_cfg(tmp_path, "trainer.max_steps=6", "trainer.checkpoint_every=3", "optim.warmup_steps=2",
+                       "data.caption_dropout=0.3", "lora.dropout=0.1", f"output_dir={tmp_path / 'resumed'}",
+                       f"resume={out / 'checkpoints' / 'step000003.ckpt'}")
+    out2 = run(resumed)
+    _, a, _ = load_adapters(out / "adapters" / "relvid_adapters.safetensors")
+    _, b, _ = load_adapters(out2 / "adapters" / "relvid_adapters.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    ca = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    cb = torch.load(out2 / "checkpoints" / "last.ckpt", weights_only=False)
+    bank_a = next(v for k, v in ca["callbacks"].items() if "MemoryBank" in k)
+    bank_b = next(v for k, v in cb["callbacks"].items() if "MemoryBank" in k)
+    assert bank_a.keys() == bank_b.keys()
+    for key in bank_a:
+        va, vb = bank_a[key], bank_b[key]
+        assert torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb
