@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 # Weights and tokenizers are only ever read from local folders: make any accidental hub access
 # fail fast instead of hanging on a machine without internet.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# diffusers' Mochi RoPE asks for fp32 autocast, which the CPU does not have; harmless, and noisy.
+warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype is not supported")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # inside Lightning
 
 
 def _split_config_args(items: list[str]) -> tuple[list[str], list[str]]:
@@ -162,7 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     from relvid.config import ConfigError
     from relvid.relations import UnknownRelationError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come after options (`train configs/train.yaml --relation hug optim.lr=1e-4`),
+    # which argparse's positional list does not collect by itself.
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        if args.command != "train" or any(r.startswith("-") for r in rest):
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        args.config = [*args.config, *rest]
     try:
         return args.func(args)
     except (ConfigError, UnknownRelationError, FileNotFoundError, FileExistsError, ValueError) as err:

@@ -75,6 +75,8 @@ class RelationModule(L.LightningModule):
         self.spec = spec_from_config(cfg)
         self.transformer = transformer if transformer is not None else load_transformer(cfg.model, wants_gpu(cfg))
         self.transformer.requires_grad_(False)
+        # from_pretrained returns eval mode; LoRA dropout (lora.dropout) needs train mode.
+        self.transformer.train()
         self.adapters = inject_triplet(self.transformer, self.spec)
         self.memory_bank = None  # attached by callbacks.MemoryBankCallback
         self.selections: list[str] = []  # the LoRA selected at each step this process ran

@@ -98,7 +98,8 @@ def load_transformer(model_cfg, on_gpu: bool = False) -> MochiTransformer3DModel
     if model_cfg.preset == "tiny":
         tiny = model_cfg.tiny
         model = tiny_transformer(**{k: tiny[k] for k in tiny})
-        model = model.to(dtype)
+        if dtype != torch.float32:
+            model = model.to(dtype)
     else:
         folder = find_transformer_folder(model_cfg.path)
         model = MochiTransformer3DModel.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)

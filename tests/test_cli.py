@@ -1,0 +1,101 @@
+"""`relvid` commands end to end: train from a config, export, import, cache checks, errors."""
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, MochiPipeline
+
+from relvid.cli import main
+from relvid.data.random_cache import write_random_cache
+from relvid.models.backbone import tiny_transformer
+from relvid.models.lora import activate, inference_adapters, inject_triplet, load_adapter_state_dict, load_adapters
+from tests.models.test_lora_io import reference_state
+
+TINY_RUN = ["trainer.max_steps=3", "trainer.checkpoint_every=3", "trainer.progress_bar=false"]
+
+
+def train(tmp_path, repo_root, *extra):
+    write_random_cache(tmp_path / "cache", n_clips=3, relation="shaking_hands", seed=4)
+    args = ["train", str(repo_root / "configs" / "tiny.yaml"), "--relation", "handshake",
+            "--configs-dir", str(repo_root / "configs"), f"data.cache_dir={tmp_path / 'cache'}",
+            f"output_dir={tmp_path / 'run'}", *TINY_RUN, *extra]
+    assert main(args) == 0
+    return tmp_path / "run"
+
+
+def our_inference_output(adapter_file, inputs):
+    spec, state, _ = load_adapters(adapter_file)
+    model = tiny_transformer()  # the tiny preset's weights (configs/tiny.yaml, seed 0)
+    inject_triplet(model, spec)
+    load_adapter_state_dict(model, state)
+    activate(model, inference_adapters(spec))
+    return model(**inputs)
+
+
+def test_train_then_export_loads_in_diffusers_with_identical_output(tmp_path, repo_root):
+    run = train(tmp_path, repo_root)
+    assert (run / "config.yaml").read_text().count("relation: shaking_hands") == 1
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 4, 3, 8, 8, generator=g),
+                  encoder_hidden_states=torch.randn(1, 5, 32, generator=g), timestep=torch.tensor([700.0]),
+                  encoder_attention_mask=torch.tensor([[True, True, True, False, False]]), return_dict=False)
+    ours = our_inference_output(run / "adapters" / "relvid_adapters.safetensors", inputs)[0]
+    for source in (run / "adapters", run / "checkpoints" / "last.ckpt"):
+        out = tmp_path / f"export-{source.name}"
+        assert main(["export", str(source), "--out", str(out), "--triplet"]) == 0
+        pipe = MochiPipeline(scheduler=FlowMatchEulerDiscreteScheduler(invert_sigmas=True), vae=None,
+                             text_encoder=None, tokenizer=None, transformer=tiny_transformer())
+        pipe.load_lora_weights(out)
+        theirs = pipe.transformer(**inputs)[0]
+        assert torch.equal(ours, theirs), f"diffusers output differs after exporting {source}"
+        # and the LoRA matters: without it the output is different
+        assert not torch.equal(ours, tiny_transformer()(**inputs)[0])
+        assert (out / "relvid_adapters.safetensors").is_file()
+
+
+def test_train_reads_a_local_diffusers_folder_from_mochi_path(tmp_path, repo_root, monkeypatch):
+    tiny_transformer(seed=5).save_pretrained(tmp_path / "mochi" / "transformer")
+    monkeypatch.setenv("MOCHI_PATH", str(tmp_path / "mochi"))
+    run = train(tmp_path, repo_root, "model.preset=mochi")
+    assert f"path: {tmp_path / 'mochi'}" in (run / "config.yaml").read_text()
+
+
+def test_user_errors_are_one_line_with_exit_code_2(tmp_path, repo_root, capsys):
+    assert main(["train", str(repo_root / "configs" / "tiny.yaml"), "optim.lrr=1"]) == 2
+    assert "optim.lrr" in capsys.readouterr().err
+    assert main(["train", str(repo_root / "configs" / "tiny.yaml"), "data.cache_dir=" + str(tmp_path / "none"),
+                 f"output_dir={tmp_path / 'r'}"]) == 2
+    assert str(tmp_path / "none") in capsys.readouterr().err
+    (tmp_path / "junk.lora.pt").write_bytes(b"not a checkpoint")
+    assert main(["import-reference", str(tmp_path / "junk.lora.pt"), "--out", str(tmp_path / "imp")]) == 2
+    assert "junk.lora.pt" in capsys.readouterr().err
+
+
+def test_missing_mochi_weights_are_reported_before_training(tmp_path, repo_root, capsys):
+    write_random_cache(tmp_path / "cache", n_clips=2, relation="shaking_hands", seed=4)
+    code = main(["train", str(repo_root / "configs" / "tiny.yaml"), "model.preset=mochi",
+                 f"model.path={tmp_path / 'nomochi'}", f"data.cache_dir={tmp_path / 'cache'}",
+                 f"output_dir={tmp_path / 'r'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "genmo/mochi-1-preview" in err and "nomochi" in err
+
+
+def test_import_reference_command(tmp_path):
+    ref, _ = reference_state()
+    torch.save(ref, tmp_path / "model_2000.lora.pt")
+    assert main(["import-reference", str(tmp_path / "model_2000.lora.pt"), "--out", str(tmp_path / "imp")]) == 0
+    assert (tmp_path / "imp" / "pytorch_lora_weights.safetensors").is_file()
+    spec, state, _ = load_adapters(tmp_path / "imp" / "relvid_adapters.safetensors")
+    assert {k.split("/")[0] for k in state} == {"relation", "subject1", "subject2", "ffn"}
+
+
+def test_validate_cache_names_the_bad_clip(tmp_path, capsys):
+    cache = write_random_cache(tmp_path / "cache", n_clips=3, seed=1)
+    bad = cache.path(cache.clip_ids()[1])
+    bad.write_bytes(bad.read_bytes()[:100])
+    assert main(["validate-cache", str(tmp_path / "cache")]) == 1
+    out = capsys.readouterr().out
+    assert cache.clip_ids()[1] in out and "2 of 3 clips valid" in out
+
+
+def test_relations_resolve(capsys):
+    assert main(["relations", "--resolve", "high-five"]) == 0
+    assert capsys.readouterr().out.strip() == "high_five"
