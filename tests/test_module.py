@@ -118,3 +118,19 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(1300, 200, 2400, "cosine", 0.0) == pytest.approx(0.5)
     assert lr_factor(2400, 200, 2400, "cosine", 0.1) == pytest.approx(0.1)
     assert lr_factor(2000, 200, 2400, "constant", 0.0) == 1.0
+
+
+def test_padded_batches_train(tmp_path):
+    module, trainer = fit(tiny_cfg(tmp_path, "data.batch_size=2", "trainer.max_steps=3"))
+    assert trainer.global_step == 3 and len(module.memory_bank) == 6
+
+
+def test_bf16_base_with_mixed_precision_keeps_fp32_loras(tmp_path):
+    """The GPU recipe (bf16 base, bf16-mixed autocast, fp32 LoRA), run on the CPU."""
+    cfg = tiny_cfg(tmp_path, "model.dtype=bf16", "trainer.precision=bf16-mixed", "trainer.max_steps=3",
+                   "model.gradient_checkpointing=true")
+    watcher = StepWatcher()
+    module, _ = fit(cfg, [watcher])
+    assert all(p.dtype == torch.float32 for p in lora_parameters(module.transformer).values())
+    assert all(changed == set(adapters_for_selection(sel, module.spec)) and base for sel, changed, base in watcher.records)
+    assert all(torch.isfinite(v).all() for v in module.adapter_state().values())

@@ -11,17 +11,10 @@ from diffusers import FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTrans
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.pipelines.mochi.pipeline_mochi import linear_quadratic_schedule
 
+from relvid.models.backbone import TINY_CONFIG
 from relvid.sampling import linear_quadratic_sigmas, sample
 
-TINY = dict(
-    num_layers=2,
-    num_attention_heads=2,
-    attention_head_dim=16,
-    pooled_projection_dim=16,
-    text_embed_dim=32,
-    time_embed_dim=16,
-    in_channels=4,
-)
+TINY = TINY_CONFIG
 SHAPE = (1, 4, 3, 4, 6)  # (B, C, F, H, W)
 
 

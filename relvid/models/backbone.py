@@ -74,17 +74,16 @@ def _check_weight_files(folder: Path) -> None:
         )
 
 
-def tiny_transformer(num_layers: int = 2, num_attention_heads: int = 2, attention_head_dim: int = 16,
-                     pooled_projection_dim: int = 16, text_embed_dim: int = 32, time_embed_dim: int = 16,
-                     in_channels: int = 4, seed: int = 0) -> MochiTransformer3DModel:
+# The tiny preset's architecture (config.TinyModelConfig holds the same defaults for YAML).
+TINY_CONFIG = dict(num_layers=2, num_attention_heads=2, attention_head_dim=16, pooled_projection_dim=16,
+                   text_embed_dim=32, time_embed_dim=16, in_channels=4)
+
+
+def tiny_transformer(seed: int = 0, **overrides: int) -> MochiTransformer3DModel:
     """A Mochi-architecture transformer with random weights, identical for a given seed."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = MochiTransformer3DModel(
-            num_layers=num_layers, num_attention_heads=num_attention_heads,
-            attention_head_dim=attention_head_dim, pooled_projection_dim=pooled_projection_dim,
-            text_embed_dim=text_embed_dim, time_embed_dim=time_embed_dim, in_channels=in_channels,
-        )
+        model = MochiTransformer3DModel(**{**TINY_CONFIG, **overrides})
         # diffusers leaves RoPE frequencies at zero; give the tiny model non-trivial ones so that
         # position matters in tests as it does in the real model.
         with torch.no_grad():

@@ -10,6 +10,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders.peft import PeftAdapterMixin
 from diffusers.models.modeling_utils import ModelMixin
 
+from relvid.models.backbone import TINY_CONFIG
 from relvid.models.lora import (
     LoRAConfigError,
     TripletSpec,
@@ -27,15 +28,7 @@ from relvid.models.lora import (
     target_modules,
 )
 
-TINY = dict(
-    num_layers=2,
-    num_attention_heads=2,
-    attention_head_dim=16,
-    pooled_projection_dim=16,
-    text_embed_dim=32,
-    time_embed_dim=16,
-    in_channels=4,
-)
+TINY = TINY_CONFIG
 
 
 def tiny(seed: int = 0) -> MochiTransformer3DModel:

@@ -7,6 +7,7 @@ import safetensors
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTransformer3DModel
 
+from relvid.models.backbone import TINY_CONFIG
 from relvid.models.lora import (
     LoRAConfigError,
     TripletSpec,
@@ -26,15 +27,7 @@ from relvid.models.lora_io import (
     import_reference,
 )
 
-TINY = dict(
-    num_layers=2,
-    num_attention_heads=2,
-    attention_head_dim=16,
-    pooled_projection_dim=16,
-    text_embed_dim=32,
-    time_embed_dim=16,
-    in_channels=4,
-)
+TINY = TINY_CONFIG
 
 
 def tiny(seed: int = 0) -> MochiTransformer3DModel:
