@@ -84,7 +84,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_import_reference(args: argparse.Namespace) -> int:
     from relvid.models.lora_io import import_reference
 
-    out = import_reference(Path(args.file), Path(args.out))
+    out = import_reference(Path(args.file), Path(args.out), qkv_alpha=args.qkv_alpha, out_alpha=args.out_alpha)
     print(f"wrote {out}")
     return 0
 
@@ -143,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import-reference", help="convert a reference-implementation *.lora.pt to a diffusers LoRA")
     p.add_argument("file")
     p.add_argument("--out", required=True)
+    p.add_argument("--qkv-alpha", type=float, default=None,
+                   help="LoRA alpha of the Q/K/V LoRAs in the reference run (its qkv_proj_lora_alpha); default = rank")
+    p.add_argument("--out-alpha", type=float, default=None,
+                   help="LoRA alpha of the FFN (attention-out) LoRA (its out_proj_lora_alpha); default = rank")
     p.set_defaults(func=cmd_import_reference)
 
     p = sub.add_parser("validate-cache", help="check every clip of a clip cache")

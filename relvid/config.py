@@ -218,6 +218,12 @@ def _check(cfg: DictConfig) -> None:
     _require(cfg.optim.lr > 0, "optim.lr", "must be > 0")
     _require(cfg.optim.schedule in ("cosine", "constant"), "optim.schedule", "must be cosine or constant")
     _require(len(cfg.optim.betas) == 2, "optim.betas", "must be two numbers")
+    _require(not str(cfg.trainer.precision).endswith("-true") or str(cfg.trainer.precision) in ("32-true", "64-true"),
+             "trainer.precision", "a '-true' half precision would cast the LoRA weights too; use bf16-mixed "
+             "(the base is already bf16 via model.dtype) or auto")
+    _require(not (cfg.lora.placement == "direct" and cfg.hmt.enabled), "lora.placement",
+             "direct is the Direct-LoRA baseline, which trains without hybrid masks: set hmt.enabled=false "
+             "(configs/baselines/direct_lora.yaml does)")
     _require(cfg.trainer.max_steps >= 1, "trainer.max_steps", "must be >= 1")
     _require(cfg.trainer.checkpoint_every >= 1, "trainer.checkpoint_every", "must be >= 1")
 

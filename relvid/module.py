@@ -218,7 +218,9 @@ class RelationModule(L.LightningModule):
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
         if rng.get("cuda") and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+            # a resume may see fewer (or more) GPUs than the run that saved it
+            for device, state in enumerate(rng["cuda"][: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(state, device)
 
     # --- inference helpers --------------------------------------------------------------------
     def use_inference_adapters(self) -> None:

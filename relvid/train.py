@@ -105,7 +105,7 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> Path:
     out = Path(cfg.output_dir)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = RelationDataModule(
-        cfg.data.cache_dir, relation=None if cfg.custom_relation else cfg.relation,
+        cfg.data.cache_dir, relation=cfg.relation,
         batch_size=int(cfg.data.batch_size), num_workers=int(cfg.data.num_workers), seed=int(cfg.seed),
         caption_dropout=float(cfg.data.caption_dropout), total_steps=int(cfg.trainer.max_steps),
         sample_posterior=bool(cfg.data.sample_posterior),

@@ -63,3 +63,11 @@ def test_saved_config_is_resolved_and_reloads(tmp_path):
     assert "${" not in text and "outputs/hugging" in text
     again = load_config([path])
     assert OmegaConf.to_container(again, resolve=True) == OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_half_true_precision_and_masked_direct_lora_are_refused():
+    with pytest.raises(ConfigError, match="bf16-mixed"):
+        load_config([], ["trainer.precision=bf16-true"])
+    with pytest.raises(ConfigError, match="hmt.enabled=false"):
+        load_config([], ["lora.placement=direct"])
+    assert load_config([], ["lora.placement=direct", "hmt.enabled=false"]).lora.placement == "direct"

@@ -76,7 +76,7 @@ def test_selection_is_a_pure_function_of_seed_and_step(tmp_path):
 
 def test_without_hmt_and_direct_lora_train_everything_every_step(tmp_path):
     assert RelationModule(tiny_cfg(tmp_path, "hmt.enabled=false")).select_lora(3) == "relation"
-    direct = RelationModule(tiny_cfg(tmp_path, "lora.placement=direct"))
+    direct = RelationModule(tiny_cfg(tmp_path, "lora.placement=direct", "hmt.enabled=false"))
     assert direct.select_lora(3) == "direct"
     assert set(k.split("/")[0] for k in direct.adapter_state()) == {"direct"}
 

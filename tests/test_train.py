@@ -1,9 +1,11 @@
 """A whole tiny run through `relvid.train`: outputs, checkpoints, logs, resume."""
 
+import lightning as L
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from relvid.data.cache import ClipCache
 from relvid.data.random_cache import write_random_cache
 from relvid.models.lora import load_adapters
 from relvid.train import RunExistsError, run
@@ -71,3 +73,25 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, cache):
     for key in bank_a:
         va, vb = bank_a[key], bank_b[key]
         assert torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb
+
+
+def test_custom_relation_trains_only_its_own_clips(tmp_path):
+    """A relation of the user's own, in a cache shared with others, trains on its clips alone."""
+    write_random_cache(tmp_path / "cache", n_clips=2, relation="shaking_hands", seed=1)
+    other = write_random_cache(tmp_path / "other", n_clips=2, relation="juggling_together", seed=2)
+    shared = ClipCache(tmp_path / "cache")
+    for clip_id in other.clip_ids():
+        record = other.read(clip_id)
+        record.meta["clip_id"] = "j-" + clip_id
+        shared.add(record)
+
+    class SeenRelations(L.Callback):
+        seen = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            records = trainer.datamodule.dataset.records
+            self.seen += [records[int(i)].meta["relation"] for i in batch["clip_index"]]
+
+    cfg = tiny_cfg(tmp_path, "relation=juggling_together", "custom_relation=true", "trainer.max_steps=4")
+    run(cfg, extra_callbacks=[SeenRelations()])
+    assert SeenRelations.seen == ["juggling_together"] * 4

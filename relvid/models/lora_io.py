@@ -8,6 +8,7 @@ reference code's checkpoints (a fork of genmo's Mochi LoRA fine-tuner).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import re
@@ -21,6 +22,7 @@ from torch import nn
 
 from relvid.models.lora import (
     BLOCK_PATTERN,
+    SELECTIONS,
     LoRAConfigError,
     TripletSpec,
     adapter_state_dict,
@@ -142,11 +144,14 @@ def export_state_dict(state: dict[str, torch.Tensor], spec: TripletSpec, out_dir
     return _write_diffusers(*_inference_state_to_diffusers(inference, spec), Path(out_dir))
 
 
-def convert_reference_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], TripletSpec]:
+def convert_reference_state_dict(state: dict[str, torch.Tensor], qkv_alpha: float | None = None,
+                                 out_alpha: float | None = None) -> tuple[dict[str, torch.Tensor], TripletSpec]:
     """Reference-code LoRA tensors -> our adapter_state_dict keys for all four adapters, and the spec.
 
     Accepts any prefix before "blocks." (model., module., _orig_mod., ...); refuses anything it does
-    not recognise. The reference scales every LoRA by 1, so alpha = rank.
+    not recognise. The checkpoint does not store alpha: the reference's released configs use
+    alpha = rank (scale 1), the default here; a run trained with other values must pass them
+    (its YAML's qkv_proj_lora_alpha -> qkv_alpha, out_proj_lora_alpha -> out_alpha).
     """
     if not state:
         raise LoRAConfigError("reference state dict is empty: expected blocks.{i}.attn.* LoRA tensors")
@@ -211,6 +216,10 @@ def convert_reference_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[s
         for (adapter, module), t in pairs.items()
         for ab in ("A", "B")
     }
+    if qkv_alpha is not None or out_alpha is not None:
+        alphas = {a: float(qkv_alpha if qkv_alpha is not None else spec.rank_of(a)) for a in SELECTIONS}
+        alphas["ffn"] = float(out_alpha if out_alpha is not None else spec.rank_of("ffn"))
+        spec = dataclasses.replace(spec, alpha=alphas["relation"], alphas=alphas)
     return out, spec
 
 
@@ -270,7 +279,8 @@ def _unwrap(obj: object, file: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def import_reference(file: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+def import_reference(file: str | os.PathLike, out_dir: str | os.PathLike, qkv_alpha: float | None = None,
+                     out_alpha: float | None = None) -> Path:
     """Convert a reference checkpoint: writes the diffusers inference LoRA and our full-triplet file.
 
     Returns out_dir/pytorch_lora_weights.safetensors; the triplet goes to out_dir/relvid_adapters.safetensors.
@@ -284,7 +294,7 @@ def import_reference(file: str | os.PathLike, out_dir: str | os.PathLike) -> Pat
         raise LoRAConfigError(f"{file}: cannot be read as a torch checkpoint (weights_only=True): {e}") from e
     tensors = _unwrap(raw, file)
     try:
-        state, spec = convert_reference_state_dict(tensors)
+        state, spec = convert_reference_state_dict(tensors, qkv_alpha=qkv_alpha, out_alpha=out_alpha)
     except LoRAConfigError as e:
         raise LoRAConfigError(f"{file}: {e}") from e
     save_adapter_state(out_dir / TRIPLET_WEIGHT_NAME, state, spec, metadata={"source": str(file)})
