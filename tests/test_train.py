@@ -95,3 +95,18 @@ def test_custom_relation_trains_only_its_own_clips(tmp_path):
     cfg = tiny_cfg(tmp_path, "relation=juggling_together", "custom_relation=true", "trainer.max_steps=4")
     run(cfg, extra_callbacks=[SeenRelations()])
     assert SeenRelations.seen == ["juggling_together"] * 4
+
+
+def test_a_crash_leaves_a_resumable_checkpoint(tmp_path, cache):
+    class Boom(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3:
+                raise RuntimeError("simulated crash")
+
+    cfg = tiny_cfg(tmp_path, "trainer.max_steps=5", "trainer.checkpoint_every=100")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(cfg, extra_callbacks=[Boom()])
+    crash = tmp_path / "run" / "checkpoints" / "on_exception.ckpt"
+    assert torch.load(crash, weights_only=False)["global_step"] == 3
+    out = run(tiny_cfg(tmp_path, "trainer.max_steps=5", "trainer.checkpoint_every=100", f"resume={crash}"))
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 5
