@@ -5,16 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from pathlib import Path
 
 # Weights and tokenizers are only ever read from local folders: make any accidental hub access
 # fail fast instead of hanging on a machine without internet.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# diffusers' Mochi RoPE asks for fp32 autocast, which the CPU does not have; harmless, and noisy.
-warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype is not supported")
-warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # inside Lightning
 
 
 def _split_config_args(items: list[str]) -> tuple[list[str], list[str]]:

@@ -54,6 +54,9 @@ def precision(cfg: DictConfig) -> str:
 # The DataModule's sampler resumes mid-run exactly (it starts at the restored global step), so
 # Lightning's generic warning about resuming inside an epoch does not apply.
 warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended.*")
+# diffusers' Mochi RoPE asks for fp32 autocast, which the CPU does not have: harmless, and noisy.
+warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype is not supported")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # inside Lightning
 
 
 def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> L.Trainer:

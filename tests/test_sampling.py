@@ -14,7 +14,6 @@ from diffusers.pipelines.mochi.pipeline_mochi import linear_quadratic_schedule
 from relvid.models.backbone import TINY_CONFIG
 from relvid.sampling import linear_quadratic_sigmas, sample
 
-TINY = TINY_CONFIG
 SHAPE = (1, 4, 3, 4, 6)  # (B, C, F, H, W)
 
 
@@ -38,7 +37,7 @@ class OracleMochi(MochiTransformer3DModel):
 
 
 def _oracle(x0_cond, x0_uncond, sign=1.0):
-    model = OracleMochi(**TINY)
+    model = OracleMochi(**TINY_CONFIG)
     model.x0_cond, model.x0_uncond, model.sign = x0_cond, x0_uncond, sign
     model.batch_sizes, model.timesteps = [], []
     return model
@@ -146,7 +145,7 @@ def test_diffusers_pipeline_lands_on_x0_and_agrees_with_our_sampler(guidance_sca
 @pytest.mark.filterwarnings("ignore:In CPU autocast")  # diffusers' float32 RoPE autocast on CPU
 def test_sampler_runs_a_real_tiny_mochi_with_padded_text():
     torch.manual_seed(0)
-    model = MochiTransformer3DModel(**TINY).eval()
+    model = MochiTransformer3DModel(**TINY_CONFIG).eval()
     noise, _, _, text, text_mask, negative, negative_mask = _setup(cond_len=4, neg_len=2)
     text_mask[:, -1] = False
     out = sample(model, noise, text, text_mask, negative, negative_mask, num_steps=2, guidance_scale=6.0)

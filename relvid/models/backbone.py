@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
 
 import torch
 from diffusers import MochiTransformer3DModel
+
+from relvid.config import TinyModelConfig
 
 DOWNLOAD_HINT = (
     "download genmo/mochi-1-preview in diffusers format (e.g. `huggingface-cli download "
@@ -74,9 +77,8 @@ def _check_weight_files(folder: Path) -> None:
         )
 
 
-# The tiny preset's architecture (config.TinyModelConfig holds the same defaults for YAML).
-TINY_CONFIG = dict(num_layers=2, num_attention_heads=2, attention_head_dim=16, pooled_projection_dim=16,
-                   text_embed_dim=32, time_embed_dim=16, in_channels=4)
+# The tiny preset's architecture: the schema's defaults, less the init seed.
+TINY_CONFIG = {f.name: f.default for f in dataclasses.fields(TinyModelConfig) if f.name != "seed"}
 
 
 def tiny_transformer(seed: int = 0, **overrides: int) -> MochiTransformer3DModel:

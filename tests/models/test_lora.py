@@ -28,12 +28,11 @@ from relvid.models.lora import (
     target_modules,
 )
 
-TINY = TINY_CONFIG
 
 
 def tiny(seed: int = 0) -> MochiTransformer3DModel:
     torch.manual_seed(seed)
-    return MochiTransformer3DModel(**TINY)
+    return MochiTransformer3DModel(**TINY_CONFIG)
 
 
 def inputs(seed: int = 1, dtype=torch.float32) -> dict:

@@ -26,13 +26,9 @@ from relvid.models.lora_io import (
     export_diffusers,
     import_reference,
 )
+from tests.models.test_lora import tiny
 
-TINY = TINY_CONFIG
 
-
-def tiny(seed: int = 0) -> MochiTransformer3DModel:
-    torch.manual_seed(seed)
-    return MochiTransformer3DModel(**TINY)
 
 
 def inputs() -> dict:
@@ -47,7 +43,7 @@ def inputs() -> dict:
 
 
 def fresh_pipeline(base_state: dict) -> MochiPipeline:
-    fresh = MochiTransformer3DModel(**TINY)
+    fresh = MochiTransformer3DModel(**TINY_CONFIG)
     fresh.load_state_dict(base_state)
     # The pipeline accepts None for the components a LoRA load does not touch.
     return MochiPipeline(
