@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -119,6 +121,14 @@ def cmd_relations(args: argparse.Namespace) -> int:
     return 0
 
 
+# Each module defines register(subparsers); heavy imports stay inside the command functions.
+COMMAND_MODULES = (
+    "relvid.commands.preprocess",  # preprocess, mask-sheet
+    "relvid.commands.generate",  # sample, evaluate
+    "relvid.commands.toy",  # toy-base, demo
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relvid", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -159,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("relations", help="list the known relations (or resolve an alias with --resolve)")
     p.add_argument("--resolve", metavar="NAME")
     p.set_defaults(func=cmd_relations)
+    for name in COMMAND_MODULES:
+        if importlib.util.find_spec(name) is not None:  # TODO(integration): drop this guard
+            importlib.import_module(name).register(sub)
     return parser
 
 

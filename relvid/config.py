@@ -46,6 +46,12 @@ class ModelConfig:
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU | bf16 | fp16 | fp32
     gradient_checkpointing: bool = True
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    # Codec and text encoder for previews and sampling (training reads cached latents and
+    # embeddings): "mochi" VAE / "t5" from local folders, or the toy world's "toy" pair.
+    codec: str = "mochi"
+    vae_path: Optional[str] = None  # default: <model.path>/vae (pipeline root layout)
+    text_encoder: str = "t5"
+    text_encoder_path: Optional[str] = None  # default: <model.path> (text_encoder/ + tokenizer/)
 
 
 @dataclass
@@ -117,6 +123,29 @@ class TrainerConfig:
 
 
 @dataclass
+class SpeedConfig:
+    """Fast paths for the transformer; each matches the reference diffusers path within bf16 tolerance."""
+
+    attention: str = "auto"  # auto | diffusers (reference) | packed (no host syncs, packed text tokens)
+    sdpa_backend: str = "auto"  # auto | flash | cudnn | efficient | math
+    compile: bool = False  # regional torch.compile of each transformer block
+
+
+@dataclass
+class PreviewConfig:
+    """Preview videos during training (rank zero only; never changes the training's random stream)."""
+
+    every_n_steps: int = 0  # 0 disables previews
+
+
+@dataclass
+class RelationAccuracyConfig:
+    """Judged relation accuracy on a few prompts during training."""
+
+    every_n_steps: int = 0  # 0 disables the callback
+
+
+@dataclass
 class RelvidConfig:
     relation: str = "shaking_hands"  # canonical name or alias (handshake -> shaking_hands)
     custom_relation: bool = False  # allow a relation name that is not in the registry
@@ -130,6 +159,9 @@ class RelvidConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
+    relation_accuracy: RelationAccuracyConfig = field(default_factory=RelationAccuracyConfig)
 
 
 def schema() -> DictConfig:
@@ -226,6 +258,22 @@ def _check(cfg: DictConfig) -> None:
              "(configs/baselines/direct_lora.yaml does)")
     _require(cfg.trainer.max_steps >= 1, "trainer.max_steps", "must be >= 1")
     _require(cfg.trainer.checkpoint_every >= 1, "trainer.checkpoint_every", "must be >= 1")
+    _require(cfg.model.codec in ("mochi", "toy"), "model.codec", "must be mochi or toy")
+    _require(cfg.model.text_encoder in ("t5", "toy"), "model.text_encoder", "must be t5 or toy")
+    _check_speed(cfg)
+    _check_callbacks(cfg)
+
+
+def _check_speed(cfg: DictConfig) -> None:
+    speed = cfg.speed
+    _require(speed.attention in ("auto", "diffusers", "packed"), "speed.attention", "must be auto, diffusers or packed")
+    _require(speed.sdpa_backend in ("auto", "flash", "cudnn", "efficient", "math"), "speed.sdpa_backend",
+             "must be auto, flash, cudnn, efficient or math")
+
+
+def _check_callbacks(cfg: DictConfig) -> None:
+    _require(cfg.preview.every_n_steps >= 0, "preview.every_n_steps", "must be >= 0 (0 disables previews)")
+    _require(cfg.relation_accuracy.every_n_steps >= 0, "relation_accuracy.every_n_steps", "must be >= 0 (0 disables)")
 
 
 def to_yaml(cfg: DictConfig) -> str:

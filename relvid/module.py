@@ -17,6 +17,7 @@ from relvid.losses.flow_matching import (
     sample_sigmas,
     velocity_target,
 )
+from relvid.models.attention import apply_speed_config
 from relvid.models.backbone import load_transformer
 from relvid.models.lora import (
     SELECTIONS,
@@ -74,6 +75,7 @@ class RelationModule(L.LightningModule):
         self.cfg = cfg
         self.spec = spec_from_config(cfg)
         self.transformer = transformer if transformer is not None else load_transformer(cfg.model, wants_gpu(cfg))
+        apply_speed_config(self.transformer, cfg.speed)
         self.transformer.requires_grad_(False)
         # from_pretrained returns eval mode; LoRA dropout (lora.dropout) needs train mode.
         self.transformer.train()

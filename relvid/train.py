@@ -17,6 +17,7 @@ from relvid.callbacks.crash_checkpoint import CrashCheckpoint
 from relvid.callbacks.memory_bank import MemoryBankCallback
 from relvid.config import ConfigError, save_config
 from relvid.data.datamodule import RelationDataModule
+from relvid.strategies import build_strategy
 from relvid.module import RelationModule, wants_gpu
 
 
@@ -59,6 +60,20 @@ warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # inside Lightning
 
 
+def optional_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """Previews and judged relation accuracy, when their every_n_steps is set."""
+    out: list[L.Callback] = []
+    if cfg.preview.every_n_steps > 0:
+        from relvid.callbacks.preview import PreviewCallback
+
+        out.append(PreviewCallback.from_config(cfg))
+    if cfg.relation_accuracy.every_n_steps > 0:
+        from relvid.callbacks.relation_accuracy import RelationAccuracyCallback
+
+        out.append(RelationAccuracyCallback.from_config(cfg))
+    return out
+
+
 def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
     out = Path(cfg.output_dir)
     callbacks: list[L.Callback] = [
@@ -72,12 +87,8 @@ def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -
     ]
     if cfg.trainer.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
-    strategy = cfg.trainer.strategy
-    if strategy == "ddp":
-        # Unselected adapters sit outside the forward in a step; DDP must not wait for their grads.
-        from lightning.pytorch.strategies import DDPStrategy
-
-        strategy = DDPStrategy(find_unused_parameters=True)
+    callbacks.extend(optional_callbacks(cfg))
+    strategy = build_strategy(cfg)
     return L.Trainer(
         default_root_dir=str(out),
         max_steps=int(cfg.trainer.max_steps),

@@ -1,0 +1,1 @@
+"""`relvid` subcommands beyond training: each module has ``register(subparsers)``."""
