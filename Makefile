@@ -1,6 +1,7 @@
 # relvid: `make help` lists the targets. Variables: REL (relation or alias), CACHE (clip cache
 # folder), MOCHI_PATH (local diffusers-format Mochi folder), OUT (run folder), ARGS (extra
-# key=value overrides), PYTHON (interpreter used to create .venv).
+# key=value overrides), PYTHON (interpreter used to create .venv), NTU_ROOT / VIDEOS / T5_PATH
+# (preprocessing), PROMPT / SEEDS / ADAPTERS (sampling), STRATEGY (ddp, fsdp, deepspeed_stage_2/3).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -49,6 +50,33 @@ export: $(VENV)/.installed ## export a run's adapters to a diffusers LoRA: make 
 	$(RELVID) export $(or $(OUT),outputs/$$($(RELVID) relations --resolve $(REL)))/adapters \
 		--out $(or $(OUT),outputs/$$($(RELVID) relations --resolve $(REL)))/diffusers_lora --triplet
 
+demo: $(VENV)/.installed ## the toy world end to end on the CPU: customize, sample, judge, print the table (outputs/demo)
+	$(RELVID) demo $(if $(OUT),--out $(OUT)) $(ARGS)
+
+toy-base: $(VENV)/.installed ## pretrain the toy world's base model (GPU if present) into relvid/toy/base_model
+	$(RELVID) toy-base $(ARGS)
+
+preprocess: $(VENV)/.installed ## videos -> clip cache: make preprocess REL=handshake NTU_ROOT=... MOCHI_PATH=... [T5_PATH=...]
+	$(RELVID) preprocess --relation $(REL) $(if $(NTU_ROOT),--ntu-root $(NTU_ROOT)) $(if $(VIDEOS),--videos $(VIDEOS)) \
+		$(if $(MOCHI_PATH),--mochi-path $(MOCHI_PATH)) $(if $(T5_PATH),--t5-path $(T5_PATH)) $(if $(CACHE),--out $(CACHE)) $(ARGS)
+
+mask-sheet: $(VENV)/.installed ## contact sheet of a cached clip: make mask-sheet REL=handshake [CACHE=...] ARGS="--clip ID --mp4"
+	$(RELVID) mask-sheet $(or $(CACHE),data/cache/$$($(RELVID) relations --resolve $(REL))) $(ARGS)
+
+sample: $(VENV)/.installed ## sample with a relation: make sample REL=handshake PROMPT="A dog is shaking hands with a cat." [ADAPTERS=...] [SEEDS="0 1"] MOCHI_PATH=...
+	$(RELVID) sample --relation $(REL) $(if $(PROMPT),--prompt "$(PROMPT)") $(if $(SEEDS),--seeds $(SEEDS)) \
+		$(if $(MOCHI_PATH),--mochi-path $(MOCHI_PATH)) $(if $(ADAPTERS),--adapters $(ADAPTERS)) $(if $(OUT),--out $(OUT)) $(ARGS)
+
+evaluate: $(VENV)/.installed ## test videos + RelAcc/CLIP-T/TempCons/FVD table: make evaluate REL=handshake MOCHI_PATH=... ARGS="--judge api --judge-url ... --judge-model ... --clip-path ..."
+	$(RELVID) evaluate --relation $(REL) $(if $(MOCHI_PATH),--mochi-path $(MOCHI_PATH)) \
+		$(if $(ADAPTERS),--adapters $(ADAPTERS)) $(if $(OUT),--out $(OUT)) $(ARGS)
+
+bench: $(VENV)/.installed ## benchmark training step + CFG sample on one GPU (full-size Mochi, random weights)
+	$(PY) experiments/bench/bench.py $(ARGS)
+
+bench-tiny: $(VENV)/.installed ## the benchmark with the tiny model on the CPU (seconds)
+	$(PY) experiments/bench/bench.py --tiny $(ARGS)
+
 tensorboard: $(VENV)/.installed ## serve the TensorBoard logs of all runs under outputs/
 	$(VENV)/bin/tensorboard --logdir outputs
 
@@ -56,4 +84,4 @@ clean: ## remove caches and build files (keeps .venv and outputs/)
 	rm -rf .pytest_cache build *.egg-info
 	find . -name __pycache__ -prune -exec rm -rf {} +
 
-.PHONY: help install test test-all train resume smoke export tensorboard clean
+.PHONY: help install test test-all train resume smoke export demo toy-base preprocess mask-sheet sample evaluate bench bench-tiny tensorboard clean

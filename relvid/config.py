@@ -114,7 +114,7 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = "auto"
     num_nodes: int = 1
-    strategy: str = "auto"  # auto | ddp | ... (Lightning strategy name)
+    strategy: str = "auto"  # auto | ddp | fsdp | deepspeed_stage_2 | deepspeed_stage_3 (configs/strategy/)
     precision: str = "auto"  # auto: bf16 autocast on GPU, 32 on CPU
     log_every_n_steps: int = 1
     checkpoint_every: int = 200
@@ -126,8 +126,9 @@ class TrainerConfig:
 class SpeedConfig:
     """Fast paths for the transformer; each matches the reference diffusers path within bf16 tolerance."""
 
-    attention: str = "auto"  # auto | diffusers (reference) | packed (no host syncs, packed text tokens)
-    sdpa_backend: str = "auto"  # auto | flash | cudnn | efficient | math
+    attention: str = "auto"  # auto (= packed) | diffusers (reference) | packed (no host syncs, packed text tokens)
+    sdpa_backend: str = "auto"  # auto (cuDNN on Hopper+, else flash; math on CPU) | flash | cudnn | efficient | math
+    checkpoint: str = "full"  # full | save_attention (keep attention outputs, recompute the rest; ~5 GiB at 61x480x848)
     compile: bool = False  # regional torch.compile of each transformer block
 
 
@@ -136,6 +137,17 @@ class PreviewConfig:
     """Preview videos during training (rank zero only; never changes the training's random stream)."""
 
     every_n_steps: int = 0  # 0 disables previews
+    # Prompts whose embeddings are in the cache's prompts.safetensors; empty: the cache's first
+    # max_prompts prompts. The negative prompt is the cache's "".
+    prompts: List[str] = field(default_factory=list)
+    max_prompts: int = 2
+    num_steps: int = 16
+    guidance_scale: float = 6.0
+    frames: int = 25  # a multiple of the codec's time factor + 1 (Mochi: 6k+1)
+    height: int = 240  # latent sides must be even: multiples of 16 for Mochi
+    width: int = 432
+    seed: int = 0  # one fixed noise per prompt: previews at different steps are comparable
+    fps: int = 30
 
 
 @dataclass
@@ -143,6 +155,26 @@ class RelationAccuracyConfig:
     """Judged relation accuracy on a few prompts during training."""
 
     every_n_steps: int = 0  # 0 disables the callback
+    # Prompts with embeddings in the cache's prompts.safetensors; empty: the relation's evaluation
+    # prompts (relvid.eval.prompts) that the cache holds, at most max_prompts of them.
+    prompts: List[str] = field(default_factory=list)
+    max_prompts: int = 3
+    repeats: int = 3  # judge calls per video (the paper's protocol uses 10)
+    num_steps: int = 16
+    guidance_scale: float = 6.0
+    frames: int = 25
+    height: int = 240
+    width: int = 432
+    seed: int = 0
+    judge: str = "api"  # api (OpenAI-compatible chat completions) | local (transformers VLM)
+    api_base_url: Optional[str] = None  # e.g. http://localhost:8000/v1 (vLLM) or DashScope's compatible-mode URL
+    api_model: Optional[str] = None  # e.g. qwen-vl-max, Qwen/Qwen2.5-VL-7B-Instruct
+    api_key_env: str = "RELVID_JUDGE_API_KEY"  # name of the environment variable holding the key
+    timeout_s: float = 60.0
+    max_retries: int = 5
+    requests_per_minute: float = 60.0
+    cache_dir: Optional[str] = None  # answer cache; default: <output_dir>/judge_cache
+    vlm_path: Optional[str] = None  # local judge: a transformers VLM folder (Qwen2.5-VL)
 
 
 @dataclass
@@ -269,11 +301,33 @@ def _check_speed(cfg: DictConfig) -> None:
     _require(speed.attention in ("auto", "diffusers", "packed"), "speed.attention", "must be auto, diffusers or packed")
     _require(speed.sdpa_backend in ("auto", "flash", "cudnn", "efficient", "math"), "speed.sdpa_backend",
              "must be auto, flash, cudnn, efficient or math")
+    _require(speed.attention != "diffusers" or speed.sdpa_backend == "auto", "speed.sdpa_backend",
+             "only applies to the packed path: set speed.attention=packed (or auto)")
+    _require(speed.checkpoint in ("full", "save_attention"), "speed.checkpoint", "must be full or save_attention")
+    _require(speed.checkpoint == "full" or cfg.model.gradient_checkpointing, "speed.checkpoint",
+             "save_attention refines gradient checkpointing: set model.gradient_checkpointing=true")
 
 
 def _check_callbacks(cfg: DictConfig) -> None:
     _require(cfg.preview.every_n_steps >= 0, "preview.every_n_steps", "must be >= 0 (0 disables previews)")
     _require(cfg.relation_accuracy.every_n_steps >= 0, "relation_accuracy.every_n_steps", "must be >= 0 (0 disables)")
+    for name in ("preview", "relation_accuracy"):
+        sec = cfg[name]
+        _require(sec.num_steps >= 2, f"{name}.num_steps", "must be >= 2 (the Mochi schedule needs two steps)")
+        _require(sec.max_prompts >= 1, f"{name}.max_prompts", "must be >= 1")
+        _require(min(sec.frames, sec.height, sec.width) >= 1, f"{name}.frames/height/width", "must be >= 1")
+        _require(sec.guidance_scale >= 1.0, f"{name}.guidance_scale", "must be >= 1 (1 disables guidance)")
+    _require(cfg.preview.fps >= 1, "preview.fps", "must be >= 1")
+    ra = cfg.relation_accuracy
+    _require(ra.repeats >= 1, "relation_accuracy.repeats", "must be >= 1")
+    _require(ra.judge in ("api", "local"), "relation_accuracy.judge", "must be api or local")
+    if ra.every_n_steps > 0 and ra.judge == "api":
+        _require(bool(ra.api_base_url) and bool(ra.api_model), "relation_accuracy.api_base_url/api_model",
+                 "the api judge needs both (e.g. http://localhost:8000/v1 and the served model name)")
+    if ra.every_n_steps > 0 and ra.judge == "local":
+        _require(bool(ra.vlm_path), "relation_accuracy.vlm_path", "the local judge needs a VLM folder (Qwen2.5-VL)")
+    _require(ra.timeout_s > 0 and ra.requests_per_minute > 0 and ra.max_retries >= 0,
+             "relation_accuracy.timeout_s/requests_per_minute/max_retries", "must be > 0, > 0 and >= 0")
 
 
 def to_yaml(cfg: DictConfig) -> str:

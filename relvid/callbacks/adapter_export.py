@@ -6,7 +6,8 @@ from pathlib import Path
 
 import lightning as L
 
-from relvid.models.lora import save_adapters
+from relvid.models.lora import save_adapter_state
+from relvid.strategies import full_adapter_state
 
 
 class FinalAdapters(L.Callback):
@@ -18,7 +19,10 @@ class FinalAdapters(L.Callback):
         self.dirpath = Path(dirpath)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Every rank takes part: under ZeRO-3 gathering the partitioned LoRA tensors is collective.
+        # The names come back plain (no FSDP wrapper prefixes), so the file loads into a fresh model.
+        state = full_adapter_state(trainer, pl_module)
         if trainer.is_global_zero:
             self.dirpath.mkdir(parents=True, exist_ok=True)
-            save_adapters(self.dirpath / self.FILENAME, pl_module.transformer, pl_module.spec,
-                          metadata={"relation": str(pl_module.cfg.relation), "step": str(trainer.global_step)})
+            save_adapter_state(self.dirpath / self.FILENAME, state, pl_module.spec,
+                               metadata={"relation": str(pl_module.cfg.relation), "step": str(trainer.global_step)})

@@ -1,0 +1,128 @@
+"""PreviewCallback: a few fixed prompts sampled every N steps, saved as mp4 and shown in TensorBoard."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from relvid.generate import SampleSettings, generate_video, inference_scope
+
+
+class PreviewPromptError(ValueError):
+    """A preview prompt whose embedding is not in the clip cache."""
+
+
+def gif_bytes(frames: torch.Tensor, fps: int) -> bytes:
+    """uint8 (T, H, W, 3) -> an endlessly looping animated GIF."""
+    from PIL import Image
+
+    images = [Image.fromarray(f.numpy()) for f in frames]
+    buf = io.BytesIO()
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=max(1, round(1000 / fps)),
+                   loop=0)
+    return buf.getvalue()
+
+
+def log_video(writer, tag: str, frames: torch.Tensor, step: int, fps: int) -> None:
+    """Log a video to a TensorBoard SummaryWriter as an animated GIF (what add_video writes).
+
+    SummaryWriter.add_video needs moviepy's removed `editor` module and silently logs nothing
+    without it, so the GIF is encoded here with Pillow.
+    """
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    _, h, w, c = frames.shape
+    image = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=gif_bytes(frames, fps))
+    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+
+
+def select_prompts(available: dict, wanted: list[str], max_prompts: int, where: str) -> list[str]:
+    """`wanted` (all must be in the cache) or the cache's first non-empty prompts, at most max_prompts."""
+    if wanted:
+        missing = [p for p in wanted if p not in available]
+        if missing:
+            raise PreviewPromptError(
+                f"{where}: prompts {missing} have no embedding in the cache's prompts.safetensors; add them to "
+                "the preprocessing's prompt list and re-run `relvid preprocess`, or pick from "
+                f"{[p for p in available if p][:5]}"
+            )
+        return list(wanted)[:max_prompts]
+    texts = [p for p in available if p]
+    if not texts:
+        raise PreviewPromptError(f"{where}: the cache's prompts.safetensors holds no prompt besides the negative ''")
+    return texts[:max_prompts]
+
+
+class PreviewCallback(L.Callback):
+    """Every `every_n_steps` optimizer steps, rank zero samples the fixed prompts with the inference adapters."""
+
+    def __init__(self, every_n_steps: int, cache_dir: str, out_dir: str | Path, settings: SampleSettings,
+                 prompts: list[str] | None = None, max_prompts: int = 2, seed: int = 0,
+                 codec: str = "mochi", codec_path: str | None = None) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"preview.every_n_steps must be >= 1 here, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self.cache_dir = cache_dir
+        self.out_dir = Path(out_dir)
+        self.settings = settings
+        self.wanted = list(prompts or [])
+        self.max_prompts = max_prompts
+        self.seed = seed
+        self.codec_name, self.codec_path = codec, codec_path
+        self._codec = None
+        self._prompts: dict | None = None  # text -> (embeds, mask), plus "" as the negative
+        self.written: list[Path] = []
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> PreviewCallback:
+        p = cfg.preview
+        settings = SampleSettings(num_steps=int(p.num_steps), guidance_scale=float(p.guidance_scale),
+                                  frames=int(p.frames), height=int(p.height), width=int(p.width), fps=int(p.fps))
+        return cls(int(p.every_n_steps), cfg.data.cache_dir, Path(cfg.output_dir) / "previews", settings,
+                   prompts=list(p.prompts), max_prompts=int(p.max_prompts), seed=int(p.seed),
+                   codec=cfg.model.codec, codec_path=cfg.model.vae_path or cfg.model.path)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        from relvid.data.cache import ClipCache
+
+        # Read and check the prompts before training starts, not at the first preview.
+        available = ClipCache(self.cache_dir).read_prompts()
+        texts = select_prompts(available, self.wanted, self.max_prompts, "preview.prompts")
+        if self.settings.guidance_scale != 1.0 and "" not in available:
+            raise PreviewPromptError("preview: the cache's prompts.safetensors lacks the negative prompt ''; re-run "
+                                     "`relvid preprocess` (it always embeds '') or set preview.guidance_scale=1")
+        self._prompts = {t: available[t] for t in [*texts, ""] if t in available}
+        self._texts = texts
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step  # optimizer steps done, already counting this batch
+        if step % self.every_n_steps == 0 and trainer.is_global_zero:
+            self.render(trainer, pl_module, step)
+
+    def render(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> list[Path]:
+        from relvid.eval.video_io import write_mp4
+        from relvid.models.codecs import load_codec
+
+        if self._codec is None:
+            self._codec = load_codec(self.codec_name, self.codec_path, device=str(pl_module.device))
+        negative = self._prompts.get("") if self.settings.guidance_scale != 1.0 else None
+        writer = getattr(trainer.logger, "experiment", None) if trainer.logger is not None else None
+        paths = []
+        with inference_scope(pl_module.transformer, pl_module.spec):
+            for i, text in enumerate(tqdm(self._texts, desc=f"preview step {step}", leave=False)):
+                embeds, mask = self._prompts[text]
+                frames = generate_video(pl_module.transformer, self._codec, embeds, mask, negative,
+                                        seed=self.seed + i, settings=self.settings, device=pl_module.device)
+                path = write_mp4(self.out_dir / f"step{step:06d}_p{i}.mp4", frames, fps=self.settings.fps)
+                paths.append(path)
+                if writer is not None and hasattr(writer, "_get_file_writer"):
+                    log_video(writer, f"preview/p{i}", frames, step, self.settings.fps)
+        self.written.extend(paths)
+        return paths

@@ -1,0 +1,112 @@
+"""RelationAccuracyCallback: judged relation accuracy on a few prompts every N steps, in TensorBoard.
+
+Rank zero samples each prompt with the inference adapters (fixed seeds, so values at different
+steps are comparable), asks the VLM judge the paper's question `repeats` times per video and logs
+val/relation_accuracy (mean over repeats), its std and the unparseable answers; each evaluation
+is also appended to <output_dir>/relation_accuracy.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+from omegaconf import DictConfig
+
+from relvid.callbacks.preview import PreviewPromptError, select_prompts
+from relvid.generate import SampleSettings, generate_video, inference_scope
+
+
+class RelationAccuracyCallback(L.Callback):
+    """Every `every_n_steps` optimizer steps: sample, judge, log."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        ra = cfg.relation_accuracy
+        self.cfg = cfg
+        self.every_n_steps = int(ra.every_n_steps)
+        self.settings = SampleSettings(num_steps=int(ra.num_steps), guidance_scale=float(ra.guidance_scale),
+                                       frames=int(ra.frames), height=int(ra.height), width=int(ra.width))
+        self.repeats = int(ra.repeats)
+        self.seed = int(ra.seed)
+        self.out_dir = Path(cfg.output_dir)
+        self._judge = None
+        self._codec = None
+        self.history: list[dict] = []
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> RelationAccuracyCallback:
+        return cls(cfg)
+
+    def _wanted_prompts(self) -> list[str]:
+        ra = self.cfg.relation_accuracy
+        if ra.prompts:
+            return list(ra.prompts)
+        from relvid import relations
+        from relvid.eval.prompts import eval_prompts
+
+        if not relations.is_known(self.cfg.relation):
+            raise PreviewPromptError(f"relation_accuracy.prompts: {self.cfg.relation!r} has no evaluation prompts; "
+                                     "list prompts (embedded in the cache) in relation_accuracy.prompts")
+        return eval_prompts(self.cfg.relation)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        from relvid.data.cache import ClipCache
+        from relvid.eval.judge import judge_question
+
+        available = ClipCache(self.cfg.data.cache_dir).read_prompts()
+        wanted = [p for p in self._wanted_prompts() if p in available] if not self.cfg.relation_accuracy.prompts \
+            else self._wanted_prompts()
+        if not wanted:
+            raise PreviewPromptError(
+                f"relation_accuracy: none of the evaluation prompts of {self.cfg.relation} is embedded in "
+                f"{self.cfg.data.cache_dir}/prompts.safetensors; re-run `relvid preprocess` (it embeds them) or set "
+                "relation_accuracy.prompts")
+        self._texts = select_prompts(available, wanted, int(self.cfg.relation_accuracy.max_prompts),
+                                     "relation_accuracy.prompts")
+        if self.settings.guidance_scale != 1.0 and "" not in available:
+            raise PreviewPromptError("relation_accuracy: the cache's prompts.safetensors lacks the negative prompt ''")
+        self._prompts = {t: available[t] for t in [*self._texts, ""] if t in available}
+        self.question = judge_question(self.cfg.relation)
+        self._judge = self._build_judge(pl_module)
+
+    def _build_judge(self, pl_module: L.LightningModule):
+        from relvid.eval.evaluate import JudgeOptions, build_judge
+
+        ra = self.cfg.relation_accuracy
+        opts = JudgeOptions(kind=ra.judge, base_url=ra.api_base_url, model=ra.api_model, api_key_env=ra.api_key_env,
+                            timeout_s=float(ra.timeout_s), max_retries=int(ra.max_retries),
+                            requests_per_minute=float(ra.requests_per_minute),
+                            cache_dir=ra.cache_dir or str(self.out_dir / "judge_cache"), vlm_path=ra.vlm_path)
+        return build_judge(opts, pl_module.device)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps == 0 and trainer.is_global_zero:
+            self.measure(trainer, pl_module, step)
+
+    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> dict:
+        from relvid.eval.judge import judge_videos
+        from relvid.models.codecs import load_codec
+
+        if self._codec is None:
+            model = self.cfg.model
+            self._codec = load_codec(model.codec, model.vae_path or model.path, device=str(pl_module.device))
+        negative = self._prompts.get("") if self.settings.guidance_scale != 1.0 else None
+        with inference_scope(pl_module.transformer, pl_module.spec):
+            videos = [generate_video(pl_module.transformer, self._codec, *self._prompts[text], negative,
+                                     seed=self.seed + i, settings=self.settings, device=pl_module.device)
+                      for i, text in enumerate(self._texts)]
+        result = judge_videos(self._judge, videos, self.question, repeats=self.repeats)
+        metrics = {"val/relation_accuracy": result["mean"], "val/relation_accuracy_std": result["std"],
+                   "val/judge_unparseable": float(result["unparseable"])}
+        if trainer.logger is not None:
+            trainer.logger.log_metrics(metrics, step=step)
+        record = {"step": step, "judge": self._judge.name, "prompts": self._texts, **result}
+        self.history.append(record)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "relation_accuracy.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        return record

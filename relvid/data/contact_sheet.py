@@ -1,0 +1,68 @@
+"""A look at the masks: frames with subject 1 in red and subject 2 in blue, as a PNG grid (and an mp4)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+SUBJECT_COLOURS = ((255, 40, 40), (40, 120, 255))  # subject 1 red, subject 2 blue
+ALPHA = 0.5
+
+
+def latent_masks_to_pixels(latent_masks: torch.Tensor, frames: int, height: int, width: int, time_factor: int) -> torch.Tensor:
+    """(S, f, h, w) latent masks -> (S, frames, height, width): latent frame i spans video frames t(i-1)+1..ti."""
+    s, f, h, w = latent_masks.shape
+    which = [0] + [1 + (k - 1) // time_factor for k in range(1, frames)]  # latent frame of each video frame
+    x = latent_masks.float()[:, which]  # (S, frames, h, w)
+    return F.interpolate(x, size=(height, width), mode="nearest")
+
+
+def overlay(frames: np.ndarray, masks: torch.Tensor | np.ndarray, alpha: float = ALPHA) -> np.ndarray:
+    """Tint uint8 (T, H, W, 3) frames with (2, T, H, W) masks in [0, 1], one colour per subject."""
+    out = frames.astype(np.float32)
+    m = np.asarray(masks, dtype=np.float32)
+    for k, colour in enumerate(SUBJECT_COLOURS[: m.shape[0]]):
+        a = alpha * m[k][..., None]  # (T, H, W, 1)
+        out = out * (1 - a) + np.array(colour, dtype=np.float32) * a
+    return out.round().clip(0, 255).astype(np.uint8)
+
+
+def contact_sheet(frames: np.ndarray, masks, columns: int = 4, count: int = 8, title: str = "",
+                  max_tile_width: int = 424) -> Image.Image:
+    """A grid of ``count`` evenly spaced overlaid frames (first and last included), labelled with their index;
+    tiles wider than ``max_tile_width`` are shrunk (a 848-wide clip gives 424-wide tiles)."""
+    tinted = overlay(frames, masks)
+    total = len(tinted)
+    picks = sorted({round(i * (total - 1) / max(1, count - 1)) for i in range(min(count, total))})
+    h, w = tinted.shape[1:3]
+    shrink = max(1, -(-w // max_tile_width))  # integer factor: tiles stay sharp
+    h, w = h // shrink, w // shrink
+    rows = -(-len(picks) // columns)
+    top = 18 if title else 0
+    sheet = Image.new("RGB", (columns * w, rows * (h + 14) + top), (0, 0, 0))
+    draw = ImageDraw.Draw(sheet)
+    if title:
+        draw.text((4, 2), title, fill=(255, 255, 255))
+    for n, i in enumerate(picks):
+        x, y = (n % columns) * w, top + (n // columns) * (h + 14)
+        sheet.paste(Image.fromarray(tinted[i]).resize((w, h), Image.BILINEAR), (x, y))
+        draw.text((x + 4, y + h + 1), f"frame {i}", fill=(255, 255, 255))
+    return sheet
+
+
+def write_contact_sheet(path: str | Path, frames: np.ndarray, masks, mp4: bool = False, fps: float = 30.0,
+                        title: str = "") -> list[Path]:
+    """Write the PNG sheet (and ``<stem>.mp4`` of every overlaid frame when ``mp4``); returns the paths."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    contact_sheet(frames, masks, title=title).save(path)
+    written = [path]
+    if mp4:
+        from relvid.eval.video_io import write_mp4
+
+        written.append(Path(write_mp4(path.with_suffix(".mp4"), overlay(frames, masks), fps=fps)))
+    return written

@@ -1,0 +1,72 @@
+"""CLIP-T and temporal consistency from a local CLIP model (transformers CLIPModel folder).
+
+CLIP-T: mean over frames of the cosine similarity between CLIP image features and the prompt's
+text features. Temporal consistency: mean cosine similarity of CLIP image features of
+consecutive frames. Both are plain cosines (the paper's scale, 0.32 / 0.99), not CLIPScore's 100x.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from relvid.eval.metrics import cosine_similarity, temporal_consistency
+
+
+class CLIPWeightsError(FileNotFoundError):
+    """No usable CLIP model folder."""
+
+
+def _features(out) -> Tensor:
+    # transformers 5 returns a model output whose pooler_output is the projected embedding
+    return out if isinstance(out, Tensor) else out.pooler_output
+
+
+class CLIPFeatures:
+    """Image and text embeddings of a CLIP model read from a local folder (e.g. openai/clip-vit-large-patch14)."""
+
+    def __init__(self, model, processor, device: str | torch.device = "cpu", batch_size: int = 32) -> None:
+        self.model = model.to(device).eval()
+        self.processor = processor
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_folder(cls, path: str | os.PathLike | None, device: str | torch.device = "cpu") -> CLIPFeatures:
+        from transformers import CLIPModel, CLIPProcessor
+
+        if path is None or not (Path(path) / "config.json").is_file():
+            raise CLIPWeightsError(
+                f"CLIP model folder {path!r} has no config.json: download openai/clip-vit-large-patch14 (or another "
+                "CLIP) with `huggingface-cli download ... --local-dir DIR` on a machine with internet and pass "
+                "--clip-path DIR")
+        model = CLIPModel.from_pretrained(path, local_files_only=True)
+        processor = CLIPProcessor.from_pretrained(path, local_files_only=True)
+        return cls(model, processor, device)
+
+    @torch.no_grad()
+    def image_features(self, frames: Tensor) -> Tensor:
+        """uint8 (T, H, W, 3) -> (T, D) float32 image embeddings (not normalized)."""
+        out = []
+        for i in range(0, frames.shape[0], self.batch_size):
+            batch = [f.numpy() for f in frames[i:i + self.batch_size]]
+            pixels = self.processor(images=batch, return_tensors="pt")["pixel_values"].to(self.device)
+            out.append(_features(self.model.get_image_features(pixel_values=pixels)).float().cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def text_features(self, texts: list[str]) -> Tensor:
+        """(N, D) float32 text embeddings; long prompts are truncated to CLIP's context."""
+        inputs = self.processor(text=texts, return_tensors="pt", padding=True, truncation=True)
+        inputs = {k: v.to(self.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+        return _features(self.model.get_text_features(**inputs)).float().cpu()
+
+    def video_scores(self, frames: Tensor, prompt: str) -> dict[str, float]:
+        """{"clip_t", "temporal_consistency"} of one video."""
+        image = self.image_features(frames)  # (T, D)
+        text = self.text_features([prompt])  # (1, D)
+        return {"clip_t": float(cosine_similarity(image, text).mean()),
+                "temporal_consistency": temporal_consistency(image)}

@@ -1,0 +1,114 @@
+"""Text-to-video generation with a relation LoRA: seeds, settings and one video per call.
+
+Shared by `relvid sample`, `relvid evaluate`, the preview callback and the toy world. The initial
+noise is drawn on the CPU from ``torch.Generator().manual_seed(seed)``, so a seed gives the same
+video on any device (up to the device's float arithmetic).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from relvid.models.codecs import Codec
+from relvid.models.lora import TripletSpec, activate, active_adapters, inference_adapters
+from relvid.sampling import sample
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """How a video is sampled: Euler steps, CFG scale, video size and frame rate."""
+
+    num_steps: int = 64
+    guidance_scale: float = 6.0
+    frames: int = 61
+    height: int = 480
+    width: int = 848
+    fps: int = 30
+    threshold_noise: float = 0.025
+
+    def __post_init__(self) -> None:
+        if self.num_steps < 2:
+            raise ValueError(f"num_steps={self.num_steps}: the Mochi schedule needs at least 2 steps")
+        if self.frames < 1 or self.height < 1 or self.width < 1 or self.fps < 1:
+            raise ValueError(f"frames/height/width/fps must be >= 1, got {self.frames}/{self.height}/"
+                             f"{self.width}/{self.fps}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def to_uint8_frames(video: Tensor) -> Tensor:
+    """(3, T, H, W) float in [-1, 1] -> (T, H, W, 3) uint8 on the CPU."""
+    frames = ((video.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round()  # (3, T, H, W) in [0, 255]
+    return frames.permute(1, 2, 3, 0).to("cpu", torch.uint8).contiguous()  # (T, H, W, 3)
+
+
+def initial_noise(codec: Codec, settings: SampleSettings, seed: int) -> Tensor:
+    """(1, C, f, h, w) float32 standard normal noise on the CPU, a pure function of the seed."""
+    shape = codec.latent_shape(settings.frames, settings.height, settings.width)
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randn((1, *shape), generator=gen, dtype=torch.float32)
+
+
+@torch.no_grad()
+def generate_video(
+    transformer: nn.Module,
+    codec: Codec,
+    embeds: Tensor,
+    mask: Tensor,
+    negative: tuple[Tensor, Tensor] | None,
+    seed: int,
+    settings: SampleSettings = SampleSettings(),
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> Tensor:
+    """One video for one prompt: uint8 (T, H, W, 3).
+
+    embeds (L, D) / mask (L,) are the prompt's text embedding (a TextEncoder's output or the
+    clip cache's prompts); `negative` is the negative prompt's (embeds, mask) for CFG, or None
+    for the conditional pass only. The transformer's adapters are used as they are set.
+    """
+    if embeds.dim() != 2 or tuple(mask.shape) != (embeds.shape[0],):
+        raise ValueError(f"generate_video: embeds must be (L, D) with an (L,) mask, got {tuple(embeds.shape)} "
+                         f"and {tuple(mask.shape)}")
+    noise = initial_noise(codec, settings, seed).to(device)
+    neg_e = neg_m = None
+    if negative is not None:
+        neg_e, neg_m = negative[0][None].to(device), negative[1][None].to(device)  # (1, L', D), (1, L')
+    latents = sample(
+        transformer, noise, embeds[None].to(device), mask[None].to(device),  # (1, L, D), (1, L)
+        negative_embeds=neg_e, negative_mask=neg_m, num_steps=settings.num_steps,
+        guidance_scale=settings.guidance_scale, threshold_noise=settings.threshold_noise, progress=progress,
+    )
+    video = codec.decode(latents)  # (1, 3, T, H, W) in [-1, 1]
+    return to_uint8_frames(video[0])
+
+
+@contextlib.contextmanager
+def inference_scope(transformer: nn.Module, spec: TripletSpec) -> Iterator[None]:
+    """Sample mid-training: inference adapters, eval mode, then the training state exactly as it was.
+
+    Restores the active adapters, train/eval mode of every submodule, every parameter's
+    requires_grad and the global CPU/CUDA random states, so a preview never shifts the training.
+    """
+    active = active_adapters(transformer)
+    modes = {name: m.training for name, m in transformer.named_modules()}
+    grads = {name: p.requires_grad for name, p in transformer.named_parameters()}
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            activate(transformer, inference_adapters(spec))
+            transformer.eval()
+            yield
+        finally:
+            activate(transformer, active)
+            for name, m in transformer.named_modules():
+                m.training = modes[name]
+            for name, p in transformer.named_parameters():
+                p.requires_grad_(grads[name])

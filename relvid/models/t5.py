@@ -1,0 +1,107 @@
+"""T5 text encoder (Mochi's T5-XXL) as a relvid TextEncoder, weights from local folders.
+
+Tokenization matches diffusers' MochiPipeline: at most 256 tokens, special tokens added (so every
+text ends with ``</s>``), attention mask passed to the encoder. Each embedding is then trimmed to
+its valid tokens, which is what the clip cache stores and the sampler pads again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from relvid.models.backbone import WeightsNotFoundError
+from relvid.models.text_encoders import TextEncoderError
+
+MAX_TOKENS = 256  # MochiPipeline's max_sequence_length
+T5_DOWNLOAD_HINT = (
+    "download genmo/mochi-1-preview in diffusers format (it holds text_encoder/ and tokenizer/) on a machine "
+    "with internet and pass the pipeline folder, or a folder holding both a T5 encoder and its tokenizer"
+)
+_TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def find_t5_folders(path: str | os.PathLike | None) -> tuple[Path, Path]:
+    """(encoder folder, tokenizer folder) under a pipeline root or a single folder holding both."""
+    if path is None:
+        raise WeightsNotFoundError(f"T5 path not configured: {T5_DOWNLOAD_HINT}.")
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise WeightsNotFoundError(f"T5 weights not found at {root}: {T5_DOWNLOAD_HINT}.")
+    encoder = root / "text_encoder" if (root / "text_encoder" / "config.json").is_file() else root
+    tokenizer = root / "tokenizer" if (root / "tokenizer").is_dir() else root
+    config = encoder / "config.json"
+    if not config.is_file():
+        raise WeightsNotFoundError(f"{root} has no text_encoder/config.json (nor config.json); {T5_DOWNLOAD_HINT}.")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except json.JSONDecodeError as err:
+        raise WeightsNotFoundError(f"{config} is not valid JSON ({err}); re-download it.") from None
+    if model_type not in ("t5", "umt5", "mt5"):
+        raise WeightsNotFoundError(f"{config} describes a {model_type!r} model, not a T5 encoder; {T5_DOWNLOAD_HINT}.")
+    if not any((encoder / name).is_file() for name in _WEIGHT_FILES):
+        raise WeightsNotFoundError(f"{encoder} holds no model.safetensors: the download is incomplete; {T5_DOWNLOAD_HINT}.")
+    if not any((tokenizer / name).is_file() for name in _TOKENIZER_FILES):
+        raise WeightsNotFoundError(
+            f"no tokenizer files ({', '.join(_TOKENIZER_FILES)}) in {tokenizer}: the download is incomplete; "
+            f"{T5_DOWNLOAD_HINT}."
+        )
+    return encoder, tokenizer
+
+
+class T5TextEncoder:
+    """A frozen T5 encoder and its tokenizer; ``encode`` gives trimmed (embeds, mask) per text."""
+
+    name = "t5"
+
+    def __init__(self, model, tokenizer, max_tokens: int = MAX_TOKENS, batch_size: int = 8) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.max_tokens = max_tokens
+        self.batch_size = batch_size
+        self.dim = int(model.config.d_model)
+
+    @classmethod
+    def from_folder(
+        cls, path: str | os.PathLike | None, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, **kwargs
+    ) -> "T5TextEncoder":
+        """Load tokenizer + T5EncoderModel; fp32 on CPU, bf16 on GPU by default."""
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        encoder_dir, tokenizer_dir = find_t5_folders(path)
+        if dtype is None:
+            dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+        model = T5EncoderModel.from_pretrained(encoder_dir, dtype=dtype, local_files_only=True)
+        return cls(model.to(device), tokenizer, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str]) -> list[tuple[Tensor, Tensor]]:
+        """Per text: embeds (L, D) float32 on the CPU and mask (L,) all-True, L = its token count (>= 1)."""
+        if isinstance(texts, str):
+            raise TypeError("T5TextEncoder.encode takes a list of texts, not a single string")
+        out: list[tuple[Tensor, Tensor]] = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = list(texts[start : start + self.batch_size])
+            tokens = self.tokenizer(
+                batch, padding="longest", max_length=self.max_tokens, truncation=True,
+                add_special_tokens=True, return_tensors="pt",
+            )
+            ids = tokens.input_ids.to(self.device)  # (B, L)
+            mask = tokens.attention_mask.bool().to(self.device)  # (B, L)
+            embeds = self.model(ids, attention_mask=mask)[0].float().cpu()  # (B, L, D)
+            for text, row, valid in zip(batch, embeds, mask.cpu()):
+                if not valid.any():
+                    raise TextEncoderError(f"the T5 tokenizer gave no tokens for {text!r}: it must add </s>")
+                kept = row[valid]  # (L, D): the valid tokens, whichever side the tokenizer pads
+                out.append((kept.clone(), torch.ones(kept.shape[0], dtype=torch.bool)))
+        return out
