@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
-import torch
 
 from relvid.losses.contrastive import MemoryBank
 

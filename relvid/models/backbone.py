@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 
@@ -11,16 +10,15 @@ import torch
 from diffusers import MochiTransformer3DModel
 
 from relvid.config import TinyModelConfig
+from relvid.models.weights import WeightsNotFoundError, find_component_folder
+
+__all__ = ["WeightsNotFoundError", "find_transformer_folder", "load_transformer", "tiny_transformer"]
 
 DOWNLOAD_HINT = (
     "download genmo/mochi-1-preview in diffusers format (e.g. `huggingface-cli download "
     "genmo/mochi-1-preview --local-dir /models/mochi-1-preview` on a machine with internet) and set "
     "model.path=<that folder> or the MOCHI_PATH environment variable"
 )
-
-
-class WeightsNotFoundError(FileNotFoundError):
-    """Model weights missing or incomplete at the configured local path."""
 
 
 def resolve_dtype(name: str, on_gpu: bool) -> torch.dtype:
@@ -33,48 +31,7 @@ def resolve_dtype(name: str, on_gpu: bool) -> torch.dtype:
 
 def find_transformer_folder(path: str | os.PathLike | None) -> Path:
     """The folder holding the transformer's config.json and weights; clear errors otherwise."""
-    if path is None:
-        raise WeightsNotFoundError(f"Mochi weights not configured: {DOWNLOAD_HINT}.")
-    root = Path(path).expanduser()
-    if not root.exists():
-        raise WeightsNotFoundError(f"Mochi weights not found at {root}: {DOWNLOAD_HINT}.")
-    folder = root / "transformer" if (root / "transformer" / "config.json").is_file() else root
-    config = folder / "config.json"
-    if not config.is_file():
-        raise WeightsNotFoundError(
-            f"{root} has no transformer/config.json (nor config.json): it is not a diffusers-format "
-            f"Mochi folder; {DOWNLOAD_HINT}."
-        )
-    try:
-        class_name = json.loads(config.read_text()).get("_class_name")
-    except json.JSONDecodeError as err:
-        raise WeightsNotFoundError(f"{config} is not valid JSON ({err}); re-download it.") from None
-    if class_name != "MochiTransformer3DModel":
-        raise WeightsNotFoundError(
-            f"{config} describes a {class_name!r}, not a MochiTransformer3DModel; point model.path at "
-            "the Mochi pipeline folder or its transformer/ subfolder."
-        )
-    _check_weight_files(folder)
-    return folder
-
-
-def _check_weight_files(folder: Path) -> None:
-    index = folder / "diffusion_pytorch_model.safetensors.index.json"
-    single = folder / "diffusion_pytorch_model.safetensors"
-    if single.is_file():
-        return
-    if not index.is_file():
-        raise WeightsNotFoundError(
-            f"{folder} holds no diffusion_pytorch_model.safetensors (or its .index.json): the download "
-            f"is incomplete; {DOWNLOAD_HINT}."
-        )
-    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    missing = [s for s in shards if not (folder / s).is_file()]
-    if missing:
-        raise WeightsNotFoundError(
-            f"{folder} is missing {len(missing)} of {len(shards)} weight shards ({', '.join(missing[:3])}"
-            f"{', ...' if len(missing) > 3 else ''}): the download is incomplete; {DOWNLOAD_HINT}."
-        )
+    return find_component_folder(path, "transformer", "MochiTransformer3DModel", "Mochi weights", DOWNLOAD_HINT)
 
 
 # The tiny preset's architecture: the schema's defaults, less the init seed.

@@ -9,14 +9,13 @@ affine map: ``logvar_z = logvar_raw + 2 log(scaling_factor / latents_std)``.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from relvid.models.backbone import WeightsNotFoundError
+from relvid.models.weights import find_component_folder
 from relvid.models.codecs import CodecError, check_video_shape
 
 VAE_DOWNLOAD_HINT = (
@@ -33,36 +32,7 @@ DEFAULT_TILE_STRIDE = 192
 
 def find_vae_folder(path: str | os.PathLike | None) -> Path:
     """The folder holding AutoencoderKLMochi's config.json and weights; clear errors otherwise."""
-    if path is None:
-        raise WeightsNotFoundError(f"Mochi VAE path not configured: {VAE_DOWNLOAD_HINT}.")
-    root = Path(path).expanduser()
-    if not root.exists():
-        raise WeightsNotFoundError(f"Mochi VAE not found at {root}: {VAE_DOWNLOAD_HINT}.")
-    folder = root / "vae" if (root / "vae" / "config.json").is_file() else root
-    config = folder / "config.json"
-    if not config.is_file():
-        raise WeightsNotFoundError(
-            f"{root} has no vae/config.json (nor config.json): it is not a diffusers-format Mochi folder; "
-            f"{VAE_DOWNLOAD_HINT}."
-        )
-    try:
-        class_name = json.loads(config.read_text()).get("_class_name")
-    except json.JSONDecodeError as err:
-        raise WeightsNotFoundError(f"{config} is not valid JSON ({err}); re-download it.") from None
-    if class_name != "AutoencoderKLMochi":
-        raise WeightsNotFoundError(
-            f"{config} describes a {class_name!r}, not an AutoencoderKLMochi; point the VAE path at the Mochi "
-            "pipeline folder or its vae/ subfolder."
-        )
-    has_weights = any(
-        (folder / name).is_file()
-        for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
-    )
-    if not has_weights:
-        raise WeightsNotFoundError(
-            f"{folder} holds no diffusion_pytorch_model.safetensors: the download is incomplete; {VAE_DOWNLOAD_HINT}."
-        )
-    return folder
+    return find_component_folder(path, "vae", "AutoencoderKLMochi", "Mochi VAE", VAE_DOWNLOAD_HINT)
 
 
 class MochiCodec:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from relvid.models.backbone import WeightsNotFoundError
+from relvid.models.weights import WeightsNotFoundError
 from relvid.models.text_encoders import TextEncoderError
 
 MAX_TOKENS = 256  # MochiPipeline's max_sequence_length
