@@ -1,10 +1,9 @@
-"""`relvid <command>`: train, export, import-reference, validate-cache, random-cache, relations."""
+"""`relvid <command>`: train, preprocess, sample, evaluate, export, demo and helpers (`relvid <command> -h`)."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -170,8 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolve", metavar="NAME")
     p.set_defaults(func=cmd_relations)
     for name in COMMAND_MODULES:
-        if importlib.util.find_spec(name) is not None:  # TODO(integration): drop this guard
-            importlib.import_module(name).register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 
