@@ -3,6 +3,7 @@
 import lightning as L
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from relvid.config import load_config
 from relvid.data.datamodule import RelationDataModule
@@ -79,6 +80,21 @@ def test_without_hmt_and_direct_lora_train_everything_every_step(tmp_path):
     direct = RelationModule(tiny_cfg(tmp_path, "lora.placement=direct", "hmt.enabled=false"))
     assert direct.select_lora(3) == "direct"
     assert set(k.split("/")[0] for k in direct.adapter_state()) == {"direct"}
+
+
+def test_direct_lora_baseline_config_trains(tmp_path, repo_root):
+    """configs/baselines/direct_lora.yaml: its single adapter trains every step, the base stays frozen."""
+    base = tiny_cfg(tmp_path, "trainer.max_steps=3")
+    cfg = load_config([repo_root / "configs" / "baselines" / "direct_lora.yaml"],
+                      [f"{key}={OmegaConf.select(base, key)}" for key in (
+                          "model.preset", "model.gradient_checkpointing", "lora.rank", "lora.alpha",
+                          "data.num_workers", "optim.warmup_steps", "trainer.accelerator", "trainer.devices",
+                          "trainer.checkpoint_every", "trainer.progress_bar", "output_dir", "data.cache_dir")]
+                      + ["trainer.max_steps=3"])
+    watcher = StepWatcher()
+    module, _ = fit(cfg, [watcher])
+    assert module.selections == ["direct"] * 3
+    assert [(sel, changed, base_same) for sel, changed, base_same in watcher.records] == [("direct", {"direct"}, True)] * 3
 
 
 def test_hybrid_mask_follows_the_selection(tmp_path):

@@ -130,10 +130,13 @@ def inference_adapters(spec: TripletSpec) -> tuple[str, ...]:
 
 def adapters_for_selection(selection: str, spec: TripletSpec) -> tuple[str, ...]:
     """Adapters in the forward (and trained) when `selection` is drawn in hybrid mask training."""
+    if spec.placement == "direct":
+        # the Direct-LoRA baseline has one adapter, trained every step ("direct" selection)
+        if selection not in (*SELECTIONS, "direct"):
+            raise LoRAConfigError(f"LoRA selection {selection!r} is unknown; use 'direct' or one of {SELECTIONS}")
+        return ("direct",)
     if selection not in SELECTIONS:
         raise LoRAConfigError(f"LoRA selection {selection!r} is unknown; use one of {SELECTIONS}")
-    if spec.placement == "direct":
-        return ("direct",)
     if selection == "relation":
         return ("relation", "subject1", "subject2", "ffn")
     return (selection, "ffn")
