@@ -57,8 +57,10 @@ class RelationAccuracyCallback(L.Callback):
         from relvid.eval.judge import judge_question
 
         available = ClipCache(self.cfg.data.cache_dir).read_prompts()
-        wanted = [p for p in self._wanted_prompts() if p in available] if not self.cfg.relation_accuracy.prompts \
-            else self._wanted_prompts()
+        wanted = self._wanted_prompts()
+        if not self.cfg.relation_accuracy.prompts:
+            # the relation's evaluation prompts: use those the cache embeds (named prompts must all be there)
+            wanted = [p for p in wanted if p in available]
         if not wanted:
             raise PreviewPromptError(
                 f"relation_accuracy: none of the evaluation prompts of {self.cfg.relation} is embedded in "
