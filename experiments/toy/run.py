@@ -52,7 +52,7 @@ def run_one(method: str, relation: str, seed: int, args: argparse.Namespace) -> 
             shutil.rmtree(folder / "train", ignore_errors=True)  # an interrupted run starts again
             customize(METHODS[method], relation, Path(args.out) / "cache", folder / "train", seed=seed,
                       overrides=[f"trainer.max_steps={args.steps}", "trainer.progress_bar=false"])
-        model = load_customized(adapters, all_adapters=METHODS[method].all_adapters)
+        model = load_customized(adapters)
     prompts = test_prompts(relation, args.prompts, seed=seed)
     metrics, _ = score(generate(model, prompts, progress=False), prompts)
     folder.mkdir(parents=True, exist_ok=True)
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--relations", nargs="+", default=list(RELATIONS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=ALL_METHODS, choices=ALL_METHODS)
-    p.add_argument("--steps", type=int, default=300, help="training steps per customization")
+    p.add_argument("--steps", type=int, default=800, help="training steps per customization")
     p.add_argument("--prompts", type=int, default=10, help="test prompts per relation (1-10)")
     p.add_argument("--out", default=str(HERE / "work"), help="per-run results and caches")
     p.add_argument("--results", default=str(HERE), help="where RESULTS.md and results.* go")

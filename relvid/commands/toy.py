@@ -18,17 +18,30 @@ def cmd_toy_base(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out or BASE_DIR)
+    image_dir = Path(args.work) / "image_stage"
+    stages = []
+    if args.image_steps:
+        if not (image_dir / INFO_NAME).is_file():  # a finished image stage is kept and reused
+            pretrain(image_dir, steps=args.image_steps, batch_size=args.image_batch_size, lr=args.lr, seed=args.seed,
+                     device=args.device, save_every=args.save_every, init=args.init, frames=1, stage="image",
+                     save_dtype=torch.float32)  # the next stage starts from it: keep full precision
+        stages.append(json.loads((image_dir / INFO_NAME).read_text()))
+    init = image_dir if args.image_steps else args.init
     pretrain(out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
-             save_every=args.save_every, init=args.init)
+             save_every=args.save_every, init=init, stage="video")
+    info_path = out / INFO_NAME
+    stages.append(json.loads(info_path.read_text()))
+    command = (f"relvid toy-base --image-steps {args.image_steps} --image-batch-size {args.image_batch_size} "
+               f"--steps {args.steps} --batch-size {args.batch_size} --lr {args.lr} --seed {args.seed}"
+               + (f" --init {args.init}" if args.init else ""))
+    info = {"stages": stages, "command": command}
     print(f"wrote the toy base model to {out}")
     if args.eval_prompts:
         report = base_report(load_base(out), n_prompts=args.eval_prompts, seed=args.seed)
-        info_path = out / INFO_NAME
-        info = json.loads(info_path.read_text())
         info["evaluation"] = report
-        info_path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         print(f"subject fidelity on unseen subject pairs: {report['subject_fidelity']:.3f} "
               f"({report['videos']} videos); relations by chance: {report['relation_accuracy_by_relation']}")
+    info_path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return 0
 
 
@@ -39,21 +52,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from relvid.toy.base import BASE_DIR
+
     run_demo(args.out, relation=args.relation or DEMO_RELATION, n_prompts=args.prompts, seed=args.seed,
-             overrides=list(args.set), progress=not args.quiet)
+             base_dir=args.base or BASE_DIR, overrides=list(args.set), progress=not args.quiet)
     return 0
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("toy-base", help="pretrain the toy world's base model (GPU if present)")
     p.add_argument("--out", help="output folder (default: relvid/toy/base_model, the committed base)")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--work", default="outputs/toy-base", help="folder for the image stage (default: %(default)s)")
+    p.add_argument("--image-steps", type=int, default=6000, help="stage 1: steps on first frames alone (0 skips it)")
+    p.add_argument("--image-batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=2000, help="stage 2: steps on whole clips")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
-    p.add_argument("--save-every", type=int, default=500, help="also save every N steps (0: only at the end)")
+    p.add_argument("--save-every", type=int, default=250,
+                   help="save the training state every N steps; a rerun resumes from it (0: never)")
     p.add_argument("--init", help="start from this base folder instead of random weights")
     p.add_argument("--eval-prompts", type=int, default=5,
                    help="test prompts per relation for the fidelity check afterwards (0 skips it)")
@@ -63,6 +82,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="outputs/demo", help="output folder (default: %(default)s)")
     p.add_argument("--relation", help="toy relation (default: the demo's, relvid.toy.demo.DEMO_RELATION)")
     p.add_argument("--prompts", type=int, default=10, help="test prompts (unseen subject pairs), 1-10")
+    p.add_argument("--base", help="base model folder (default: the committed relvid/toy/base_model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

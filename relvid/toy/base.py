@@ -1,13 +1,17 @@
-"""Pretraining the toy world's base model: a tiny MochiTransformer3DModel, fully fine-tuned on
+"""Pretraining the toy world's base model: a tiny MochiTransformer3DModel, fully trained on
 generic-motion clips (subjects + "resting/drifting/wandering", never a relation).
 
 The objective is relvid's rectified flow (relvid.losses.flow_matching), so the base model speaks
 the same convention as customization and sampling. Clips are rendered on the fly, each a pure
-function of (seed, step, position in batch), so a run is reproducible and never repeats a clip.
+function of (seed, stage, step, position in batch), so a run is reproducible and never repeats a
+clip. Two stages, as video models are trained: first frames alone (one latent frame, 64 tokens:
+five times cheaper, and where subjects are learned), then whole clips (motion and consistency).
+The saved model is an exponential moving average of the weights, which samples cleaner.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -23,7 +27,7 @@ from relvid.seeding import derive_seed
 from relvid.toy.codec import ToyCodec
 from relvid.toy.render import render_clip
 from relvid.toy.text import ToyTextEncoder
-from relvid.toy.world import GENERIC_MOTIONS, all_subjects, generic_caption, pretraining_pair_allowed
+from relvid.toy.world import FRAMES, GENERIC_MOTIONS, all_subjects, generic_caption, pretraining_pair_allowed
 
 # The committed base model (relvid/toy/base_model), loaded with model.preset=mochi, model.path=BASE_DIR.
 BASE_DIR = Path(__file__).resolve().parent / "base_model"
@@ -32,41 +36,66 @@ INFO_NAME = "toy_base.json"
 # 4 blocks of width 128 (4 heads x 32), text stream 64 wide: about 1.6 M parameters.
 BASE_CONFIG = {
     "num_layers": 4,
-    "num_attention_heads": 4,
+    "num_attention_heads": 5,
     "attention_head_dim": 32,
     "pooled_projection_dim": 64,
     "text_embed_dim": 32,  # ToyTextEncoder().dim
     "time_embed_dim": 64,
-    "in_channels": 144,  # ToyCodec().latent_channels
+    "in_channels": 36,  # ToyCodec().latent_channels
 }
 CAPTION_DROPOUT = 0.1  # dropped captions become "", the sampler's negative prompt
-_PAIR_STREAM, _BATCH_STREAM, _NOISE_STREAM = 201, 202, 203
+EMA_DECAY = 0.998
+STATE_NAME = "pretrain_state.pt"  # resumable training state, removed when a stage finishes
+_PAIR_STREAM, _BATCH_STREAM, _NOISE_STREAM, _STAGE_STREAM = 201, 202, 203, 204
+
+
+def rope_frequencies(num_heads: int, head_dim: int, tokens_h: int = 8, tokens_w: int = 8) -> torch.Tensor:
+    """Axis-aligned 3D RoPE frequencies (3, heads, head_dim // 2) at the toy token grid's scale.
+
+    Mochi's RoPE places tokens `192 / tokens` apart in space (1 apart in time) and learns its
+    frequencies; diffusers starts them at zero, i.e. no positions at all, and N(0, 1) would turn a
+    step of one token into a ~24-radian rotation, i.e. positions without locality. Instead each
+    rotary pair gets one axis and a geometric ladder of wavelengths from 2 to 16 tokens (space)
+    or 2 to 12 latent frames (time), as a standard RoPE has.
+    """
+    pairs = head_dim // 2
+    n_t = max(1, pairs // 4)
+    n_h = (pairs - n_t) // 2
+    n_w = pairs - n_t - n_h
+    step_h, step_w = 192.0 / tokens_h, 192.0 / tokens_w  # Mochi's spacing of neighbouring tokens
+
+    def ladder(n: int, longest: float) -> torch.Tensor:  # angular step per unit spacing
+        return math.pi / torch.logspace(0.0, math.log10(longest / 2), n) if n > 1 else torch.tensor([math.pi / 2])
+
+    freqs = torch.zeros(3, num_heads, pairs)
+    freqs[0, :, :n_t] = ladder(n_t, 12.0)
+    freqs[1, :, n_t:n_t + n_h] = ladder(n_h, 16.0) / step_h
+    freqs[2, :, n_t + n_h:] = ladder(n_w, 16.0) / step_w
+    return freqs
 
 
 def new_base_model(seed: int = 0) -> MochiTransformer3DModel:
-    """The untrained base: random weights from `seed`, with non-zero RoPE frequencies.
-
-    diffusers initialises Mochi's learned RoPE frequencies at zero, which would leave the model
-    blind to token positions (patch embedding has no positional term): start them random instead.
-    """
+    """The untrained base: random weights from `seed`, and RoPE frequencies with locality
+    (rope_frequencies) instead of diffusers' zeros."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = MochiTransformer3DModel(**BASE_CONFIG)
         with torch.no_grad():
-            model.pos_frequencies.normal_(0.0, 1.0)
+            model.pos_frequencies.copy_(rope_frequencies(BASE_CONFIG["num_attention_heads"],
+                                                         BASE_CONFIG["attention_head_dim"]))
     return model
 
 
 class GenericClips:
     """Batches of generic-motion training clips as (latents, text embeds, text mask)."""
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, frames: int = FRAMES) -> None:
         self.seed = seed
+        self.frames = frames  # the first `frames` frames of each clip (1: still images)
         self.codec = ToyCodec()
         self.text = ToyTextEncoder()
         self.subjects = all_subjects()
         self.motions = list(GENERIC_MOTIONS)
-        self.empty = self.text.encode([""])[0]
 
     def sample(self, index: int) -> tuple[torch.Tensor, str]:
         rng = random.Random(derive_seed(self.seed, index, _PAIR_STREAM))
@@ -76,7 +105,7 @@ class GenericClips:
                 break
         motion = rng.choice(self.motions)
         clip = render_clip(motion, a, b, derive_seed(self.seed, index, _BATCH_STREAM))
-        return clip.video, generic_caption(motion, a, b)
+        return clip.video[:, : self.frames], generic_caption(motion, a, b)
 
     def batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         videos, texts = [], []
@@ -95,35 +124,59 @@ class GenericClips:
         return latents, embeds, mask
 
 
-def pretrain(out_dir: str | Path = BASE_DIR, steps: int = 3000, batch_size: int = 16, lr: float = 1e-3,
-             seed: int = 0, device: str | None = None, progress: bool = True,
-             save_every: int = 0, init: str | Path | None = None) -> Path:
-    """Train the base model (from scratch, or on from the weights in `init`) and save it
-    (diffusers format) to `out_dir`."""
+def _lr_factor(step: int, steps: int) -> float:
+    """Linear warm-up, then cosine decay to 5 %."""
+    warmup = min(100, max(1, steps // 10))
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def pretrain(out_dir: str | Path = BASE_DIR, steps: int = 2000, batch_size: int = 16, lr: float = 1e-3,
+             seed: int = 0, device: str | None = None, progress: bool = True, save_every: int = 250,
+             init: str | Path | None = None, frames: int = FRAMES, stage: str = "video",
+             save_dtype: torch.dtype = torch.float16, stop_after: int | None = None) -> Path | None:
+    """One pretraining stage: train the base (from scratch, or on from the model in `init`) on
+    clips of `frames` frames and save the moving average of its weights to `out_dir` (diffusers
+    format, in `save_dtype`: fp16 halves the committed file, and loading upcasts). Every `save_every` steps the training state is saved too, and a rerun with the same
+    arguments resumes from it, so an interrupted stage loses at most `save_every` steps.
+    `stop_after` ends this call after that many steps with the state saved (a time-boxed job on a
+    shared machine): it returns None, and a rerun goes on."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(seed)
+    out_dir = Path(out_dir)
+    state_path = out_dir / STATE_NAME
+    stage_seed = derive_seed(seed, sum(map(ord, stage)), _STAGE_STREAM)
+    torch.manual_seed(stage_seed)
     if init is None:
         model = new_base_model(seed)
     else:
         model = MochiTransformer3DModel.from_pretrained(init, torch_dtype=torch.float32, local_files_only=True)
     model = model.to(device).train()
-    data = GenericClips(seed)
+    ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
-    warmup = min(200, steps // 10)
-
-    def factor(step: int) -> float:  # linear warm-up, cosine decay to 5 %
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    out_dir = Path(out_dir)
-    start, ema = time.time(), None
-    bar = tqdm(range(steps), desc="toy base", disable=not progress)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps))
+    first, seconds = 0, 0.0
+    settings = {"stage": stage, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "frames": frames,
+                "init": None if init is None else str(init)}
+    if state_path.is_file():
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        if state["settings"] != settings:
+            raise RuntimeError(f"{state_path} belongs to a different pretraining run ({state['settings']}); "
+                               f"delete it to start this one ({settings})")
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        first, seconds = state["step"], state["seconds"]
+        print(f"[toy-base] resuming stage {stage!r} at step {first} from {state_path}", flush=True)
+    data = GenericClips(stage_seed, frames)
+    start, loss_ema = time.time() - seconds, None
+    last = steps if stop_after is None else min(steps, first + stop_after)
+    bar = tqdm(range(first, last), desc=f"toy base ({stage})", disable=not progress, initial=first, total=steps)
     for step in bar:
         z0, embeds, mask = data.batch(step, batch_size)
         z0, embeds, mask = z0.to(device), embeds.to(device), mask.to(device)
-        gen = torch.Generator().manual_seed(derive_seed(seed, step, _NOISE_STREAM))
+        gen = torch.Generator().manual_seed(derive_seed(stage_seed, step, _NOISE_STREAM))
         noise = torch.randn(z0.shape, generator=gen).to(device)
         sigma = sample_sigmas(z0.shape[0], gen, device=device)  # (B,)
         pred = model(hidden_states=noisy_latents(z0, noise, sigma), encoder_hidden_states=embeds,
@@ -134,13 +187,27 @@ def pretrain(out_dir: str | Path = BASE_DIR, steps: int = 3000, batch_size: int 
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        ema = float(loss) if ema is None else 0.98 * ema + 0.02 * float(loss)
-        bar.set_postfix(loss=f"{ema:.4f}")
-        if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
-            _save(model, out_dir, {"steps": step + 1, "loss_ema": ema})
-    info = {"steps": steps, "init": None if init is None else str(init), "batch_size": batch_size, "lr": lr, "seed": seed, "device": device,
-            "seconds": round(time.time() - start, 1), "loss_ema": round(ema or float("nan"), 5)}
-    return _save(model, out_dir, info)
+        decay = min(EMA_DECAY, (1 + step) / (10 + step))  # a short average early on
+        with torch.no_grad():
+            for avg, param in zip(ema.parameters(), model.parameters()):
+                avg.lerp_(param, 1 - decay)
+        value = float(loss.detach())
+        loss_ema = value if loss_ema is None else 0.98 * loss_ema + 0.02 * value
+        bar.set_postfix(loss=f"{loss_ema:.4f}")
+        if (save_every and (step + 1) % save_every == 0 or step + 1 == last) and step + 1 < steps:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            tmp = state_path.with_suffix(".tmp")
+            torch.save({"settings": settings, "step": step + 1, "seconds": time.time() - start,
+                        "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict()}, tmp)
+            tmp.replace(state_path)  # atomic: a crash mid-save keeps the previous state
+    if last < steps:
+        return None
+    info = {**settings, "device": device, "seconds": round(time.time() - start, 1),
+            "loss_ema": round(loss_ema if loss_ema is not None else float("nan"), 5)}
+    path = _save(ema.cpu().to(save_dtype), out_dir, info)
+    state_path.unlink(missing_ok=True)
+    return path
 
 
 def _save(model: MochiTransformer3DModel, out_dir: Path, info: dict) -> Path:

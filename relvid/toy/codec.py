@@ -27,7 +27,7 @@ class ToyCodec:
     # token of the toy DiT carries 576 latent values but its output layer is only as wide as the
     # model (128): noise in the directions it cannot output is never removed by the sampler and
     # decodes to scale * N(0, 1) in pixels. A small scale keeps that residual grain faint.
-    def __init__(self, time_factor: int = 3, space_factor: int = 4, shift: float = -0.7, scale: float = 0.12) -> None:
+    def __init__(self, time_factor: int = 3, space_factor: int = 2, shift: float = -0.7, scale: float = 0.35) -> None:
         if time_factor < 1 or space_factor < 1 or scale <= 0:
             raise CodecError(f"toy codec: factors must be >= 1 and scale > 0, got {time_factor}, {space_factor}, {scale}")
         self.time_factor = time_factor

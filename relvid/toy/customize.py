@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from relvid.config import ConfigError, ModelConfig, load_config
 from relvid.models.backbone import load_transformer
-from relvid.models.lora import (activate, adapter_names, inference_adapters, inject_triplet, load_adapter_state_dict,
+from relvid.models.lora import (activate, inference_adapters, inject_triplet, load_adapter_state_dict,
                                 load_adapters, lora_parameters)
 from relvid.toy.base import BASE_DIR
 
@@ -43,12 +43,11 @@ class Method:
     files: tuple[str, ...] = ("dreamrelation.yaml",)
     overrides: tuple[str, ...] = ()
     frozen: tuple[str, ...] = field(default=())
-    all_adapters: bool = False  # sample with every adapter active (direct LoRA), not relation + FFN
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("dreamrelation"),
-    Method("direct_lora", ("dreamrelation.yaml", "direct_lora.yaml"), all_adapters=True),
+    Method("direct_lora", ("dreamrelation.yaml", "direct_lora.yaml")),
     Method("wo_hmt", ("dreamrelation.yaml", "ablations/no_hmt.yaml")),
     Method("wo_rcl", ("dreamrelation.yaml", "ablations/no_rcl.yaml")),
     Method("wo_relation_lora", frozen=("relation",)),
@@ -99,13 +98,11 @@ def load_base(base_dir: str | Path = BASE_DIR, device: str = "cpu") -> torch.nn.
     return load_transformer(cfg).to(device).eval()
 
 
-def load_customized(adapter_file: str | Path, base_dir: str | Path = BASE_DIR, device: str = "cpu",
-                    all_adapters: bool = False) -> torch.nn.Module:
-    """The base with a run's adapters: the inference set (relation + FFN, or direct) active, or
-    every adapter with all_adapters (the direct-LoRA baseline trained as a whole triplet)."""
+def load_customized(adapter_file: str | Path, base_dir: str | Path = BASE_DIR, device: str = "cpu") -> torch.nn.Module:
+    """The base with a run's adapters, the inference set active (relation + FFN, or direct)."""
     spec, state, _ = load_adapters(adapter_file)
     model = load_base(base_dir, device="cpu")
     inject_triplet(model, spec)
     load_adapter_state_dict(model, state)
-    activate(model, adapter_names(spec) if all_adapters else inference_adapters(spec))
+    activate(model, inference_adapters(spec))
     return model.to(device).eval()

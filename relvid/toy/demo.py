@@ -77,7 +77,7 @@ def run_demo(out: str | Path = "outputs/demo", relation: str = DEMO_RELATION, n_
     videos, results, verdicts = {}, {}, {}
     for method in DEMO_METHODS:
         model = (load_base(base_dir) if method == "base" else
-                 load_customized(adapters[method], base_dir, all_adapters=METHODS[method].all_adapters))
+                 load_customized(adapters[method], base_dir))
         videos[method] = generate(model, prompts, settings, progress=progress, desc=f"sampling {method}")
         results[method], verdicts[method] = score(videos[method], prompts)
         for i, (prompt, video) in enumerate(zip(prompts, videos[method])):

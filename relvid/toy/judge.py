@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from relvid.toy.render import shape_mask
-from relvid.toy.world import COLOURS, EXEMPLAR_COLOUR, FRAMES, RELATIONS, SHAPES, SIZE, Subject
+from relvid.toy.world import COLOURS, EXEMPLAR_COLOUR, RELATIONS, SHAPES, SIZE, Subject
 
 FOREGROUND_DISTANCE = 0.3  # RGB distance (in [0, 1] units) from the background colour
 COLOUR_DISTANCE = 0.38  # a foreground pixel takes the nearest toy colour within this distance
@@ -207,7 +207,7 @@ def _moving_apart(a: Tensor, b: Tensor) -> bool:
 
 
 def _pushing(a: Tensor, b: Tensor) -> bool:
-    mid = FRAMES // 2
+    mid = len(a) // 2
     a1, a2 = _disp(a, 0, mid), _disp(a, mid, -1)
     b1, b2 = _disp(b, 0, mid), _disp(b, mid, -1)
     return (float(a1.norm()) >= 5.0 and float(a2.norm()) <= 3.0 and float(b1.norm()) <= 3.0
@@ -231,7 +231,7 @@ def _bouncing(a: Tensor, b: Tensor) -> bool:
     d = (a - b).norm(dim=1)
     d0 = float(d[0])
     tmin = int(d.argmin())
-    return (d0 >= 14.0 and float(d.min()) <= 0.55 * d0 and FRAMES // 4 <= tmin <= 3 * FRAMES // 4
+    return (d0 >= 14.0 and float(d.min()) <= 0.55 * d0 and len(a) // 4 <= tmin <= 3 * len(a) // 4
             and float(_disp(a).norm()) <= 4.0 and float(_disp(b).norm()) <= 4.0
             and _extent(a) >= 4.5 and _extent(b) >= 4.5)
 

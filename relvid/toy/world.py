@@ -10,8 +10,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-FRAMES = 25  # 3k + 1 for the toy codec's temporal factor 3 -> 9 latent frames
-SIZE = 32  # square frames, 32 x 32 px -> 8 x 8 latent cells, 4 x 4 tokens with patch 2
+FRAMES = 13  # 3k + 1 for the toy codec's temporal factor 3 -> 5 latent frames
+SIZE = 32  # square frames, 32 x 32 px -> 16 x 16 latent cells, 8 x 8 tokens with patch 2
 FPS = 8
 
 SHAPES = ("circle", "square", "triangle", "cross")

@@ -18,6 +18,7 @@ from relvid.toy.datasets import build_exemplar_cache
 from relvid.toy.demo import run_demo
 from relvid.toy.evaluate import METRICS, TOY_SETTINGS
 from relvid.toy.text import ToyTextEncoder
+from relvid.toy.world import FRAMES, SIZE
 
 TINY_BASE = {**BASE_CONFIG, "num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16,
              "pooled_projection_dim": 16, "time_embed_dim": 16}
@@ -36,8 +37,8 @@ def test_exemplar_cache_follows_the_clip_cache_contract(tmp_path):
     assert cache.validate() == []
     record = ClipCache(tmp_path / "cache").read("orbiting_000")
     assert record.meta["caption"] == "A white circle is orbiting a white square."
-    assert record.meta["codec"] == "toy" and record.meta["codec_factors"] == "3,4,4"
-    assert record.latent_mean.shape == (144, 9, 8, 8) and record.subject_masks.shape == (2, 9, 8, 8)
+    assert record.meta["codec"] == "toy" and record.meta["codec_factors"] == "3,2,2"
+    assert record.latent_mean.shape == (36, 5, 16, 16) and record.subject_masks.shape == (2, 5, 16, 16)
     assert torch.equal(record.relation_mask, record.subject_masks.amax(dim=0))
     prompts = cache.read_prompts()
     assert "" in prompts and "A red circle is orbiting a green square." in prompts
@@ -57,7 +58,7 @@ def test_demo_end_to_end_on_a_tiny_base(tmp_path):
         assert set(row) == set(METRICS) and all(0.0 <= v <= 1.0 for v in row.values())
     assert (out / "grid.png").stat().st_size > 0 and (out / "table.md").is_file()
     videos = sorted((out / "videos" / "dreamrelation").glob("*.mp4"))
-    assert len(videos) == 2 and read_video(videos[0]).shape == (25, 128, 128, 3)
+    assert len(videos) == 2 and read_video(videos[0]).shape == (FRAMES, 128, 128, 3)
     assert list((out / "runs" / "dreamrelation" / "tensorboard").rglob("events.out.tfevents.*"))
 
     # The exported diffusers LoRA loads into the base folder and reproduces our inference model.
@@ -67,7 +68,7 @@ def test_demo_end_to_end_on_a_tiny_base(tmp_path):
                          transformer=MochiTransformer3DModel.from_pretrained(base))
     pipe.load_lora_weights(out / "dreamrelation_lora")
     embeds, mask = ToyTextEncoder().encode(["A red circle is orbiting a green square."])[0]
-    x = dict(hidden_states=torch.randn(1, *ToyCodec().latent_shape(25, 32, 32), generator=torch.Generator().manual_seed(0)),
+    x = dict(hidden_states=torch.randn(1, *ToyCodec().latent_shape(FRAMES, SIZE, SIZE), generator=torch.Generator().manual_seed(0)),
              encoder_hidden_states=embeds[None], timestep=torch.tensor([500.0]), encoder_attention_mask=mask[None],
              return_dict=False)
     with torch.no_grad():

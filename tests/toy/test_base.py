@@ -1,0 +1,43 @@
+"""Toy base pretraining: positions with locality, resumable stages, a compact committed format."""
+
+import torch
+from safetensors.torch import load_file
+
+from relvid.toy.base import BASE_CONFIG, STATE_NAME, new_base_model, pretrain, rope_frequencies
+
+
+def test_rope_frequencies_give_each_axis_a_ladder_of_wavelengths():
+    freqs = rope_frequencies(BASE_CONFIG["num_attention_heads"], BASE_CONFIG["attention_head_dim"])
+    assert freqs.shape == (3, BASE_CONFIG["num_attention_heads"], BASE_CONFIG["attention_head_dim"] // 2)
+    per_pair_axes = (freqs != 0).sum(dim=0)  # every rotary pair follows exactly one axis
+    assert bool((per_pair_axes == 1).all())
+    step = 192.0 / 8  # Mochi's spacing of neighbouring tokens on the toy 8 x 8 grid
+    spatial = freqs[1:].flatten()
+    spatial = spatial[spatial != 0] * step
+    # at most half a turn between neighbours (locality), at least 1/16 turn over the frame
+    assert float(spatial.max()) <= torch.pi + 1e-6 and float(spatial.min()) * 8 >= torch.pi / 8
+
+
+def test_interrupted_pretraining_resumes_to_the_same_model(tmp_path):
+    kwargs = dict(steps=4, batch_size=2, frames=1, stage="image", progress=False, save_every=0,
+                  save_dtype=torch.float32)
+    pretrain(tmp_path / "straight", **kwargs)
+    assert pretrain(tmp_path / "resumed", stop_after=2, **kwargs) is None
+    assert (tmp_path / "resumed" / STATE_NAME).is_file()
+    pretrain(tmp_path / "resumed", **kwargs)
+    assert not (tmp_path / "resumed" / STATE_NAME).exists()  # a finished stage leaves no state behind
+    a = load_file(tmp_path / "straight" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    start = new_base_model(0).state_dict()
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # it did train
+
+
+def test_a_state_from_other_settings_is_refused(tmp_path):
+    pretrain(tmp_path / "run", steps=4, batch_size=2, frames=1, stage="image", progress=False, stop_after=1)
+    try:
+        pretrain(tmp_path / "run", steps=4, batch_size=3, frames=1, stage="image", progress=False)
+    except RuntimeError as err:
+        assert "delete it" in str(err) and STATE_NAME in str(err)
+    else:
+        raise AssertionError("a state from another run was resumed")
