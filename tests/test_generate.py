@@ -35,7 +35,7 @@ def test_noise_is_a_function_of_the_seed_only(parts):
     n1 = initial_noise(codec, SETTINGS, 5)
     torch.manual_seed(999)
     n2 = initial_noise(codec, SETTINGS, 5)
-    assert n1.shape == (1, codec.latent_channels, 3, 4, 4) and torch.equal(n1, n2)
+    assert n1.shape == (1, *codec.latent_shape(SETTINGS.frames, SETTINGS.height, SETTINGS.width)) and torch.equal(n1, n2)
 
 
 def test_guidance_uses_the_negative_prompt(parts):
