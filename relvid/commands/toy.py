@@ -21,7 +21,14 @@ def cmd_toy_base(args: argparse.Namespace) -> int:
     image_dir = Path(args.work) / "image_stage"
     stages = []
     if args.image_steps:
-        if not (image_dir / INFO_NAME).is_file():  # a finished image stage is kept and reused
+        wanted = {"stage": "image", "steps": args.image_steps, "batch_size": args.image_batch_size, "lr": args.lr,
+                  "seed": args.seed, "frames": 1, "init": args.init}
+        if (image_dir / INFO_NAME).is_file():  # a finished image stage is reused, if it is this one
+            done = json.loads((image_dir / INFO_NAME).read_text())
+            if {k: done.get(k) for k in wanted} != wanted:
+                raise ValueError(f"{image_dir} holds an image stage trained with other settings "
+                                 f"({ {k: done.get(k) for k in wanted} }); delete it or pass another --work")
+        else:
             pretrain(image_dir, steps=args.image_steps, batch_size=args.image_batch_size, lr=args.lr, seed=args.seed,
                      device=args.device, save_every=args.save_every, init=args.init, frames=1, stage="image",
                      save_dtype=torch.float32)  # the next stage starts from it: keep full precision

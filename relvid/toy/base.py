@@ -138,8 +138,9 @@ def pretrain(out_dir: str | Path = BASE_DIR, steps: int = 2000, batch_size: int 
              save_dtype: torch.dtype = torch.float16, stop_after: int | None = None) -> Path | None:
     """One pretraining stage: train the base (from scratch, or on from the model in `init`) on
     clips of `frames` frames and save the moving average of its weights to `out_dir` (diffusers
-    format, in `save_dtype`: fp16 halves the committed file, and loading upcasts). Every `save_every` steps the training state is saved too, and a rerun with the same
-    arguments resumes from it, so an interrupted stage loses at most `save_every` steps.
+    format, in `save_dtype`: fp16 halves the committed file, and loading upcasts). Every
+    `save_every` steps the training state is saved too, and a rerun with the same arguments
+    resumes from it, so an interrupted stage loses at most `save_every` steps.
     `stop_after` ends this call after that many steps with the state saved (a time-boxed job on a
     shared machine): it returns None, and a rerun goes on."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

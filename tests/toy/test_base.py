@@ -41,3 +41,17 @@ def test_a_state_from_other_settings_is_refused(tmp_path):
         assert "delete it" in str(err) and STATE_NAME in str(err)
     else:
         raise AssertionError("a state from another run was resumed")
+
+
+def test_toy_base_refuses_an_image_stage_from_other_settings(tmp_path, capsys):
+    from relvid.cli import main
+
+    work = tmp_path / "work"
+    pretrain(work / "image_stage", steps=2, batch_size=2, frames=1, stage="image", progress=False,
+             save_dtype=torch.float32)
+    code = main(["toy-base", "--out", str(tmp_path / "base"), "--work", str(work), "--image-steps", "3",
+                 "--image-batch-size", "2", "--steps", "1", "--batch-size", "1", "--eval-prompts", "0"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "image_stage" in err and "delete it or pass another --work" in err
+    assert not (tmp_path / "base").exists()
