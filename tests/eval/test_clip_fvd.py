@@ -55,9 +55,12 @@ def test_fvd_of_video_folders(tmp_path, stylegan_v):
         write_mp4(tmp_path / "same" / f"s{i}.mp4", random_video(10 + i, t=5, h=24, w=32))
         write_mp4(tmp_path / "dark" / f"d{i}.mp4", random_video(20 + i, t=5, h=24, w=32) // 4)
     ref = list_videos(tmp_path / "ref")
-    assert fvd(i3d, list_videos(tmp_path / "same"), ref) == pytest.approx(0.0, abs=1e-6)
+    same = fvd(i3d, list_videos(tmp_path / "same"), ref)
     far = fvd(i3d, list_videos(tmp_path / "dark"), ref)
     assert far > 1e-3
+    # Identical folders: zero up to the matrix square root's rounding on a rank-deficient covariance
+    # (4 videos), which has reached 3e-6 here against a distance of ~1.4 for the dark folder.
+    assert abs(same) <= 1e-5 * far
     # the same number from the features by hand
     from relvid.eval.video_io import read_video
 
