@@ -18,14 +18,13 @@ def _grid_module():
 
 
 def test_reused_rows_have_identical_configs(tmp_path):
+    def resolved(method: str) -> dict:
+        cfg = method_config(METHODS[method], "approaching", tmp_path / "cache", tmp_path / "out")
+        return OmegaConf.to_container(cfg, resolve=True)
+
     grid = _grid_module()
     assert grid.SAME_RUN  # QK/V is DreamRelation's default placement
     for row, source in grid.SAME_RUN.items():
         assert METHODS[row].frozen == METHODS[source].frozen
-        a = method_config(METHODS[row], "approaching", tmp_path / "cache", tmp_path / "out")
-        b = method_config(METHODS[source], "approaching", tmp_path / "cache", tmp_path / "out")
-        assert OmegaConf.to_container(a, resolve=True) == OmegaConf.to_container(b, resolve=True)
-    # a row that differs is never reused
-    other = method_config(METHODS["placement_q_kv"], "approaching", tmp_path / "cache", tmp_path / "out")
-    assert OmegaConf.to_container(other, resolve=True) != OmegaConf.to_container(
-        method_config(METHODS["dreamrelation"], "approaching", tmp_path / "cache", tmp_path / "out"), resolve=True)
+        assert resolved(row) == resolved(source)
+    assert resolved("placement_q_kv") != resolved("dreamrelation")  # a row that differs is never reused
