@@ -19,6 +19,9 @@ RADIUS_RANGE = (3.6, 4.4)  # subject "radius" in px (half the bounding box)
 MARGIN = 5.0  # centres stay in [MARGIN, SIZE - 1 - MARGIN]
 CONTACT = 8.5  # centre distance of two touching subjects
 GENERIC_MAX_SHIFT = 5.0  # generic motion moves a subject by at most this many px
+# Relations are staged as NTU's two-person clips are filmed: subject 1 starts on the left, subject 2
+# on the right, and the relation plays out along a near-horizontal axis (within this many degrees).
+AXIS_JITTER_DEG = 20.0
 
 
 @dataclass
@@ -55,6 +58,12 @@ def _direction(g: torch.Generator) -> Tensor:
     return torch.tensor([math.cos(a), math.sin(a)])
 
 
+def _axis(g: torch.Generator) -> Tensor:
+    """Unit vector from subject 1's side to subject 2's: rightwards, tilted by up to AXIS_JITTER_DEG."""
+    a = math.radians(_uniform(g, -AXIS_JITTER_DEG, AXIS_JITTER_DEG))
+    return torch.tensor([math.cos(a), math.sin(a)])
+
+
 def _ease(s: Tensor) -> Tensor:
     """Smooth start and stop (smoothstep) on s in [0, 1]."""
     return s * s * (3 - 2 * s)
@@ -76,7 +85,7 @@ def _static(p: Tensor) -> Tensor:
 
 def _approaching(g: torch.Generator):
     p2 = _point(g)
-    p1 = p2 + _direction(g) * _uniform(g, 17.0, 22.0)
+    p1 = p2 - _axis(g) * _uniform(g, 16.0, 20.0)
     end = p2 + (p1 - p2) / (p1 - p2).norm() * CONTACT
     return _segment(p1, end, _ease(_time())), _static(p2)
 
@@ -89,17 +98,17 @@ def _moving_apart(g: torch.Generator):
 def _orbiting(g: torch.Generator):
     centre = torch.tensor([_uniform(g, 15.0, 16.0), _uniform(g, 15.0, 16.0)])
     radius = _uniform(g, 9.0, 10.0)
-    start = _uniform(g, 0.0, 2 * math.pi)
-    turn = (1 if float(torch.rand((), generator=g)) < 0.5 else -1) * 2 * math.pi * _uniform(g, 0.95, 1.1)
+    start = math.pi + math.radians(_uniform(g, -AXIS_JITTER_DEG, AXIS_JITTER_DEG))  # left of the partner
+    turn = 2 * math.pi * _uniform(g, 0.95, 1.1)  # one way round (clockwise on screen, y points down)
     angle = start + turn * _time()
     t1 = centre[None] + radius * torch.stack([angle.cos(), angle.sin()], dim=1)
     return t1, _static(centre)
 
 
 def _following(g: torch.Generator):
-    u = _direction(g)
-    gap = _uniform(g, 9.5, 11.0)
-    length = _uniform(g, 11.0, 14.0)
+    u = _axis(g)
+    gap = _uniform(g, 9.0, 10.0)
+    length = _uniform(g, 10.0, 12.0)
     lead_start = _point(g)
     s = _time()  # constant speed: the follower keeps its distance
     t2 = _segment(lead_start, lead_start + u * length, s)
@@ -107,14 +116,14 @@ def _following(g: torch.Generator):
 
 
 def _pushing(g: torch.Generator):
-    u = _direction(g)
+    u = _axis(g)
     p2 = _point(g)
-    p1 = p2 - u * _uniform(g, 14.0, 16.0)
+    p1 = p2 - u * _uniform(g, 14.0, 15.0)
     contact = p2 - u * CONTACT
     half = FRAMES // 2
     s1 = _ease(torch.linspace(0.0, 1.0, half + 1))
     s2 = _ease(torch.linspace(0.0, 1.0, FRAMES - half))
-    push = _uniform(g, 8.0, 10.0)
+    push = _uniform(g, 6.5, 7.5)
     t1 = torch.cat([_segment(p1, contact, s1), _static(contact)[: FRAMES - half - 1]])
     t2 = torch.cat([_static(p2)[:half], _segment(p2, p2 + u * push, s2)])
     return t1, t2
@@ -122,7 +131,7 @@ def _pushing(g: torch.Generator):
 
 def _swapping(g: torch.Generator):
     a = _point(g)
-    b = a + _direction(g) * _uniform(g, 15.0, 20.0)
+    b = a + _axis(g) * _uniform(g, 15.0, 20.0)
     d = (b - a) / (b - a).norm()
     n = torch.tensor([-d[1], d[0]])
     s = _ease(_time())
@@ -132,7 +141,7 @@ def _swapping(g: torch.Generator):
 
 def _bouncing(g: torch.Generator):
     a = _point(g)
-    b = a + _direction(g) * _uniform(g, 19.0, 23.0)
+    b = a + _axis(g) * _uniform(g, 18.0, 21.5)
     mid = (a + b) / 2
     d = (b - a) / (b - a).norm()
     meet1, meet2 = mid - d * CONTACT / 2, mid + d * CONTACT / 2

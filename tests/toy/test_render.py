@@ -1,10 +1,12 @@
 """The renderer is deterministic from a seed, keeps subjects in the frame, and its masks are
 exactly the visible pixels of each subject."""
 
+import math
+
 import pytest
 import torch
 
-from relvid.toy.render import render_clip
+from relvid.toy.render import AXIS_JITTER_DEG, render_clip
 from relvid.toy.world import COLOURS, FRAMES, GENERIC_MOTIONS, RELATIONS, SIZE, Subject
 
 S1, S2 = Subject("red", "triangle"), Subject("cyan", "cross")
@@ -27,3 +29,27 @@ def test_masks_are_the_visible_subject_pixels():
         has_colour = ((frames - colour).abs() < 1e-5).all(dim=0)  # (T, H, W)
         assert torch.equal(has_colour, clip.masks[k].bool())
     assert not bool((clip.masks[0].bool() & clip.masks[1].bool()).any())
+
+
+@pytest.mark.parametrize("relation", [r for r in RELATIONS if r != "orbiting"])
+def test_relations_are_staged_left_to_right(relation):
+    # Like NTU's two-person clips: subject 1 starts on the left, subject 2 on the right, and the
+    # relation plays out along a near-horizontal axis. Orbiting starts left of its centre instead.
+    tilt = math.tan(math.radians(AXIS_JITTER_DEG)) + 1e-4
+    for seed in range(40):
+        t1, t2 = render_clip(relation, S1, S2, seed).tracks  # (T, 2) each
+        gap = t2[0] - t1[0]
+        assert float(gap[0]) > 0, f"{relation} seed {seed}: subject 1 does not start on the left"
+        moved = max((t1[-1] - t1[0]).norm(), (t2[-1] - t2[0]).norm())
+        axis = (t1[-1] - t1[0]) if (t1[-1] - t1[0]).norm() == moved else (t2[-1] - t2[0])
+        assert abs(float(axis[1])) <= tilt * abs(float(axis[0])) + 1e-3, f"{relation} seed {seed}: axis too steep"
+
+
+def test_orbit_starts_left_of_its_centre_and_turns_one_way():
+    for seed in range(40):
+        mover, centre = render_clip("orbiting", S1, S2, seed).tracks
+        rel = mover - centre  # (T, 2)
+        assert float(rel[0, 0]) < 0, f"seed {seed}: the orbit does not start left of the partner"
+        angle = torch.atan2(rel[:, 1], rel[:, 0])
+        steps = torch.remainder(angle[1:] - angle[:-1] + math.pi, 2 * math.pi) - math.pi
+        assert bool((steps > 0).all()), f"seed {seed}: the orbit does not turn one way (clockwise on screen)"
