@@ -144,7 +144,8 @@ def _bouncing(g: torch.Generator):
     b = a + _axis(g) * _uniform(g, 18.0, 21.5)
     mid = (a + b) / 2
     d = (b - a) / (b - a).norm()
-    meet1, meet2 = mid - d * CONTACT / 2, mid + d * CONTACT / 2
+    meet = CONTACT - 1.0  # overlap a little at the meeting: each subject travels >= 5 px
+    meet1, meet2 = mid - d * meet / 2, mid + d * meet / 2
     s = _ease(1 - (2 * _time() - 1).abs())  # 0 -> 1 (meet at the middle frame) -> 0
     return _segment(a, meet1, s), _segment(b, meet2, s)
 
