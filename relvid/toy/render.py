@@ -58,9 +58,14 @@ def _direction(g: torch.Generator) -> Tensor:
     return torch.tensor([math.cos(a), math.sin(a)])
 
 
+def _tilt(g: torch.Generator) -> float:
+    """A random tilt of the staging axis in radians, within +- AXIS_JITTER_DEG."""
+    return math.radians(_uniform(g, -AXIS_JITTER_DEG, AXIS_JITTER_DEG))
+
+
 def _axis(g: torch.Generator) -> Tensor:
     """Unit vector from subject 1's side to subject 2's: rightwards, tilted by up to AXIS_JITTER_DEG."""
-    a = math.radians(_uniform(g, -AXIS_JITTER_DEG, AXIS_JITTER_DEG))
+    a = _tilt(g)
     return torch.tensor([math.cos(a), math.sin(a)])
 
 
@@ -98,7 +103,7 @@ def _moving_apart(g: torch.Generator):
 def _orbiting(g: torch.Generator):
     centre = torch.tensor([_uniform(g, 15.0, 16.0), _uniform(g, 15.0, 16.0)])
     radius = _uniform(g, 9.0, 10.0)
-    start = math.pi + math.radians(_uniform(g, -AXIS_JITTER_DEG, AXIS_JITTER_DEG))  # left of the partner
+    start = math.pi + _tilt(g)  # left of the partner
     turn = 2 * math.pi * _uniform(g, 0.95, 1.1)  # one way round (clockwise on screen, y points down)
     angle = start + turn * _time()
     t1 = centre[None] + radius * torch.stack([angle.cos(), angle.sin()], dim=1)

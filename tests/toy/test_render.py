@@ -38,11 +38,9 @@ def test_relations_are_staged_left_to_right(relation):
     tilt = math.tan(math.radians(AXIS_JITTER_DEG)) + 1e-4
     for seed in range(40):
         t1, t2 = render_clip(relation, S1, S2, seed).tracks  # (T, 2) each
-        gap = t2[0] - t1[0]
+        gap = t2[0] - t1[0]  # along the relation's axis at the start, for every staged relation
         assert float(gap[0]) > 0, f"{relation} seed {seed}: subject 1 does not start on the left"
-        moved = max((t1[-1] - t1[0]).norm(), (t2[-1] - t2[0]).norm())
-        axis = (t1[-1] - t1[0]) if (t1[-1] - t1[0]).norm() == moved else (t2[-1] - t2[0])
-        assert abs(float(axis[1])) <= tilt * abs(float(axis[0])) + 1e-3, f"{relation} seed {seed}: axis too steep"
+        assert abs(float(gap[1])) <= tilt * float(gap[0]), f"{relation} seed {seed}: axis too steep"
 
 
 def test_orbit_starts_left_of_its_centre_and_turns_one_way():
