@@ -33,7 +33,7 @@ from relvid.toy.world import FRAMES, GENERIC_MOTIONS, all_subjects, generic_capt
 BASE_DIR = Path(__file__).resolve().parent / "base_model"
 INFO_NAME = "toy_base.json"
 
-# 4 blocks of width 128 (4 heads x 32), text stream 64 wide: about 1.6 M parameters.
+# 4 blocks of width 160 (5 heads x 32), text stream 64 wide: about 2.2 M parameters.
 BASE_CONFIG = {
     "num_layers": 4,
     "num_attention_heads": 5,

@@ -23,10 +23,9 @@ class ToyCodec:
     name = "toy"
 
     # Default normalization: shift = the mean pixel of toy clips (dark backgrounds, two bright shapes);
-    # scale = 0.12, about a third of their pixel std (0.35), so latents have std ~3, on purpose. A
-    # token of the toy DiT carries 576 latent values but its output layer is only as wide as the
-    # model (128): noise in the directions it cannot output is never removed by the sampler and
-    # decodes to scale * N(0, 1) in pixels. A small scale keeps that residual grain faint.
+    # scale = 0.35, their pixel std, so latents have unit variance. With space factor 2 a token of the
+    # toy DiT (patch 2) carries 144 latent values, fewer than the base's width (160), so its output
+    # layer can express every token and sampling removes all the noise.
     def __init__(self, time_factor: int = 3, space_factor: int = 2, shift: float = -0.7, scale: float = 0.35) -> None:
         if time_factor < 1 or space_factor < 1 or scale <= 0:
             raise CodecError(f"toy codec: factors must be >= 1 and scale > 0, got {time_factor}, {space_factor}, {scale}")
