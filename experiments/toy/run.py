@@ -1,18 +1,26 @@
 """The toy world's experiment grid: Table 1 (base, direct LoRA, DreamRelation), Table 2 (w/o HMT,
 w/o RCL, w/o relation / subject / FFN LoRA) and Table 3 (placements) over toy relations and seeds.
 
-Resumable: every (method, relation, seed) writes its metrics to <out>/runs/.../metrics.json, and a
-rerun skips finished ones. Writes experiments/toy/RESULTS.md (mean +- std over seeds of the mean
-over relations, plus per-relation relation accuracy), results.{md,csv,json}.
+Resumable: every (method, relation, seed) keeps its adapters and writes its metrics to
+<out>/runs/.../metrics.json, and a rerun skips finished ones. <out>/grid.json records the world (a
+fingerprint of rendered clips and of the base model) and the run settings; a rerun against another
+world or other settings refuses instead of mixing old and new runs. Writes RESULTS.md (per table:
+mean +- std over seeds of the mean over relations; then relation accuracy per relation) and
+results.{md,csv,json}.
 
     python experiments/toy/run.py                       # the full grid (hours on 2 CPU cores)
     python experiments/toy/run.py --relations orbiting --seeds 0 --methods base dreamrelation
+    python experiments/toy/run.py --finished-only       # report what is done; train nothing
+    python experiments/toy/run.py --finished-only --guidance 8 --results /tmp/cfg8
+                                                        # re-sample finished adapters at guidance 8
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -24,11 +32,13 @@ from pathlib import Path
 import torch
 
 from relvid.eval.metrics import mean_std
-from relvid.eval.report import write_results
+from relvid.eval.report import markdown_table, write_results
+from relvid.toy.base import BASE_DIR
 from relvid.toy.customize import ADAPTER_FILE, METHODS, customize, load_base, load_customized
-from relvid.toy.datasets import build_exemplar_cache
-from relvid.toy.evaluate import METRICS, generate, score, test_prompts
-from relvid.toy.world import RELATIONS
+from relvid.toy.datasets import build_exemplar_cache, exemplar_frames
+from relvid.toy.evaluate import METRICS, TOY_SETTINGS, generate, score, test_prompts
+from relvid.toy.render import render_clip
+from relvid.toy.world import EXEMPLAR_SUBJECTS, GENERIC_MOTIONS, RELATIONS
 
 HERE = Path(__file__).resolve().parent
 TABLES = {
@@ -40,12 +50,52 @@ ALL_METHODS = list(dict.fromkeys(m for rows in TABLES.values() for m in rows))
 # Rows that are another row's run: QK/V is DreamRelation's own placement (placements/qk_v.yaml only
 # restates the default), so Table 3's QK/V row reuses the DreamRelation run instead of training it again.
 SAME_RUN = {"placement_qk_v": "dreamrelation"}
+GRID_FILE = "grid.json"
 
 
-def run_one(method: str, relation: str, seed: int, args: argparse.Namespace) -> dict:
+def world_fingerprint(base_dir: Path = BASE_DIR) -> str:
+    """A hash of what the runs depend on: exemplar 0 of every relation, a clip of every generic
+    motion, and the base model's files. Any change to the renderer, the exemplar seeds or the base
+    changes it (a comment in the code does not)."""
+    h = hashlib.sha256()
+    for relation in RELATIONS:
+        h.update(exemplar_frames(relation, 0).numpy().tobytes())
+    for motion in GENERIC_MOTIONS:
+        h.update(render_clip(motion, *EXEMPLAR_SUBJECTS, seed=0).video.numpy().tobytes())
+    for f in sorted(Path(base_dir).iterdir()):
+        if f.suffix in (".json", ".safetensors"):
+            h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def check_work_folder(out: Path, steps: int, prompts: int) -> None:
+    """Refuse to mix runs of another world or other settings into one grid."""
+    expected = {"world": world_fingerprint(), "steps": steps, "prompts": prompts}
+    path = out / GRID_FILE
+    if path.is_file():
+        found = json.loads(path.read_text())
+        if found != expected:
+            raise SystemExit(f"{out} holds runs of another grid ({path}: {found}; this one: {expected}). "
+                             f"Delete {out} to start over, or pass --out <another folder>.")
+        return
+    if (out / "runs").is_dir() and any((out / "runs").iterdir()):
+        raise SystemExit(f"{out}/runs has runs but no {GRID_FILE} to say which world and settings made them. "
+                         f"Delete {out} to start over, or pass --out <another folder>.")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(expected, indent=2) + "\n")
+
+
+def metrics_name(guidance: float) -> str:
+    """metrics.json at the toy sampler's guidance; metrics_cfg<g>.json at any other."""
+    return "metrics.json" if guidance == TOY_SETTINGS.guidance_scale else f"metrics_cfg{guidance:g}.json"
+
+
+def run_one(method: str, relation: str, seed: int, args: argparse.Namespace) -> dict | None:
+    """A run's metrics: read when done, else trained (unless --finished-only) and sampled.
+    None when --finished-only and the run has no adapters yet."""
     method = SAME_RUN.get(method, method)
     folder = Path(args.out) / "runs" / method / relation / f"seed{seed}"
-    done = folder / "metrics.json"
+    done = folder / metrics_name(args.guidance)
     if done.is_file():
         return json.loads(done.read_text())
     if method == "base":
@@ -53,24 +103,100 @@ def run_one(method: str, relation: str, seed: int, args: argparse.Namespace) -> 
     else:
         adapters = folder / "train" / ADAPTER_FILE
         if not adapters.is_file():
+            if args.finished_only:
+                return None
             shutil.rmtree(folder / "train", ignore_errors=True)  # an interrupted run starts again
             customize(METHODS[method], relation, Path(args.out) / "cache", folder / "train", seed=seed,
                       overrides=[f"trainer.max_steps={args.steps}", "trainer.progress_bar=false"])
         model = load_customized(adapters)
     prompts = test_prompts(relation, args.prompts, seed=seed)
-    metrics, _ = score(generate(model, prompts, progress=False), prompts)
+    settings = dataclasses.replace(TOY_SETTINGS, guidance_scale=args.guidance)
+    metrics, _ = score(generate(model, prompts, settings=settings, progress=False), prompts)
     folder.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
+def complete_relations(results: dict, method: str, relations: list[str], seeds: list[int]) -> list[str]:
+    return [r for r in relations if all((method, r, s) in results for s in seeds)]
+
+
+def table_rows(results: dict, methods: list[str], relations: list[str], seeds: list[int]) -> tuple[list[dict], list[str]]:
+    """Rows of one table over the relations every one of its methods finished for every seed: per
+    metric, mean +- std over seeds of the mean over those relations. Returns (rows, relations)."""
+    common = [r for r in relations if all(r in complete_relations(results, m, relations, seeds) for m in methods)]
+    rows = []
+    for m in methods:
+        row: dict = {"method": m}
+        for metric in METRICS:
+            if common:
+                per_seed = [sum(results[(m, r, s)][metric] for r in common) / len(common) for s in seeds]
+                row[metric] = {k: v for k, v in mean_std(per_seed).items() if k != "n"}
+            else:
+                row[metric] = None
+        rows.append(row)
+    return rows, common
+
+
+def report(results: dict, args: argparse.Namespace, command: str, minutes: float) -> str:
+    sections, all_rows = [], []
+    for title, rows_of in TABLES.items():
+        methods = [m for m in rows_of if m in args.methods]
+        if not methods:
+            continue
+        rows, common = table_rows(results, methods, args.relations, args.seeds)
+        all_rows += [{"table": title, **row} for row in rows]
+        over = ", ".join(common) if common else "none: no relation has every row finished for every seed"
+        sections += [f"## {title}", "", f"Relations: {over}.", "", markdown_table(rows)]
+    write_results(all_rows, args.results, stem="results")
+    per_relation = ["| method | " + " | ".join(args.relations) + " |", "|---" * (len(args.relations) + 1) + "|"]
+    for m in args.methods:
+        cells = []
+        for r in args.relations:
+            done = [results[(m, r, s)]["relation_accuracy"] for s in args.seeds if (m, r, s) in results]
+            if len(done) == len(args.seeds):
+                stats = mean_std(done)
+                cells.append(f"{stats['mean']:.2f} ± {stats['std']:.2f}")
+            else:
+                cells.append("—" if not done else f"{len(done)}/{len(args.seeds)} seeds")
+        per_relation.append(f"| {m} | " + " | ".join(cells) + " |")
+    missing = sorted(set(args.methods) - {m for (m, r, s) in results})
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, " \
+              f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU only'}"
+    text = [
+        "# Toy-world experiment grid", "",
+        f"- command: `{command.strip()}`",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; wall time "
+        f"{minutes:.1f} min (finished runs are reused from {args.out})",
+        f"- machine: {machine}",
+        f"- grid asked: {len(args.relations)} relations x seeds {args.seeds} x {len(args.methods)} methods; "
+        f"{args.steps} training steps per customization; {args.prompts} test prompts per relation; "
+        f"sampling: {TOY_SETTINGS.num_steps} Euler steps, guidance {args.guidance:g}",
+        f"- runs found: {len(results)} of {len(args.methods) * len(args.relations) * len(args.seeds)}"
+        + (f"; methods with none: {', '.join(missing)}" if missing else ""),
+        "- metrics: fractions; per table, mean ± std over seeds of the mean over the listed relations", "",
+        *sections, "",
+        "## Relation accuracy per relation (mean ± std over seeds; — not run)", "", *per_relation, "",
+    ]
+    notes = HERE / "NOTES.md"
+    if notes.is_file() and Path(args.results).resolve() == HERE:
+        text += ["## Notes", "", notes.read_text()]
+    return "\n".join(text) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--relations", nargs="+", default=list(RELATIONS))
+    p.add_argument("--relations", nargs="+", default=list(RELATIONS), choices=list(RELATIONS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=ALL_METHODS, choices=ALL_METHODS)
     p.add_argument("--steps", type=int, default=800, help="training steps per customization")
     p.add_argument("--prompts", type=int, default=10, help="test prompts per relation (1-10)")
+    p.add_argument("--guidance", type=float, default=TOY_SETTINGS.guidance_scale,
+                   help="classifier-free guidance when sampling the test prompts (metrics at another "
+                        "guidance than the default are kept beside the default's)")
+    p.add_argument("--finished-only", action="store_true",
+                   help="train nothing: report the runs whose adapters exist (sampling them if this "
+                        "guidance has no metrics yet)")
     p.add_argument("--out", default=str(HERE / "work"), help="per-run results and caches")
     p.add_argument("--results", default=str(HERE), help="where RESULTS.md and results.* go")
     p.add_argument("--threads", type=int, default=0)
@@ -78,52 +204,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.time()
-    build_exemplar_cache(Path(args.out) / "cache", args.relations, progress=True)
+    check_work_folder(Path(args.out), args.steps, args.prompts)
+    if not args.finished_only:
+        build_exemplar_cache(Path(args.out) / "cache", args.relations, progress=True)
     jobs = [(m, r, s) for m in args.methods for r in args.relations for s in args.seeds]
     results: dict[tuple[str, str, int], dict] = {}
     for i, (m, r, s) in enumerate(jobs, 1):
         t0 = time.time()
-        results[(m, r, s)] = run_one(m, r, s, args)
+        metrics = run_one(m, r, s, args)
+        if metrics is None:
+            continue
+        results[(m, r, s)] = metrics
         print(f"[{i}/{len(jobs)}] {m:18s} {r:13s} seed {s}: relation accuracy "
-              f"{results[(m, r, s)]['relation_accuracy']:.2f} ({time.time() - t0:.0f} s)", flush=True)
-    rows = []
-    for m in args.methods:
-        row: dict = {"method": m}
-        for metric in METRICS:
-            per_seed = [sum(results[(m, r, s)][metric] for r in args.relations) / len(args.relations)
-                        for s in args.seeds]
-            row[metric] = {k: v for k, v in mean_std(per_seed).items() if k != "n"}
-        rows.append(row)
-    write_results(rows, args.results, stem="results")
-    per_relation = ["| method | " + " | ".join(args.relations) + " |", "|---" * (len(args.relations) + 1) + "|"]
-    for m in args.methods:
-        cells = []
-        for r in args.relations:
-            stats = mean_std([results[(m, r, s)]["relation_accuracy"] for s in args.seeds])
-            cells.append(f"{stats['mean']:.2f} ± {stats['std']:.2f}")
-        per_relation.append(f"| {m} | " + " | ".join(cells) + " |")
-    table = (HERE / "results.md").read_text() if Path(args.results) == HERE else \
-        (Path(args.results) / "results.md").read_text()
+              f"{metrics['relation_accuracy']:.2f} ({time.time() - t0:.0f} s)", flush=True)
     command = "python experiments/toy/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, " \
-              f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU only'}"
-    text = [
-        "# Toy-world experiment grid", "",
-        f"- command: `{command.strip()}`",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; wall time "
-        f"{(time.time() - start) / 60:.1f} min (finished runs are reused from {args.out})",
-        f"- machine: {machine}",
-        f"- grid: {len(args.relations)} relations x seeds {args.seeds} x {len(args.methods)} methods; "
-        f"{args.steps} training steps per customization; {args.prompts} test prompts per relation",
-        "- metrics: fractions; mean ± std over seeds of the mean over relations", "",
-        "## All rows", "", table, "",
-        "## Relation accuracy per relation (mean ± std over seeds)", "", *per_relation, "",
-    ]
-    notes = HERE / "NOTES.md"
-    if notes.is_file():
-        text += ["## Notes", "", notes.read_text()]
-    (Path(args.results) / "RESULTS.md").write_text("\n".join(text) + "\n", encoding="utf-8")
-    print("\n".join(text))
+    text = report(results, args, command, (time.time() - start) / 60)
+    Path(args.results).mkdir(parents=True, exist_ok=True)
+    (Path(args.results) / "RESULTS.md").write_text(text, encoding="utf-8")
+    print(text)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 
 def cmd_toy_base(args: argparse.Namespace) -> int:
@@ -61,8 +62,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     from relvid.toy.base import BASE_DIR
 
+    from relvid.toy.evaluate import TOY_SETTINGS
+
+    settings = TOY_SETTINGS if args.guidance is None else dataclasses.replace(TOY_SETTINGS, guidance_scale=args.guidance)
     run_demo(args.out, relation=args.relation or DEMO_RELATION, n_prompts=args.prompts, seed=args.seed,
-             base_dir=args.base or BASE_DIR, overrides=list(args.set), progress=not args.quiet)
+             base_dir=args.base or BASE_DIR, overrides=list(args.set), progress=not args.quiet, settings=settings)
     return 0
 
 
@@ -94,5 +98,7 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="training config override for both customizations, e.g. trainer.max_steps=100")
+    p.add_argument("--guidance", type=float,
+                   help="classifier-free guidance when sampling (default: the toy sampler's, 4)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)

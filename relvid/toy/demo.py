@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -89,6 +90,10 @@ def run_demo(out: str | Path = "outputs/demo", relation: str = DEMO_RELATION, n_
     lora_file = export_state_dict(state, spec, out / "dreamrelation_lora")
 
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    run_info = {"relation": relation, "prompts": [p.text for p in prompts], "seeds": [p.seed for p in prompts],
+                "seed": seed, "base": str(base_dir), "overrides": list(overrides),
+                "sampling": dataclasses.asdict(settings)}
+    (out / "demo.json").write_text(json.dumps(run_info, indent=2) + "\n", encoding="utf-8")
     write_results([{"method": m, **results[m]} for m in DEMO_METHODS], out, stem="table")
     per_video = [{"method": m, "prompt": p.text, "seed": p.seed, "relation": v.relation, "shapes": list(v.shapes),
                   "subjects_ok": v.subjects_ok, "leakage": v.leakage}

@@ -57,6 +57,9 @@ def test_demo_end_to_end_on_a_tiny_base(tmp_path):
     for row in saved.values():
         assert set(row) == set(METRICS) and all(0.0 <= v <= 1.0 for v in row.values())
     assert (out / "grid.png").stat().st_size > 0 and (out / "table.md").is_file()
+    info = json.loads((out / "demo.json").read_text())  # what was run is saved with the results
+    assert info["relation"] == "orbiting" and len(info["prompts"]) == 2 and info["overrides"][-1] == "optim.warmup_steps=1"
+    assert info["sampling"]["num_steps"] == 3 and info["sampling"]["guidance_scale"] == TOY_SETTINGS.guidance_scale
     videos = sorted((out / "videos" / "dreamrelation").glob("*.mp4"))
     assert len(videos) == 2 and read_video(videos[0]).shape == (FRAMES, 128, 128, 3)
     assert list((out / "runs" / "dreamrelation" / "tensorboard").rglob("events.out.tfevents.*"))
@@ -73,6 +76,20 @@ def test_demo_end_to_end_on_a_tiny_base(tmp_path):
              return_dict=False)
     with torch.no_grad():
         assert torch.allclose(pipe.transformer(**x)[0], ours(**x)[0], atol=1e-5)
+
+
+def test_demo_command_samples_at_the_guidance_asked(tmp_path):
+    from relvid.cli import main
+
+    base = tmp_path / "base"
+    tiny_base(base)
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--relation", "pushing", "--prompts", "1", "--base", str(base),
+                 "--guidance", "2.5", "--quiet", "--set", "trainer.max_steps=1", "--set", "data.batch_size=1",
+                 "--set", "optim.warmup_steps=1"]) == 0
+    info = json.loads((out / "demo.json").read_text())
+    assert info["sampling"]["guidance_scale"] == 2.5 and info["relation"] == "pushing"
+    assert set(json.loads((out / "results.json").read_text())) == {"base", "direct_lora", "dreamrelation"}
 
 
 def test_committed_base_loads_and_fits_the_toy_codec_and_encoder():

@@ -1,8 +1,11 @@
-"""The experiment grid reuses a run for a row only when the two rows' configs are the same."""
+"""The experiment grid: a run is reused for a row only when the configs are the same, a work folder
+never mixes worlds or settings, and a partial grid reports what it has."""
 
 import importlib.util
+import json
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 
 from relvid.toy.customize import METHODS, method_config
@@ -28,3 +31,54 @@ def test_reused_rows_have_identical_configs(tmp_path):
         assert METHODS[row].frozen == METHODS[source].frozen
         assert resolved(row) == resolved(source)
     assert resolved("placement_q_kv") != resolved("dreamrelation")  # a row that differs is never reused
+
+
+def test_work_folder_refuses_runs_of_another_world_or_settings(tmp_path):
+    grid = _grid_module()
+    out = tmp_path / "work"
+    grid.check_work_folder(out, steps=800, prompts=10)  # a new folder is labelled
+    recorded = json.loads((out / grid.GRID_FILE).read_text())
+    assert recorded == {"world": grid.world_fingerprint(), "steps": 800, "prompts": 10}
+    grid.check_work_folder(out, steps=800, prompts=10)  # the same grid goes on
+    with pytest.raises(SystemExit, match="another grid"):
+        grid.check_work_folder(out, steps=400, prompts=10)
+    (out / grid.GRID_FILE).write_text(json.dumps({**recorded, "world": "0" * 16}))
+    with pytest.raises(SystemExit, match="another grid"):
+        grid.check_work_folder(out, steps=800, prompts=10)
+    unlabelled = tmp_path / "old"
+    (unlabelled / "runs" / "base").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="no grid.json"):
+        grid.check_work_folder(unlabelled, steps=800, prompts=10)
+
+
+def test_tables_average_only_relations_every_row_finished():
+    grid = _grid_module()
+    m = {"relation_accuracy": 1.0, "subject_fidelity": 0.5, "appearance_leakage": 0.0, "temporal_consistency": 0.9}
+    results = {("base", "approaching", s): {**m, "relation_accuracy": 0.0} for s in (0, 1)}
+    results |= {("dreamrelation", r, s): m for r in ("approaching", "orbiting") for s in (0, 1)}
+    results[("base", "orbiting", 0)] = m  # seed 1 missing: orbiting is not complete for base
+    rows, common = grid.table_rows(results, ["base", "dreamrelation"], ["approaching", "orbiting"], [0, 1])
+    assert common == ["approaching"]
+    assert rows[0]["relation_accuracy"] == {"mean": 0.0, "std": 0.0}
+    assert rows[1]["relation_accuracy"] == {"mean": 1.0, "std": 0.0}
+    rows, common = grid.table_rows(results, ["base", "wo_hmt"], ["approaching"], [0, 1])
+    assert common == [] and rows[0]["relation_accuracy"] is None
+
+
+def test_finished_only_trains_nothing_and_reports_what_is_missing(tmp_path):
+    grid = _grid_module()
+    out, res = tmp_path / "work", tmp_path / "results"
+    code = grid.main(["--relations", "approaching", "--seeds", "0", "--methods", "base", "direct_lora",
+                      "--prompts", "1", "--finished-only", "--out", str(out), "--results", str(res)])
+    assert code == 0
+    assert not (out / "runs" / "direct_lora").exists()  # not trained
+    assert (out / "runs" / "base" / "approaching" / "seed0" / "metrics.json").is_file()  # the base needs no training
+    text = (res / "RESULTS.md").read_text()
+    assert "runs found: 1 of 2; methods with none: direct_lora" in text
+    assert "Relations: none" in text  # Table 1 has no relation with all its rows
+    assert "| direct_lora | — |" in text
+    # another guidance keeps its metrics beside the default's
+    grid.main(["--relations", "approaching", "--seeds", "0", "--methods", "base", "--prompts", "1",
+               "--finished-only", "--guidance", "8", "--out", str(out), "--results", str(res)])
+    assert (out / "runs" / "base" / "approaching" / "seed0" / "metrics_cfg8.json").is_file()
+    assert "guidance 8" in (res / "RESULTS.md").read_text()
