@@ -117,14 +117,10 @@ def run_one(method: str, relation: str, seed: int, args: argparse.Namespace) -> 
     return metrics
 
 
-def complete_relations(results: dict, method: str, relations: list[str], seeds: list[int]) -> list[str]:
-    return [r for r in relations if all((method, r, s) in results for s in seeds)]
-
-
 def table_rows(results: dict, methods: list[str], relations: list[str], seeds: list[int]) -> tuple[list[dict], list[str]]:
     """Rows of one table over the relations every one of its methods finished for every seed: per
     metric, mean +- std over seeds of the mean over those relations. Returns (rows, relations)."""
-    common = [r for r in relations if all(r in complete_relations(results, m, relations, seeds) for m in methods)]
+    common = [r for r in relations if all((m, r, s) in results for m in methods for s in seeds)]
     rows = []
     for m in methods:
         row: dict = {"method": m}
