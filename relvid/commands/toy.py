@@ -12,7 +12,7 @@ def cmd_toy_base(args: argparse.Namespace) -> int:
 
     import torch
 
-    from relvid.toy.base import BASE_DIR, INFO_NAME, pretrain
+    from relvid.toy.base import BASE_DIR, INFO_NAME, pretrain, stage_settings
     from relvid.toy.customize import load_base
     from relvid.toy.evaluate import base_report
 
@@ -22,8 +22,7 @@ def cmd_toy_base(args: argparse.Namespace) -> int:
     image_dir = Path(args.work) / "image_stage"
     stages = []
     if args.image_steps:
-        wanted = {"stage": "image", "steps": args.image_steps, "batch_size": args.image_batch_size, "lr": args.lr,
-                  "seed": args.seed, "frames": 1, "init": args.init}
+        wanted = stage_settings("image", args.image_steps, args.image_batch_size, args.lr, args.seed, 1, args.init)
         if (image_dir / INFO_NAME).is_file():  # a finished image stage is reused, if it is this one
             done = json.loads((image_dir / INFO_NAME).read_text())
             if {k: done.get(k) for k in wanted} != wanted:

@@ -132,6 +132,14 @@ def _lr_factor(step: int, steps: int) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
+def stage_settings(stage: str, steps: int, batch_size: int, lr: float, seed: int, frames: int,
+                   init: str | Path | None) -> dict:
+    """What identifies a pretraining stage: kept in its resumable state and in its toy_base.json, and
+    compared before a finished or interrupted stage is reused."""
+    return {"stage": stage, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "frames": frames,
+            "init": None if init is None else str(init)}
+
+
 def pretrain(out_dir: str | Path = BASE_DIR, steps: int = 2000, batch_size: int = 16, lr: float = 1e-3,
              seed: int = 0, device: str | None = None, progress: bool = True, save_every: int = 250,
              init: str | Path | None = None, frames: int = FRAMES, stage: str = "video",
@@ -157,8 +165,7 @@ def pretrain(out_dir: str | Path = BASE_DIR, steps: int = 2000, batch_size: int 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps))
     first, seconds = 0, 0.0
-    settings = {"stage": stage, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "frames": frames,
-                "init": None if init is None else str(init)}
+    settings = stage_settings(stage, steps, batch_size, lr, seed, frames, init)
     if state_path.is_file():
         state = torch.load(state_path, map_location=device, weights_only=False)
         if state["settings"] != settings:
