@@ -57,6 +57,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("placement_q_kv", ("dreamrelation.yaml", "placements/q_kv.yaml")),
     Method("placement_kv_q", ("dreamrelation.yaml", "placements/kv_q.yaml")),
     Method("placement_v_qk", ("dreamrelation.yaml", "placements/v_qk.yaml")),
+    # Table 6: the hybrid-mask weight lambda_m (DreamRelation's own run is lambda_m = 50)
+    *(Method(f"hmt_lambda_{lm:g}", overrides=(f"hmt.lambda_m={lm:g}",)) for lm in (1, 25, 100)),
 )}
 
 

@@ -20,10 +20,14 @@ def _grid_module():
     return module
 
 
+def _resolved(method: str, tmp_path: Path) -> dict:
+    cfg = method_config(METHODS[method], "approaching", tmp_path / "cache", tmp_path / "out")
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
 def test_reused_rows_have_identical_configs(tmp_path):
     def resolved(method: str) -> dict:
-        cfg = method_config(METHODS[method], "approaching", tmp_path / "cache", tmp_path / "out")
-        return OmegaConf.to_container(cfg, resolve=True)
+        return _resolved(method, tmp_path)
 
     grid = _grid_module()
     assert grid.SAME_RUN  # QK/V is DreamRelation's default placement
@@ -31,6 +35,19 @@ def test_reused_rows_have_identical_configs(tmp_path):
         assert METHODS[row].frozen == METHODS[source].frozen
         assert resolved(row) == resolved(source)
     assert resolved("placement_q_kv") != resolved("dreamrelation")  # a row that differs is never reused
+
+
+def test_lambda_m_rows_differ_from_dreamrelation_in_lambda_m_only(tmp_path):
+    grid = _grid_module()
+    assert grid.table_methods(["6"]) == ["hmt_lambda_1", "hmt_lambda_25", "dreamrelation", "hmt_lambda_100"]
+    assert "hmt_lambda_1" not in grid.table_methods(grid.DEFAULT_TABLES)  # the sweep runs only on request
+    paper = _resolved("dreamrelation", tmp_path)
+    assert paper["hmt"]["lambda_m"] == 50  # Table 6's DreamRelation row is the paper's lambda_m
+    for lambda_m in (1, 25, 100):
+        row = _resolved(f"hmt_lambda_{lambda_m}", tmp_path)
+        assert row["hmt"]["lambda_m"] == lambda_m
+        row["hmt"]["lambda_m"] = 50
+        assert row == paper
 
 
 def test_work_folder_refuses_runs_of_another_world_or_settings(tmp_path):
