@@ -26,15 +26,13 @@ def _resolved(method: str, tmp_path: Path) -> dict:
 
 
 def test_reused_rows_have_identical_configs(tmp_path):
-    def resolved(method: str) -> dict:
-        return _resolved(method, tmp_path)
-
     grid = _grid_module()
     assert grid.SAME_RUN  # QK/V is DreamRelation's default placement
     for row, source in grid.SAME_RUN.items():
         assert METHODS[row].frozen == METHODS[source].frozen
-        assert resolved(row) == resolved(source)
-    assert resolved("placement_q_kv") != resolved("dreamrelation")  # a row that differs is never reused
+        assert _resolved(row, tmp_path) == _resolved(source, tmp_path)
+    # a row that differs is never reused
+    assert _resolved("placement_q_kv", tmp_path) != _resolved("dreamrelation", tmp_path)
 
 
 def test_lambda_m_rows_differ_from_dreamrelation_in_lambda_m_only(tmp_path):
