@@ -15,6 +15,8 @@ results.{md,csv,json}.
     python experiments/toy/run.py --finished-only       # report what is done; train nothing
     python experiments/toy/run.py --finished-only --guidance 8 --results /tmp/cfg8
                                                         # re-sample finished adapters at guidance 8
+    python experiments/toy/run.py --finished-only --adapters all --results /tmp/all
+                                                        # ... with the subject LoRAs kept at inference
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import torch
 from relvid.eval.metrics import mean_std
 from relvid.eval.report import markdown_table, write_results
 from relvid.toy.base import BASE_DIR
-from relvid.toy.customize import ADAPTER_FILE, METHODS, customize, load_base, load_customized
+from relvid.toy.customize import ADAPTER_FILE, ADAPTER_SETS, METHODS, customize, load_base, load_customized
 from relvid.toy.datasets import build_exemplar_cache, exemplar_frames
 from relvid.toy.evaluate import METRICS, TOY_SETTINGS, generate, score, test_prompts
 from relvid.toy.render import render_clip
@@ -96,9 +98,12 @@ def check_work_folder(out: Path, steps: int, prompts: int) -> None:
     path.write_text(json.dumps(expected, indent=2) + "\n")
 
 
-def metrics_name(guidance: float) -> str:
-    """metrics.json at the toy sampler's guidance; metrics_cfg<g>.json at any other."""
-    return "metrics.json" if guidance == TOY_SETTINGS.guidance_scale else f"metrics_cfg{guidance:g}.json"
+def metrics_name(guidance: float, adapters: str = "inference") -> str:
+    """metrics.json at the toy sampler's guidance with the method's inference adapters; otherwise
+    metrics[_all][_cfg<g>].json beside it."""
+    parts = ["metrics"] + (["all"] if adapters != "inference" else []) + (
+        [f"cfg{guidance:g}"] if guidance != TOY_SETTINGS.guidance_scale else [])
+    return "_".join(parts) + ".json"
 
 
 def run_one(method: str, relation: str, seed: int, args: argparse.Namespace) -> dict | None:
@@ -106,7 +111,10 @@ def run_one(method: str, relation: str, seed: int, args: argparse.Namespace) -> 
     None when --finished-only and the run has no adapters yet."""
     method = SAME_RUN.get(method, method)
     folder = Path(args.out) / "runs" / method / relation / f"seed{seed}"
-    done = folder / metrics_name(args.guidance)
+    # the base has no adapters and direct LoRA has one: "all" is their inference set
+    one_set = method == "base" or "direct_lora.yaml" in METHODS[method].files
+    adapter_set = "inference" if one_set else args.adapters
+    done = folder / metrics_name(args.guidance, adapter_set)
     if done.is_file():
         return json.loads(done.read_text())
     if method == "base":
@@ -119,7 +127,7 @@ def run_one(method: str, relation: str, seed: int, args: argparse.Namespace) -> 
             shutil.rmtree(folder / "train", ignore_errors=True)  # an interrupted run starts again
             customize(METHODS[method], relation, Path(args.out) / "cache", folder / "train", seed=seed,
                       overrides=[f"trainer.max_steps={args.steps}", "trainer.progress_bar=false"])
-        model = load_customized(adapters)
+        model = load_customized(adapters, adapters=adapter_set)
     prompts = test_prompts(relation, args.prompts, seed=seed)
     settings = dataclasses.replace(TOY_SETTINGS, guidance_scale=args.guidance)
     metrics, _ = score(generate(model, prompts, settings=settings, progress=False), prompts)
@@ -179,7 +187,9 @@ def report(results: dict, args: argparse.Namespace, command: str, minutes: float
         f"- machine: {machine}",
         f"- grid asked: {len(args.relations)} relations x seeds {args.seeds} x {len(args.methods)} methods; "
         f"{args.steps} training steps per customization; {args.prompts} test prompts per relation; "
-        f"sampling: {TOY_SETTINGS.num_steps} Euler steps, guidance {args.guidance:g}",
+        f"sampling: {TOY_SETTINGS.num_steps} Euler steps, guidance {args.guidance:g}, "
+        + ("each method's inference adapters" if args.adapters == "inference" else
+           "every trained adapter active (subject LoRAs kept: a diagnostic, not the method)"),
         f"- runs found: {len(results)} of {len(args.methods) * len(args.relations) * len(args.seeds)}"
         + (f"; methods with none: {', '.join(missing)}" if missing else ""),
         "- metrics: fractions; per table, mean ± std over seeds of the mean over the listed relations", "",
@@ -205,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, default=TOY_SETTINGS.guidance_scale,
                    help="classifier-free guidance when sampling the test prompts (metrics at another "
                         "guidance than the default are kept beside the default's)")
+    p.add_argument("--adapters", default="inference", choices=ADAPTER_SETS,
+                   help="adapters active when sampling: the method's inference set (default), or all "
+                        "trained adapters, subject LoRAs included (metrics kept beside the default's)")
     p.add_argument("--finished-only", action="store_true",
                    help="train nothing: report the runs whose adapters exist (sampling them if this "
                         "guidance has no metrics yet)")

@@ -19,8 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from relvid.config import ConfigError, ModelConfig, load_config
 from relvid.models.backbone import load_transformer
-from relvid.models.lora import (activate, inference_adapters, inject_triplet, load_adapter_state_dict,
-                                load_adapters, lora_parameters)
+from relvid.models.lora import (activate, adapter_names, inference_adapters, inject_triplet,
+                                load_adapter_state_dict, load_adapters, lora_parameters)
 from relvid.toy.base import BASE_DIR
 
 ADAPTER_FILE = Path("adapters") / "relvid_adapters.safetensors"
@@ -100,11 +100,19 @@ def load_base(base_dir: str | Path = BASE_DIR, device: str = "cpu") -> torch.nn.
     return load_transformer(cfg).to(device).eval()
 
 
-def load_customized(adapter_file: str | Path, base_dir: str | Path = BASE_DIR, device: str = "cpu") -> torch.nn.Module:
-    """The base with a run's adapters, the inference set active (relation + FFN, or direct)."""
+ADAPTER_SETS = ("inference", "all")
+
+
+def load_customized(adapter_file: str | Path, base_dir: str | Path = BASE_DIR, device: str = "cpu",
+                    adapters: str = "inference") -> torch.nn.Module:
+    """The base with a run's adapters. `adapters="inference"` activates the method's inference set
+    (relation + FFN, or direct); "all" also keeps the subject LoRAs, the set a hybrid-mask "relation"
+    step trains (a diagnostic: how much of the relation the dropped subject LoRAs hold)."""
+    if adapters not in ADAPTER_SETS:
+        raise ValueError(f"adapters must be one of {ADAPTER_SETS}, got {adapters!r}")
     spec, state, _ = load_adapters(adapter_file)
     model = load_base(base_dir, device="cpu")
     inject_triplet(model, spec)
     load_adapter_state_dict(model, state)
-    activate(model, inference_adapters(spec))
+    activate(model, inference_adapters(spec) if adapters == "inference" else adapter_names(spec))
     return model.to(device).eval()

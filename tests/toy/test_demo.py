@@ -5,6 +5,7 @@ a diffusers LoRA file that MochiPipeline.load_lora_weights loads into the base f
 import dataclasses
 import json
 
+import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTransformer3DModel
 
@@ -114,3 +115,20 @@ def test_ablation_keeps_the_removed_adapters_at_zero(tmp_path):
     _, state, _ = load_adapters(path)
     moved = {k.split("/")[0] for k, v in state.items() if "lora_B" in k and bool(v.abs().max() > 0)}
     assert moved == {"relation", "ffn"}  # subject LoRAs never left their zero init
+
+
+def test_customized_model_activates_the_inference_set_or_every_adapter(tmp_path):
+    from relvid.models.lora import active_adapters
+    from relvid.toy.customize import METHODS, customize, load_customized
+
+    base = tmp_path / "base"
+    tiny_base(base)
+    build_exemplar_cache(tmp_path / "cache", ["bouncing"], clips=2, progress=False)
+    path = customize(METHODS["dreamrelation"], "bouncing", tmp_path / "cache", tmp_path / "run", base_dir=base,
+                     overrides=["trainer.max_steps=2", "trainer.progress_bar=false", "data.batch_size=1",
+                                "optim.warmup_steps=1"])
+    assert set(active_adapters(load_customized(path, base))) == {"relation", "ffn"}
+    everything = load_customized(path, base, adapters="all")
+    assert set(active_adapters(everything)) == {"relation", "subject1", "subject2", "ffn"}
+    with pytest.raises(ValueError, match="adapters must be one of"):
+        load_customized(path, base, adapters="subjects")

@@ -97,3 +97,11 @@ def test_finished_only_trains_nothing_and_reports_what_is_missing(tmp_path):
                "--finished-only", "--guidance", "8", "--out", str(out), "--results", str(res)])
     assert (out / "runs" / "base" / "approaching" / "seed0" / "metrics_cfg8.json").is_file()
     assert "guidance 8" in (res / "RESULTS.md").read_text()
+
+
+def test_metrics_of_another_guidance_or_adapter_set_are_kept_apart():
+    grid = _grid_module()
+    default = grid.TOY_SETTINGS.guidance_scale
+    names = {grid.metrics_name(default), grid.metrics_name(8.0), grid.metrics_name(default, "all"),
+             grid.metrics_name(8.0, "all")}
+    assert names == {"metrics.json", "metrics_cfg8.json", "metrics_all.json", "metrics_all_cfg8.json"}
