@@ -102,16 +102,23 @@ def test_committed_base_loads_and_fits_the_toy_codec_and_encoder():
     assert size < 8_000_000  # a few MB, committed to git
 
 
-def test_ablation_keeps_the_removed_adapters_at_zero(tmp_path):
-    from relvid.models.lora import load_adapters
+def _tiny_customization(tmp_path, method: str, steps: int, *overrides: str):
+    """A few steps of a toy method on 'bouncing' (2 exemplars) over a tiny random base: (adapter file, base)."""
     from relvid.toy.customize import METHODS, customize
 
     base = tmp_path / "base"
     tiny_base(base)
     build_exemplar_cache(tmp_path / "cache", ["bouncing"], clips=2, progress=False)
-    path = customize(METHODS["wo_subject_lora"], "bouncing", tmp_path / "cache", tmp_path / "run", base_dir=base,
-                     overrides=["trainer.max_steps=4", "trainer.progress_bar=false", "data.batch_size=1",
-                                "optim.warmup_steps=1", "hmt.probs=[0.5,0.5,0.0]"])
+    path = customize(METHODS[method], "bouncing", tmp_path / "cache", tmp_path / "run", base_dir=base,
+                     overrides=[f"trainer.max_steps={steps}", "trainer.progress_bar=false", "data.batch_size=1",
+                                "optim.warmup_steps=1", *overrides])
+    return path, base
+
+
+def test_ablation_keeps_the_removed_adapters_at_zero(tmp_path):
+    from relvid.models.lora import load_adapters
+
+    path, _ = _tiny_customization(tmp_path, "wo_subject_lora", 4, "hmt.probs=[0.5,0.5,0.0]")
     _, state, _ = load_adapters(path)
     moved = {k.split("/")[0] for k, v in state.items() if "lora_B" in k and bool(v.abs().max() > 0)}
     assert moved == {"relation", "ffn"}  # subject LoRAs never left their zero init
@@ -119,14 +126,8 @@ def test_ablation_keeps_the_removed_adapters_at_zero(tmp_path):
 
 def test_customized_model_activates_the_inference_set_or_every_adapter(tmp_path):
     from relvid.models.lora import active_adapters
-    from relvid.toy.customize import METHODS, customize, load_customized
 
-    base = tmp_path / "base"
-    tiny_base(base)
-    build_exemplar_cache(tmp_path / "cache", ["bouncing"], clips=2, progress=False)
-    path = customize(METHODS["dreamrelation"], "bouncing", tmp_path / "cache", tmp_path / "run", base_dir=base,
-                     overrides=["trainer.max_steps=2", "trainer.progress_bar=false", "data.batch_size=1",
-                                "optim.warmup_steps=1"])
+    path, base = _tiny_customization(tmp_path, "dreamrelation", 2)
     assert set(active_adapters(load_customized(path, base))) == {"relation", "ffn"}
     everything = load_customized(path, base, adapters="all")
     assert set(active_adapters(everything)) == {"relation", "subject1", "subject2", "ffn"}
