@@ -38,7 +38,8 @@ import torch
 from relvid.eval.metrics import mean_std
 from relvid.eval.report import markdown_table, write_results
 from relvid.toy.base import BASE_DIR
-from relvid.toy.customize import ADAPTER_FILE, ADAPTER_SETS, METHODS, customize, load_base, load_customized
+from relvid.toy.customize import (ADAPTER_FILE, ADAPTER_SETS, METHODS, customize, load_base, load_customized,
+                                  method_config)
 from relvid.toy.datasets import build_exemplar_cache, exemplar_frames
 from relvid.toy.evaluate import METRICS, TOY_SETTINGS, generate, score, test_prompts
 from relvid.toy.render import render_clip
@@ -111,8 +112,9 @@ def run_one(method: str, relation: str, seed: int, args: argparse.Namespace) -> 
     None when --finished-only and the run has no adapters yet."""
     method = SAME_RUN.get(method, method)
     folder = Path(args.out) / "runs" / method / relation / f"seed{seed}"
-    # the base has no adapters and direct LoRA has one: "all" is their inference set
-    one_set = method == "base" or "direct_lora.yaml" in METHODS[method].files
+    # the base has no adapters and a direct placement has one: "all" is their inference set
+    one_set = method == "base" or method_config(METHODS[method], relation, Path(args.out) / "cache",
+                                                folder / "train").lora.placement == "direct"
     adapter_set = "inference" if one_set else args.adapters
     done = folder / metrics_name(args.guidance, adapter_set)
     if done.is_file():
