@@ -1,8 +1,13 @@
 """Procedural clips: two shapes on a dark background moving along a relation's (or generic) tracks.
 
-A clip is a pure function of its seed: `render_clip(kind, s1, s2, seed)` draws the background,
-sizes and trajectory with one torch.Generator. Tracks are subject centres in pixels, (T, 2) as
-(x, y). Subject 1 is drawn over subject 2; the returned masks are the visible pixels of each.
+A clip is a pure function of its seed and staging: `render_clip(kind, s1, s2, seed, staging)` draws
+the background, sizes and trajectory with one torch.Generator. Tracks are subject centres in pixels,
+(T, 2) as (x, y). Subject 1 is drawn over subject 2; the returned masks are the visible pixels of each.
+
+Staging says how freely a clip is filmed. FREE (the default: pretraining clips, the judge's ground
+truth) uses every random range in full and puts the clip anywhere in the frame. EXEMPLAR_STAGING is
+how the customization exemplars are filmed, as NTU RGB+D films its two-person actions: a fixed
+camera, the two actors on their marks in the middle of the frame, each take a little different.
 """
 
 from __future__ import annotations
@@ -24,6 +29,32 @@ GENERIC_MAX_SHIFT = 5.0  # generic motion moves a subject by at most this many p
 AXIS_JITTER_DEG = 20.0
 
 
+@dataclass(frozen=True)
+class Staging:
+    """How freely a clip is filmed.
+
+    spread: the share of every random range a clip draws from, around the range's middle (1: the
+        whole range; 0.2: a fifth of it). It narrows start points, distances, speeds, tilts, sizes
+        and the background together.
+    centre: None places the clip anywhere inside the frame; a number centres the box around both
+        tracks in the frame, give or take up to that many px on each axis.
+    """
+
+    spread: float = 1.0
+    centre: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.spread <= 1.0:
+            raise ValueError(f"Staging.spread must be in [0, 1], got {self.spread}")
+        if self.centre is not None and self.centre < 0:
+            raise ValueError(f"Staging.centre must be None or >= 0 px, got {self.centre}")
+
+
+FREE = Staging()
+# The exemplars: on their marks in mid-frame (+- 0.5 px), each draw within a fifth of its range.
+EXEMPLAR_STAGING = Staging(spread=0.2, centre=0.5)
+
+
 @dataclass
 class Clip:
     video: Tensor  # (3, T, H, W) in [-1, 1]
@@ -33,37 +64,65 @@ class Clip:
     background: tuple[float, float, float]
 
 
-def _uniform(g: torch.Generator, lo: float, hi: float) -> float:
-    return lo + (hi - lo) * float(torch.rand((), generator=g))
+class _Draw:
+    """A clip's random draws: a seeded torch.Generator, each range narrowed to the staging's spread."""
+
+    def __init__(self, seed: int, staging: Staging) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+        self.staging = staging
+
+    def unit(self, n: int = 1) -> Tensor:
+        """n draws in [0, 1], narrowed around 0.5."""
+        u = torch.rand(n, generator=self.generator)
+        if self.staging.spread == 1.0:
+            return u  # as drawn: FREE clips are bit-identical to those the base was pretrained on
+        return 0.5 + (u - 0.5) * self.staging.spread
+
+    def uniform(self, lo: float, hi: float) -> float:
+        return lo + (hi - lo) * float(self.unit()[0])
 
 
-def _point(g: torch.Generator) -> Tensor:
+def _uniform(g: _Draw, lo: float, hi: float) -> float:
+    return g.uniform(lo, hi)
+
+
+def _point(g: _Draw) -> Tensor:
     lo, hi = MARGIN, SIZE - 1 - MARGIN
     return torch.tensor([_uniform(g, lo, hi), _uniform(g, lo, hi)])
 
 
-def _place(t1: Tensor, t2: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor] | None:
-    """Shift both tracks by one random offset that keeps them inside the frame (None if none does)."""
+def _place(t1: Tensor, t2: Tensor, g: _Draw) -> tuple[Tensor, Tensor] | None:
+    """Shift both tracks by one offset that keeps them inside the frame (None if none does): a
+    random one, or the one that centres them (give or take staging.centre px)."""
     both = torch.cat([t1, t2])  # (2T, 2)
-    lo = MARGIN - both.min(dim=0).values  # smallest allowed shift per axis
-    hi = SIZE - 1 - MARGIN - both.max(dim=0).values
+    # A centred clip may use the frame up to its edges (a subject touches the edge, never crosses it):
+    # the longest staged relation, pushing, spans 21.5 px along a near-horizontal axis.
+    margin = MARGIN if g.staging.centre is None else RADIUS_RANGE[1]
+    lo = margin - both.min(dim=0).values  # smallest allowed shift per axis
+    hi = SIZE - 1 - margin - both.max(dim=0).values
     if bool((lo > hi).any()):
         return None
-    shift = lo + (hi - lo) * torch.rand(2, generator=g)
+    if g.staging.centre is None:
+        shift = lo + (hi - lo) * g.unit(2)
+    else:
+        middle = (both.min(dim=0).values + both.max(dim=0).values) / 2  # (2,)
+        jitter = 2 * torch.rand(2, generator=g.generator) - 1  # in full: the marks are +- centre px
+        shift = (SIZE - 1) / 2 - middle + jitter * g.staging.centre
+        shift = torch.maximum(torch.minimum(shift, hi), lo)  # the marks never push a subject out
     return t1 + shift, t2 + shift
 
 
-def _direction(g: torch.Generator) -> Tensor:
+def _direction(g: _Draw) -> Tensor:
     a = _uniform(g, 0.0, 2 * math.pi)
     return torch.tensor([math.cos(a), math.sin(a)])
 
 
-def _tilt(g: torch.Generator) -> float:
+def _tilt(g: _Draw) -> float:
     """A random tilt of the staging axis in radians, within +- AXIS_JITTER_DEG."""
     return math.radians(_uniform(g, -AXIS_JITTER_DEG, AXIS_JITTER_DEG))
 
 
-def _axis(g: torch.Generator) -> Tensor:
+def _axis(g: _Draw) -> Tensor:
     """Unit vector from subject 1's side to subject 2's: rightwards, tilted by up to AXIS_JITTER_DEG."""
     a = _tilt(g)
     return torch.tensor([math.cos(a), math.sin(a)])
@@ -88,19 +147,19 @@ def _static(p: Tensor) -> Tensor:
 
 # --- relation tracks: each returns (track1, track2) or None to ask for a redraw ---------------------
 
-def _approaching(g: torch.Generator):
+def _approaching(g: _Draw):
     p2 = _point(g)
     p1 = p2 - _axis(g) * _uniform(g, 16.0, 20.0)
     end = p2 + (p1 - p2) / (p1 - p2).norm() * CONTACT
     return _segment(p1, end, _ease(_time())), _static(p2)
 
 
-def _moving_apart(g: torch.Generator):
+def _moving_apart(g: _Draw):
     t1, t2 = _approaching(g)
     return t1.flip(0), t2
 
 
-def _orbiting(g: torch.Generator):
+def _orbiting(g: _Draw):
     centre = torch.tensor([_uniform(g, 15.0, 16.0), _uniform(g, 15.0, 16.0)])
     radius = _uniform(g, 9.0, 10.0)
     start = math.pi + _tilt(g)  # left of the partner
@@ -110,7 +169,7 @@ def _orbiting(g: torch.Generator):
     return t1, _static(centre)
 
 
-def _following(g: torch.Generator):
+def _following(g: _Draw):
     u = _axis(g)
     gap = _uniform(g, 9.0, 10.0)
     length = _uniform(g, 10.0, 12.0)
@@ -120,7 +179,7 @@ def _following(g: torch.Generator):
     return t2 - u[None] * gap, t2
 
 
-def _pushing(g: torch.Generator):
+def _pushing(g: _Draw):
     u = _axis(g)
     p2 = _point(g)
     p1 = p2 - u * _uniform(g, 14.0, 15.0)
@@ -134,7 +193,7 @@ def _pushing(g: torch.Generator):
     return t1, t2
 
 
-def _swapping(g: torch.Generator):
+def _swapping(g: _Draw):
     a = _point(g)
     b = a + _axis(g) * _uniform(g, 15.0, 20.0)
     d = (b - a) / (b - a).norm()
@@ -144,7 +203,7 @@ def _swapping(g: torch.Generator):
     return _segment(a, b, s) + bump, _segment(b, a, s) - bump
 
 
-def _bouncing(g: torch.Generator):
+def _bouncing(g: _Draw):
     a = _point(g)
     b = a + _axis(g) * _uniform(g, 18.0, 21.5)
     mid = (a + b) / 2
@@ -167,7 +226,7 @@ RELATION_TRACKS = {
 assert set(RELATION_TRACKS) == set(RELATIONS)
 
 
-def _generic_one(motion: str, g: torch.Generator, start: Tensor) -> Tensor:
+def _generic_one(motion: str, g: _Draw, start: Tensor) -> Tensor:
     if motion == "static":
         return _static(start)
     if motion == "drift":
@@ -181,8 +240,8 @@ def _generic_one(motion: str, g: torch.Generator, start: Tensor) -> Tensor:
     raise KeyError(f"unknown generic motion {motion!r}; use one of {sorted(GENERIC_MOTIONS)}")
 
 
-def tracks_for(kind: str, g: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Tracks of a relation (a RELATIONS key) or a generic motion (a GENERIC_MOTIONS key)."""
+def tracks_for(kind: str, g: _Draw) -> tuple[Tensor, Tensor]:
+    """Tracks of a relation (a RELATIONS key) or a generic motion (a GENERIC_MOTIONS key), drawn with g."""
     for _ in range(200):  # redraw until both tracks stay inside the frame (and apart, for generic)
         if kind in RELATION_TRACKS:
             t1, t2 = RELATION_TRACKS[kind](g)
@@ -240,9 +299,9 @@ def draw(s1: Subject, s2: Subject, tracks: tuple[Tensor, Tensor], radii: tuple[f
     return frames * 2 - 1, torch.stack([m1, m2]).float()
 
 
-def render_clip(kind: str, s1: Subject, s2: Subject, seed: int) -> Clip:
-    """One clip of a relation or a generic motion, deterministic from `seed`."""
-    g = torch.Generator().manual_seed(seed)
+def render_clip(kind: str, s1: Subject, s2: Subject, seed: int, staging: Staging = FREE) -> Clip:
+    """One clip of a relation or a generic motion, deterministic from `seed` and `staging`."""
+    g = _Draw(seed, staging)
     background = tuple(_uniform(g, 0.0, 0.22) for _ in range(3))
     radii = (_uniform(g, *RADIUS_RANGE), _uniform(g, *RADIUS_RANGE))
     t1, t2 = tracks_for(kind, g)

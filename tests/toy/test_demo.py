@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTransformer3DModel
 
-from relvid.data.cache import ClipCache
+from relvid.data.cache import CacheError, ClipCache
 from relvid.eval.video_io import read_video
 from relvid.models.backbone import find_transformer_folder
 from relvid.toy.base import BASE_CONFIG, BASE_DIR
@@ -43,6 +43,17 @@ def test_exemplar_cache_follows_the_clip_cache_contract(tmp_path):
     assert torch.equal(record.relation_mask, record.subject_masks.amax(dim=0))
     prompts = cache.read_prompts()
     assert "" in prompts and "A red circle is orbiting a green square." in prompts
+
+
+def test_exemplar_cache_of_other_clips_is_refused_and_a_grown_one_keeps_its_relations(tmp_path):
+    cache = build_exemplar_cache(tmp_path / "cache", ["orbiting"], clips=1, progress=False)
+    build_exemplar_cache(tmp_path / "cache", ["pushing"], clips=1, progress=False)  # grows the same cache
+    assert ClipCache(tmp_path / "cache").manifest["config"]["relations"] == ["orbiting", "pushing"]
+    manifest = json.loads(cache.manifest_path.read_text())
+    del manifest["config"]["staging"]  # a cache made before exemplars were staged
+    cache.manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match=r"staging.*Fix: delete"):
+        build_exemplar_cache(tmp_path / "cache", ["orbiting"], clips=1, progress=False)
 
 
 def test_demo_end_to_end_on_a_tiny_base(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from relvid.toy.judge import judge
-from relvid.toy.render import draw, render_clip
+from relvid.toy.render import EXEMPLAR_STAGING, draw, render_clip
 from relvid.toy.world import GENERIC_MOTIONS, RELATIONS, Subject, all_subjects
 
 
@@ -35,6 +35,14 @@ def accuracy(kind: str, n: int, seed: int) -> tuple[float, float]:
 def test_relations_on_ground_truth(relation):
     rel_acc, subj_acc = accuracy(relation, 8, seed=1)
     assert rel_acc >= 0.97 and subj_acc >= 0.87
+
+
+@pytest.mark.parametrize("relation", sorted(RELATIONS))
+def test_staged_exemplar_tracks_are_their_relation(relation):
+    # The exemplars' own tracks (staged in mid-frame), drawn with two judgeable colours.
+    a, b = Subject("red", "circle"), Subject("blue", "square")
+    verdicts = [judge(render_clip(relation, a, b, seed, EXEMPLAR_STAGING).video, a, b).relation for seed in range(8)]
+    assert verdicts == [relation] * 8
 
 
 def test_generic_motion_is_no_relation():

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from relvid.toy.render import AXIS_JITTER_DEG, render_clip
+from relvid.toy.render import AXIS_JITTER_DEG, EXEMPLAR_STAGING, FREE, Staging, render_clip
 from relvid.toy.world import COLOURS, FRAMES, GENERIC_MOTIONS, RELATIONS, SIZE, Subject
 
 S1, S2 = Subject("red", "triangle"), Subject("cyan", "cross")
@@ -51,3 +51,27 @@ def test_orbit_starts_left_of_its_centre_and_turns_one_way():
         angle = torch.atan2(rel[:, 1], rel[:, 0])
         steps = torch.remainder(angle[1:] - angle[:-1] + math.pi, 2 * math.pi) - math.pi
         assert bool((steps > 0).all()), f"seed {seed}: the orbit does not turn one way (clockwise on screen)"
+
+
+@pytest.mark.parametrize("relation", sorted(RELATIONS))
+def test_exemplars_are_staged_in_mid_frame_and_vary_a_little(relation):
+    # The customization exemplars are filmed as NTU films its actors: the box around both tracks is
+    # centred (+- EXEMPLAR_STAGING.centre px), and takes differ far less than freely placed clips.
+    staged = [render_clip(relation, S1, S2, seed, EXEMPLAR_STAGING).tracks for seed in range(20)]
+    free = [render_clip(relation, S1, S2, seed, FREE).tracks for seed in range(20)]
+    for seed, tracks in enumerate(staged):
+        both = tracks.reshape(-1, 2)
+        middle = (both.min(dim=0).values + both.max(dim=0).values) / 2
+        assert float((middle - (SIZE - 1) / 2).abs().max()) <= EXEMPLAR_STAGING.centre + 1e-4, f"seed {seed}"
+        assert float(both.min()) >= 0 and float(both.max()) <= SIZE - 1
+    spread = lambda clips: float(torch.stack(clips).std(dim=0).mean())  # across takes, per frame and axis
+    assert spread(staged) < 0.5 * spread(free)
+    assert spread(staged) > 0  # still 20 different takes
+
+
+def test_free_staging_is_the_default_and_staging_is_checked():
+    assert torch.equal(render_clip("pushing", S1, S2, 5).video, render_clip("pushing", S1, S2, 5, FREE).video)
+    with pytest.raises(ValueError, match="spread"):
+        Staging(spread=1.5)
+    with pytest.raises(ValueError, match="centre"):
+        Staging(centre=-1.0)
