@@ -82,13 +82,9 @@ class _Draw:
         return lo + (hi - lo) * float(self.unit()[0])
 
 
-def _uniform(g: _Draw, lo: float, hi: float) -> float:
-    return g.uniform(lo, hi)
-
-
 def _point(g: _Draw) -> Tensor:
     lo, hi = MARGIN, SIZE - 1 - MARGIN
-    return torch.tensor([_uniform(g, lo, hi), _uniform(g, lo, hi)])
+    return torch.tensor([g.uniform(lo, hi), g.uniform(lo, hi)])
 
 
 def _place(t1: Tensor, t2: Tensor, g: _Draw) -> tuple[Tensor, Tensor] | None:
@@ -113,13 +109,13 @@ def _place(t1: Tensor, t2: Tensor, g: _Draw) -> tuple[Tensor, Tensor] | None:
 
 
 def _direction(g: _Draw) -> Tensor:
-    a = _uniform(g, 0.0, 2 * math.pi)
+    a = g.uniform(0.0, 2 * math.pi)
     return torch.tensor([math.cos(a), math.sin(a)])
 
 
 def _tilt(g: _Draw) -> float:
     """A random tilt of the staging axis in radians, within +- AXIS_JITTER_DEG."""
-    return math.radians(_uniform(g, -AXIS_JITTER_DEG, AXIS_JITTER_DEG))
+    return math.radians(g.uniform(-AXIS_JITTER_DEG, AXIS_JITTER_DEG))
 
 
 def _axis(g: _Draw) -> Tensor:
@@ -149,7 +145,7 @@ def _static(p: Tensor) -> Tensor:
 
 def _approaching(g: _Draw):
     p2 = _point(g)
-    p1 = p2 - _axis(g) * _uniform(g, 16.0, 20.0)
+    p1 = p2 - _axis(g) * g.uniform(16.0, 20.0)
     end = p2 + (p1 - p2) / (p1 - p2).norm() * CONTACT
     return _segment(p1, end, _ease(_time())), _static(p2)
 
@@ -160,10 +156,10 @@ def _moving_apart(g: _Draw):
 
 
 def _orbiting(g: _Draw):
-    centre = torch.tensor([_uniform(g, 15.0, 16.0), _uniform(g, 15.0, 16.0)])
-    radius = _uniform(g, 9.0, 10.0)
+    centre = torch.tensor([g.uniform(15.0, 16.0), g.uniform(15.0, 16.0)])
+    radius = g.uniform(9.0, 10.0)
     start = math.pi + _tilt(g)  # left of the partner
-    turn = 2 * math.pi * _uniform(g, 0.95, 1.1)  # one way round (clockwise on screen, y points down)
+    turn = 2 * math.pi * g.uniform(0.95, 1.1)  # one way round (clockwise on screen, y points down)
     angle = start + turn * _time()
     t1 = centre[None] + radius * torch.stack([angle.cos(), angle.sin()], dim=1)
     return t1, _static(centre)
@@ -171,8 +167,8 @@ def _orbiting(g: _Draw):
 
 def _following(g: _Draw):
     u = _axis(g)
-    gap = _uniform(g, 9.0, 10.0)
-    length = _uniform(g, 10.0, 12.0)
+    gap = g.uniform(9.0, 10.0)
+    length = g.uniform(10.0, 12.0)
     lead_start = _point(g)
     s = _time()  # constant speed: the follower keeps its distance
     t2 = _segment(lead_start, lead_start + u * length, s)
@@ -182,12 +178,12 @@ def _following(g: _Draw):
 def _pushing(g: _Draw):
     u = _axis(g)
     p2 = _point(g)
-    p1 = p2 - u * _uniform(g, 14.0, 15.0)
+    p1 = p2 - u * g.uniform(14.0, 15.0)
     contact = p2 - u * CONTACT
     half = FRAMES // 2
     s1 = _ease(torch.linspace(0.0, 1.0, half + 1))
     s2 = _ease(torch.linspace(0.0, 1.0, FRAMES - half))
-    push = _uniform(g, 6.5, 7.5)
+    push = g.uniform(6.5, 7.5)
     t1 = torch.cat([_segment(p1, contact, s1), _static(contact)[: FRAMES - half - 1]])
     t2 = torch.cat([_static(p2)[:half], _segment(p2, p2 + u * push, s2)])
     return t1, t2
@@ -195,17 +191,17 @@ def _pushing(g: _Draw):
 
 def _swapping(g: _Draw):
     a = _point(g)
-    b = a + _axis(g) * _uniform(g, 15.0, 20.0)
+    b = a + _axis(g) * g.uniform(15.0, 20.0)
     d = (b - a) / (b - a).norm()
     n = torch.tensor([-d[1], d[0]])
     s = _ease(_time())
-    bump = (torch.sin(math.pi * s) * _uniform(g, 5.0, 6.0))[:, None] * n[None]
+    bump = (torch.sin(math.pi * s) * g.uniform(5.0, 6.0))[:, None] * n[None]
     return _segment(a, b, s) + bump, _segment(b, a, s) - bump
 
 
 def _bouncing(g: _Draw):
     a = _point(g)
-    b = a + _axis(g) * _uniform(g, 18.0, 21.5)
+    b = a + _axis(g) * g.uniform(18.0, 21.5)
     mid = (a + b) / 2
     d = (b - a) / (b - a).norm()
     meet = CONTACT - 1.0  # overlap a little at the meeting: each subject travels >= 5 px
@@ -230,11 +226,11 @@ def _generic_one(motion: str, g: _Draw, start: Tensor) -> Tensor:
     if motion == "static":
         return _static(start)
     if motion == "drift":
-        return _segment(start, start + _direction(g) * _uniform(g, 1.5, GENERIC_MAX_SHIFT), _time())
+        return _segment(start, start + _direction(g) * g.uniform(1.5, GENERIC_MAX_SHIFT), _time())
     if motion == "wander":
-        amp = torch.tensor([_uniform(g, 0.8, 2.2), _uniform(g, 0.8, 2.2)])
-        freq = torch.tensor([_uniform(g, 0.5, 1.5), _uniform(g, 0.5, 1.5)])
-        phase = torch.tensor([_uniform(g, 0, 2 * math.pi), _uniform(g, 0, 2 * math.pi)])
+        amp = torch.tensor([g.uniform(0.8, 2.2), g.uniform(0.8, 2.2)])
+        freq = torch.tensor([g.uniform(0.5, 1.5), g.uniform(0.5, 1.5)])
+        phase = torch.tensor([g.uniform(0, 2 * math.pi), g.uniform(0, 2 * math.pi)])
         wave = torch.sin(2 * math.pi * freq[None] * _time()[:, None] + phase[None]) - torch.sin(phase)[None]
         return start[None] + amp[None] * wave  # (T, 2)
     raise KeyError(f"unknown generic motion {motion!r}; use one of {sorted(GENERIC_MOTIONS)}")
@@ -302,8 +298,8 @@ def draw(s1: Subject, s2: Subject, tracks: tuple[Tensor, Tensor], radii: tuple[f
 def render_clip(kind: str, s1: Subject, s2: Subject, seed: int, staging: Staging = FREE) -> Clip:
     """One clip of a relation or a generic motion, deterministic from `seed` and `staging`."""
     g = _Draw(seed, staging)
-    background = tuple(_uniform(g, 0.0, 0.22) for _ in range(3))
-    radii = (_uniform(g, *RADIUS_RANGE), _uniform(g, *RADIUS_RANGE))
+    background = tuple(g.uniform(0.0, 0.22) for _ in range(3))
+    radii = (g.uniform(*RADIUS_RANGE), g.uniform(*RADIUS_RANGE))
     t1, t2 = tracks_for(kind, g)
     video, masks = draw(s1, s2, (t1, t2), radii, background)
     return Clip(video=video, masks=masks, tracks=torch.stack([t1, t2]), radii=radii, background=background)
