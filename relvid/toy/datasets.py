@@ -48,11 +48,11 @@ def build_exemplar_cache(root: str | Path, relations: Iterable[str] | None = Non
     config = {"generator": "relvid.toy.datasets", "relations": relations, "clips": clips, "seed": seed,
               "subjects": [str(s) for s in EXEMPLAR_SUBJECTS], "staging": dataclasses.asdict(EXEMPLAR_STAGING)}
     found = cache.manifest["config"]
-    if found and any(found.get(k) != config[k] for k in _CLIP_DEFINING):
-        raise CacheError(
-            f"{cache.manifest_path}: its clips were made with {{{', '.join(f'{k}: {found.get(k)!r}' for k in _CLIP_DEFINING)}}}, "
-            f"this relvid makes {{{', '.join(f'{k}: {config[k]!r}' for k in _CLIP_DEFINING)}}}. "
-            f"Fix: delete {cache.root} (and the runs trained on it) and run again")
+    made = {k: found.get(k) for k in _CLIP_DEFINING}
+    makes = {k: config[k] for k in _CLIP_DEFINING}
+    if found and made != makes:
+        raise CacheError(f"{cache.manifest_path}: its clips were made with {made}, this relvid makes {makes}. "
+                         f"Fix: delete {cache.root} (and the runs trained on it) and run again")
     if found:  # the cache grows: keep every relation it already holds
         config["relations"] = list(dict.fromkeys([*found.get("relations", []), *relations]))
     cache.set_config(config)
