@@ -208,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--relations", nargs="+", default=list(RELATIONS), choices=list(RELATIONS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--tables", nargs="+", default=DEFAULT_TABLES, choices=list(TABLES),
-                   help="tables to run and report (default: 1 2 3; 6 is the lambda_m sweep)")
+    p.add_argument("--tables", nargs="+", choices=list(TABLES),
+                   help="tables to run and report (default: 1 2 3, or with --methods the tables holding them; "
+                        "6 is the lambda_m sweep)")
     p.add_argument("--methods", nargs="+", choices=ALL_METHODS,
                    help="only these rows (default: every row of --tables)")
     p.add_argument("--steps", type=int, default=800, help="training steps per customization")
@@ -227,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default=str(HERE), help="where RESULTS.md and results.* go")
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args(argv)
+    if args.tables is None:  # --methods alone: the tables that hold them (--methods hmt_lambda_1 -> Table 6)
+        args.tables = ([t for t, rows in TABLES.items() if set(rows) & set(args.methods)] if args.methods
+                       else DEFAULT_TABLES)
     args.methods = args.methods or table_methods(args.tables)
     if args.threads:
         torch.set_num_threads(args.threads)

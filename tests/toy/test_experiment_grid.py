@@ -105,3 +105,13 @@ def test_metrics_of_another_guidance_or_adapter_set_are_kept_apart():
     names = {grid.metrics_name(default), grid.metrics_name(8.0), grid.metrics_name(default, "all"),
              grid.metrics_name(8.0, "all")}
     assert names == {"metrics.json", "metrics_cfg8.json", "metrics_all.json", "metrics_all_cfg8.json"}
+
+
+def test_methods_alone_report_in_the_tables_that_hold_them(tmp_path):
+    grid = _grid_module()
+    out, res = tmp_path / "work", tmp_path / "results"
+    code = grid.main(["--relations", "approaching", "--seeds", "0", "--methods", "base", "hmt_lambda_1",
+                      "--prompts", "1", "--finished-only", "--out", str(out), "--results", str(res)])
+    assert code == 0  # used to fail writing an empty report: hmt_lambda_1 is in no default table
+    text = (res / "RESULTS.md").read_text()
+    assert "## Table 1" in text and "## Table 6" in text and "## Table 2" not in text
