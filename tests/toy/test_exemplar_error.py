@@ -1,21 +1,15 @@
 """experiments/toy/exemplar_error.py: fit inside and outside the subjects, per adapter set."""
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
 from relvid.toy.datasets import build_exemplar_cache
-
-SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "toy" / "exemplar_error.py"
+from tests.toy.experiments import load_script
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("exemplar_error", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("exemplar_error")
 
 
 def test_adapter_sets_cover_inference_and_hybrid_mask_steps():

@@ -1,7 +1,6 @@
 """The experiment grid: a run is reused for a row only when the configs are the same, a work folder
 never mixes worlds or settings, and a partial grid reports what it has."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -9,15 +8,11 @@ import pytest
 from omegaconf import OmegaConf
 
 from relvid.toy.customize import METHODS, method_config
-
-RUN_PY = Path(__file__).resolve().parents[2] / "experiments" / "toy" / "run.py"
+from tests.toy.experiments import load_script
 
 
 def _grid_module():
-    spec = importlib.util.spec_from_file_location("toy_grid", RUN_PY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("run")
 
 
 def _resolved(method: str, tmp_path: Path) -> dict:
