@@ -8,12 +8,8 @@ from relvid.toy.datasets import build_exemplar_cache
 from tests.toy.experiments import load_script
 
 
-def _module():
-    return load_script("exemplar_error")
-
-
 def test_adapter_sets_cover_inference_and_hybrid_mask_steps():
-    m = _module()
+    m = load_script("exemplar_error")
     sets = m.adapter_sets(("relation", "subject1", "subject2", "ffn"), ("relation", "ffn"))
     assert sets[:4] == [("relation", "subject1", "subject2", "ffn"), ("relation", "ffn"),
                         ("subject1", "ffn"), ("subject2", "ffn")]
@@ -22,7 +18,7 @@ def test_adapter_sets_cover_inference_and_hybrid_mask_steps():
 
 
 def test_base_errors_and_clear_refusals(tmp_path, monkeypatch, capsys):
-    m = _module()
+    m = load_script("exemplar_error")
     cache = tmp_path / "cache"
     build_exemplar_cache(cache, ["moving_apart"], clips=2, progress=False)
     monkeypatch.setattr(sys, "argv", ["exemplar_error.py", "--cache", str(cache), "--relation", "moving_apart"])

@@ -11,17 +11,13 @@ from relvid.toy.customize import METHODS, method_config
 from tests.toy.experiments import load_script
 
 
-def _grid_module():
-    return load_script("run")
-
-
 def _resolved(method: str, tmp_path: Path) -> dict:
     cfg = method_config(METHODS[method], "approaching", tmp_path / "cache", tmp_path / "out")
     return OmegaConf.to_container(cfg, resolve=True)
 
 
 def test_reused_rows_have_identical_configs(tmp_path):
-    grid = _grid_module()
+    grid = load_script("run")
     assert grid.SAME_RUN  # QK/V is DreamRelation's default placement
     for row, source in grid.SAME_RUN.items():
         assert METHODS[row].frozen == METHODS[source].frozen
@@ -31,7 +27,7 @@ def test_reused_rows_have_identical_configs(tmp_path):
 
 
 def test_lambda_m_rows_differ_from_dreamrelation_in_lambda_m_only(tmp_path):
-    grid = _grid_module()
+    grid = load_script("run")
     assert grid.table_methods(["6"]) == ["hmt_lambda_1", "hmt_lambda_25", "dreamrelation", "hmt_lambda_100"]
     assert "hmt_lambda_1" not in grid.table_methods(grid.DEFAULT_TABLES)  # the sweep runs only on request
     paper = _resolved("dreamrelation", tmp_path)
@@ -44,7 +40,7 @@ def test_lambda_m_rows_differ_from_dreamrelation_in_lambda_m_only(tmp_path):
 
 
 def test_work_folder_refuses_runs_of_another_world_or_settings(tmp_path):
-    grid = _grid_module()
+    grid = load_script("run")
     out = tmp_path / "work"
     grid.check_work_folder(out, steps=800, prompts=10)  # a new folder is labelled
     recorded = json.loads((out / grid.GRID_FILE).read_text())
@@ -62,7 +58,7 @@ def test_work_folder_refuses_runs_of_another_world_or_settings(tmp_path):
 
 
 def test_tables_average_only_relations_every_row_finished():
-    grid = _grid_module()
+    grid = load_script("run")
     m = {"relation_accuracy": 1.0, "subject_fidelity": 0.5, "appearance_leakage": 0.0, "temporal_consistency": 0.9}
     results = {("base", "approaching", s): {**m, "relation_accuracy": 0.0} for s in (0, 1)}
     results |= {("dreamrelation", r, s): m for r in ("approaching", "orbiting") for s in (0, 1)}
@@ -76,7 +72,7 @@ def test_tables_average_only_relations_every_row_finished():
 
 
 def test_finished_only_trains_nothing_and_reports_what_is_missing(tmp_path):
-    grid = _grid_module()
+    grid = load_script("run")
     out, res = tmp_path / "work", tmp_path / "results"
     code = grid.main(["--relations", "approaching", "--seeds", "0", "--methods", "base", "direct_lora",
                       "--prompts", "1", "--finished-only", "--out", str(out), "--results", str(res)])
@@ -95,7 +91,7 @@ def test_finished_only_trains_nothing_and_reports_what_is_missing(tmp_path):
 
 
 def test_metrics_of_another_guidance_or_adapter_set_are_kept_apart():
-    grid = _grid_module()
+    grid = load_script("run")
     default = grid.TOY_SETTINGS.guidance_scale
     names = {grid.metrics_name(default), grid.metrics_name(8.0), grid.metrics_name(default, "all"),
              grid.metrics_name(8.0, "all")}
@@ -103,7 +99,7 @@ def test_metrics_of_another_guidance_or_adapter_set_are_kept_apart():
 
 
 def test_methods_alone_report_in_the_tables_that_hold_them(tmp_path):
-    grid = _grid_module()
+    grid = load_script("run")
     out, res = tmp_path / "work", tmp_path / "results"
     code = grid.main(["--relations", "approaching", "--seeds", "0", "--methods", "base", "hmt_lambda_1",
                       "--prompts", "1", "--finished-only", "--out", str(out), "--results", str(res)])
