@@ -72,6 +72,9 @@ class HMTConfig:
     lambda_m: float = 50.0
     weighting: str = "linear"  # linear: 1 + lambda_m * M (paper) | squared: 1 + lambda_m * M^2 (reference code)
     relation_mask: str = "union"  # union (paper) | sum (reference code)
+    # The mask weight applies to samples drawn with noise level sigma <= max_sigma; above it the loss is
+    # plain. 1.0: every level (paper). A probe, not the method: see experiments/toy/NOTES.md.
+    max_sigma: float = 1.0
 
 
 @dataclass
@@ -274,6 +277,7 @@ def _check(cfg: DictConfig) -> None:
     _require(cfg.hmt.weighting in ("linear", "squared"), "hmt.weighting", "must be linear or squared")
     _require(cfg.hmt.relation_mask in ("union", "sum"), "hmt.relation_mask", "must be union or sum")
     _require(cfg.hmt.lambda_m >= 0, "hmt.lambda_m", "must be >= 0")
+    _require(0 <= cfg.hmt.max_sigma <= 1, "hmt.max_sigma", f"must lie in [0, 1], got {cfg.hmt.max_sigma}")
     _require(cfg.rcl.n_pos >= 1 and cfg.rcl.n_neg >= 1, "rcl.n_pos/rcl.n_neg", "must be >= 1")
     _require(cfg.rcl.bank_size >= 1, "rcl.bank_size", "must be >= 1")
     _require(cfg.rcl.tau > 0, "rcl.tau", "must be > 0")

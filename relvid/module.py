@@ -95,17 +95,24 @@ class RelationModule(L.LightningModule):
         probs = torch.tensor(list(self.cfg.hmt.probs), dtype=torch.float64)
         return SELECTIONS[int(torch.multinomial(probs, 1, generator=gen))]
 
-    def _hybrid_mask(self, selection: str, batch: dict) -> torch.Tensor | None:
+    def _hybrid_mask(self, selection: str, batch: dict, sigma: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The loss mask of this step's selection, (B, f, h, w); zero for samples noisier than
+        hmt.max_sigma when `sigma` (B,) is given (their loss is then plain)."""
         if not self.cfg.hmt.enabled:
             return None
         subjects = batch["subject_masks"]  # (B, 2, f, h, w)
         if selection == "subject1":
-            return subjects[:, 0]
-        if selection == "subject2":
-            return subjects[:, 1]
-        if self.cfg.hmt.relation_mask == "sum":
-            return subjects.sum(dim=1)  # the reference code's relation mask: overlap counts twice
-        return batch["relation_mask"]  # (B, f, h, w) union
+            mask = subjects[:, 0]
+        elif selection == "subject2":
+            mask = subjects[:, 1]
+        elif self.cfg.hmt.relation_mask == "sum":
+            mask = subjects.sum(dim=1)  # the reference code's relation mask: overlap counts twice
+        else:
+            mask = batch["relation_mask"]  # (B, f, h, w) union
+        max_sigma = float(self.cfg.hmt.max_sigma)
+        if sigma is not None and max_sigma < 1.0:
+            mask = mask * (sigma <= max_sigma).to(mask.dtype).view(-1, *([1] * (mask.dim() - 1)))
+        return mask
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text_embeds: torch.Tensor,
                 text_mask: torch.Tensor) -> torch.Tensor:
@@ -138,7 +145,7 @@ class RelationModule(L.LightningModule):
         target = velocity_target(z0, noise)
         pred = self(z_sigma, model_timestep(sigma), batch["text_embeds"], batch["text_mask"])
 
-        mask = self._hybrid_mask(selection, batch)
+        mask = self._hybrid_mask(selection, batch, sigma)
         loss_rec = masked_flow_loss(pred.float(), target, mask, float(self.cfg.hmt.lambda_m), self.cfg.hmt.weighting)
         loss = loss_rec
         out: dict[str, Any] = {"clip_index": batch["clip_index"]}

@@ -109,6 +109,16 @@ def test_hybrid_mask_follows_the_selection(tmp_path):
     assert RelationModule(tiny_cfg(tmp_path, "hmt.enabled=false"))._hybrid_mask("relation", batch) is None
 
 
+def test_hybrid_mask_spares_samples_noisier_than_max_sigma(tmp_path):
+    subjects = torch.rand(3, 2, 3, 4, 4)
+    batch = {"subject_masks": subjects, "relation_mask": torch.maximum(subjects[:, 0], subjects[:, 1])}
+    sigma = torch.tensor([0.2, 0.5, 0.9])
+    gated = RelationModule(tiny_cfg(tmp_path, "hmt.max_sigma=0.5"))._hybrid_mask("subject2", batch, sigma)
+    assert torch.equal(gated[:2], subjects[:2, 1]) and not gated[2].any()
+    # the default (the paper's) weights every noise level
+    assert torch.equal(RelationModule(tiny_cfg(tmp_path))._hybrid_mask("relation", batch, sigma), batch["relation_mask"])
+
+
 def test_mask_weighting_changes_the_gradient(tmp_path):
     """lambda_m enters the loss the module optimizes: 0 and 50 give different updates."""
     finals = []

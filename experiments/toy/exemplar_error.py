@@ -6,9 +6,19 @@ compare directly. It answers "did a method learn the exemplars, and what did it 
 without sampling: a method that fits the subjects as well as direct LoRA but raises the error
 outside them above the base's has damaged what the base rendered right.
 
+`bias` is where the model's predicted clean video errs outside the subjects: the mean of
+(predicted - true clean latent) there, along the unit direction from the exemplars' mean background
+latent to their mean subject latent. Positive: the model paints subject where the exemplar has
+background. At high noise the subjects' places are uncertain, and a model that has learned the
+exemplars' layout stops hedging there (bias near 0).
+
+By default the noise level of each draw is uniform in (0, 1), as in training; `--sigmas` instead
+reports each given level on its own (sampling decides the layout at the first, noisiest steps).
+
     python experiments/toy/exemplar_error.py --cache experiments/toy/work/cache --relation moving_apart \
         experiments/toy/work/runs/dreamrelation/moving_apart/seed0/train \
         experiments/toy/work/runs/direct_lora/moving_apart/seed0/train
+    python experiments/toy/exemplar_error.py ... --sigmas 0.1 0.5 0.9 0.98
 """
 
 from __future__ import annotations
@@ -35,17 +45,33 @@ def adapter_sets(names: tuple[str, ...], inference: tuple[str, ...]) -> list[tup
     return list(dict.fromkeys(sets))
 
 
+def subject_direction(z0: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unit vector over latent channels from the mean latent outside the mask to the mean inside.
+
+    z0 (B, C, f, h, w); mask (B, 1, f, h, w) in [0, 1]."""
+    inside = (z0 * mask).sum((0, 2, 3, 4)) / mask.expand_as(z0).sum((0, 2, 3, 4))
+    outside = (z0 * (1 - mask)).sum((0, 2, 3, 4)) / (1 - mask).expand_as(z0).sum((0, 2, 3, 4))
+    d = inside - outside
+    return d / d.norm()
+
+
 @torch.no_grad()
 def errors(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-    sums = {"inside": 0.0, "outside": 0.0}
-    mask = batch["mask"]
+    sums = {"inside": 0.0, "outside": 0.0, "bias": 0.0}
+    z0, mask = batch["z0"], batch["mask"]
+    direction = subject_direction(z0, mask)
     for k in range(DRAWS):
         noise, sigma = batch["noise"][k], batch["sigma"][k]
-        pred = model(hidden_states=noisy_latents(batch["z0"], noise, sigma), encoder_hidden_states=batch["embeds"],
-                     timestep=model_timestep(sigma), encoder_attention_mask=batch["text_mask"], return_dict=False)[0]
-        err = (pred.float() - velocity_target(batch["z0"], noise)) ** 2
+        z_sigma = noisy_latents(z0, noise, sigma)
+        pred = model(hidden_states=z_sigma, encoder_hidden_states=batch["embeds"], timestep=model_timestep(sigma),
+                     encoder_attention_mask=batch["text_mask"], return_dict=False)[0].float()
+        err = (pred - velocity_target(z0, noise)) ** 2
         sums["inside"] += float((err * mask).sum() / mask.expand_as(err).sum()) / DRAWS
         sums["outside"] += float((err * (1 - mask)).sum() / (1 - mask).expand_as(err).sum()) / DRAWS
+        # the clean latent the prediction implies: z_sigma = (1 - s) z0 + s n and v = z0 - n give z0 = z_sigma + s v
+        clean = z_sigma + sigma.view(-1, 1, 1, 1, 1) * pred
+        along = torch.einsum("bcfhw,c->bfhw", clean - z0, direction)[:, None]
+        sums["bias"] += float((along * (1 - mask)).sum() / (1 - mask).sum()) / DRAWS
     return sums
 
 
@@ -54,7 +80,11 @@ def main() -> None:
     p.add_argument("runs", nargs="*", type=Path, help="run folders (each holding adapters/relvid_adapters.safetensors)")
     p.add_argument("--cache", type=Path, required=True, help="the exemplar cache the runs were trained on")
     p.add_argument("--relation", required=True)
+    p.add_argument("--sigmas", type=float, nargs="+", help="fixed noise levels in [0, 1], each reported on its own "
+                   "(default: one report over levels drawn uniformly)")
     args = p.parse_args()
+    if args.sigmas and not all(0 <= s <= 1 for s in args.sigmas):
+        raise SystemExit(f"--sigmas: noise levels must lie in [0, 1], got {args.sigmas}")
 
     cache = ClipCache(args.cache)
     records = [cache.read(c) for c in cache.clip_ids(args.relation)]
@@ -66,20 +96,25 @@ def main() -> None:
              "text_mask": torch.stack([r.text_mask for r in records]).bool(),
              "mask": torch.stack([r.relation_mask.float() for r in records])[:, None],
              "noise": torch.randn((DRAWS, *z0.shape), generator=g), "sigma": torch.rand(DRAWS, len(records), generator=g)}
+    levels = [(f"sigma {s:g}", torch.full_like(batch["sigma"], s)) for s in args.sigmas or []]
+    levels = levels or [("sigma ~ U(0, 1)", batch["sigma"])]
 
-    def show(name: str, e: dict[str, float]) -> None:
-        print(f"{name:60s} inside {e['inside']:.4f}   outside {e['outside']:.4f}", flush=True)
-
-    show("base", errors(load_base(), batch))
+    models: list[tuple[str, torch.nn.Module, tuple[str, ...] | None]] = [("base", load_base(), None)]
     for run in args.runs:
         adapter_file = run / ADAPTER_FILE
         if not adapter_file.is_file():
             raise SystemExit(f"{adapter_file} not found: pass a run folder of relvid.toy.customize")
         spec, _, _ = load_adapters(adapter_file)
         model = load_customized(adapter_file, adapters="all")
-        for names in adapter_sets(adapter_names(spec), inference_adapters(spec)):
-            activate(model, list(names))
-            show(f"{run}: {'+'.join(names)}", errors(model, batch))
+        models += [(f"{run}: {'+'.join(names)}", model, names)
+                   for names in adapter_sets(adapter_names(spec), inference_adapters(spec))]
+    for title, sigma in levels:
+        print(f"{title}:", flush=True)
+        for name, model, names in models:
+            if names is not None:
+                activate(model, list(names))
+            e = errors(model, dict(batch, sigma=sigma))
+            print(f"{name:60s} inside {e['inside']:.4f}   outside {e['outside']:.4f}   bias {e['bias']:+.4f}", flush=True)
 
 
 if __name__ == "__main__":

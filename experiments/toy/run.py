@@ -17,6 +17,8 @@ results.{md,csv,json}.
                                                         # re-sample finished adapters at guidance 8
     python experiments/toy/run.py --finished-only --adapters all --results /tmp/all
                                                         # ... with the subject LoRAs kept at inference
+    python experiments/toy/run.py --finished-only --adapters subjects --results /tmp/subjects
+                                                        # ... with subject + FFN LoRAs, no relation LoRA
 """
 
 from __future__ import annotations
@@ -101,8 +103,8 @@ def check_work_folder(out: Path, steps: int, prompts: int) -> None:
 
 def metrics_name(guidance: float, adapters: str = "inference") -> str:
     """metrics.json at the toy sampler's guidance with the method's inference adapters; otherwise
-    metrics[_all][_cfg<g>].json beside it."""
-    parts = ["metrics"] + (["all"] if adapters != "inference" else []) + (
+    metrics[_all|_subjects][_cfg<g>].json beside it."""
+    parts = ["metrics"] + ([adapters] if adapters != "inference" else []) + (
         [f"cfg{guidance:g}"] if guidance != TOY_SETTINGS.guidance_scale else [])
     return "_".join(parts) + ".json"
 
@@ -190,8 +192,10 @@ def report(results: dict, args: argparse.Namespace, command: str, minutes: float
         f"- grid asked: {len(args.relations)} relations x seeds {args.seeds} x {len(args.methods)} methods; "
         f"{args.steps} training steps per customization; {args.prompts} test prompts per relation; "
         f"sampling: {TOY_SETTINGS.num_steps} Euler steps, guidance {args.guidance:g}, "
-        + ("each method's inference adapters" if args.adapters == "inference" else
-           "every trained adapter active (subject LoRAs kept: a diagnostic, not the method)"),
+        + {"inference": "each method's inference adapters",
+           "all": "every trained adapter active (subject LoRAs kept: a diagnostic, not the method)",
+           "subjects": "subject and FFN LoRAs active, relation LoRA dropped (a diagnostic, not the method)",
+           }[args.adapters],
         f"- runs found: {len(results)} of {len(args.methods) * len(args.relations) * len(args.seeds)}"
         + (f"; methods with none: {', '.join(missing)}" if missing else ""),
         "- metrics: fractions; per table, mean ± std over seeds of the mean over the listed relations", "",
@@ -219,8 +223,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="classifier-free guidance when sampling the test prompts (metrics at another "
                         "guidance than the default are kept beside the default's)")
     p.add_argument("--adapters", default="inference", choices=ADAPTER_SETS,
-                   help="adapters active when sampling: the method's inference set (default), or all "
-                        "trained adapters, subject LoRAs included (metrics kept beside the default's)")
+                   help="adapters active when sampling: the method's inference set (default), all "
+                        "trained adapters (subject LoRAs included), or the subject and FFN LoRAs without "
+                        "the relation LoRA (metrics kept beside the default's)")
     p.add_argument("--finished-only", action="store_true",
                    help="train nothing: report the runs whose adapters exist (sampling them if this "
                         "guidance has no metrics yet)")

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from relvid.config import ConfigError, ModelConfig, load_config
 from relvid.models.backbone import load_transformer
-from relvid.models.lora import (activate, adapter_names, inference_adapters, inject_triplet,
+from relvid.models.lora import (TripletSpec, activate, adapter_names, inference_adapters, inject_triplet,
                                 load_adapter_state_dict, load_adapters, lora_parameters)
 from relvid.toy.base import BASE_DIR
 
@@ -100,19 +100,36 @@ def load_base(base_dir: str | Path = BASE_DIR, device: str = "cpu") -> torch.nn.
     return load_transformer(cfg).to(device).eval()
 
 
-ADAPTER_SETS = ("inference", "all")
+# Adapter sets a triplet run can be sampled with: the method's inference set (relation + FFN), every
+# trained adapter, or both subject LoRAs with the FFN LoRA and no relation LoRA. Side by side they
+# tell which adapters hold the learned relation (the method assumes relation LoRAs on Q/K do).
+ADAPTER_SETS = ("inference", "all", "subjects")
+
+
+def adapters_in_set(spec: TripletSpec, adapters: str) -> tuple[str, ...]:
+    """The adapter names `adapters` (one of ADAPTER_SETS) activates for a run of `spec`."""
+    if adapters not in ADAPTER_SETS:
+        raise ValueError(f"adapters must be one of {ADAPTER_SETS}, got {adapters!r}")
+    if adapters == "inference":
+        return inference_adapters(spec)
+    if adapters == "all":
+        return adapter_names(spec)
+    if spec.placement == "direct":
+        raise ValueError("adapters='subjects': a direct LoRA run has one adapter and no subject LoRAs; "
+                         "use 'inference' or 'all'")
+    return ("subject1", "subject2", "ffn")
 
 
 def load_customized(adapter_file: str | Path, base_dir: str | Path = BASE_DIR, device: str = "cpu",
                     adapters: str = "inference") -> torch.nn.Module:
     """The base with a run's adapters. `adapters="inference"` activates the method's inference set
     (relation + FFN, or direct); "all" also keeps the subject LoRAs, the set a hybrid-mask "relation"
-    step trains (a diagnostic: how much of the relation the dropped subject LoRAs hold)."""
-    if adapters not in ADAPTER_SETS:
-        raise ValueError(f"adapters must be one of {ADAPTER_SETS}, got {adapters!r}")
+    step trains; "subjects" keeps the subject and FFN LoRAs and drops the relation LoRA. The last two
+    are diagnostics: how much of the relation the adapters the method drops (or keeps) hold."""
     spec, state, _ = load_adapters(adapter_file)
+    names = adapters_in_set(spec, adapters)
     model = load_base(base_dir, device="cpu")
     inject_triplet(model, spec)
     load_adapter_state_dict(model, state)
-    activate(model, inference_adapters(spec) if adapters == "inference" else adapter_names(spec))
+    activate(model, names)
     return model.to(device).eval()

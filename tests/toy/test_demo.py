@@ -135,12 +135,19 @@ def test_ablation_keeps_the_removed_adapters_at_zero(tmp_path):
     assert moved == {"relation", "ffn"}  # subject LoRAs never left their zero init
 
 
-def test_customized_model_activates_the_inference_set_or_every_adapter(tmp_path):
-    from relvid.models.lora import active_adapters
+def test_customized_model_activates_the_asked_adapter_set(tmp_path):
+    from relvid.models.lora import TripletSpec, active_adapters
+    from relvid.toy.customize import adapters_in_set
 
     path, base = _tiny_customization(tmp_path, "dreamrelation", 2)
     assert set(active_adapters(load_customized(path, base))) == {"relation", "ffn"}
     everything = load_customized(path, base, adapters="all")
     assert set(active_adapters(everything)) == {"relation", "subject1", "subject2", "ffn"}
+    no_relation = load_customized(path, base, adapters="subjects")
+    assert set(active_adapters(no_relation)) == {"subject1", "subject2", "ffn"}
     with pytest.raises(ValueError, match="adapters must be one of"):
-        load_customized(path, base, adapters="subjects")
+        load_customized(path, base, adapters="relation")
+    direct = TripletSpec(placement="direct")
+    assert adapters_in_set(direct, "inference") == adapters_in_set(direct, "all") == ("direct",)
+    with pytest.raises(ValueError, match="no subject LoRAs"):
+        adapters_in_set(direct, "subjects")

@@ -94,8 +94,9 @@ def test_metrics_of_another_guidance_or_adapter_set_are_kept_apart():
     grid = load_script("run")
     default = grid.TOY_SETTINGS.guidance_scale
     names = {grid.metrics_name(default), grid.metrics_name(8.0), grid.metrics_name(default, "all"),
-             grid.metrics_name(8.0, "all")}
-    assert names == {"metrics.json", "metrics_cfg8.json", "metrics_all.json", "metrics_all_cfg8.json"}
+             grid.metrics_name(8.0, "all"), grid.metrics_name(default, "subjects")}
+    assert names == {"metrics.json", "metrics_cfg8.json", "metrics_all.json", "metrics_all_cfg8.json",
+                     "metrics_subjects.json"}
 
 
 def test_methods_alone_report_in_the_tables_that_hold_them(tmp_path):
