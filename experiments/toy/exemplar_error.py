@@ -18,7 +18,7 @@ reports each given level on its own (sampling decides the layout at the first, n
     python experiments/toy/exemplar_error.py --cache experiments/toy/work/cache --relation moving_apart \
         experiments/toy/work/runs/dreamrelation/moving_apart/seed0/train \
         experiments/toy/work/runs/direct_lora/moving_apart/seed0/train
-    python experiments/toy/exemplar_error.py ... --sigmas 0.1 0.5 0.9 0.98
+    python experiments/toy/exemplar_error.py ... --sigmas 0.1,0.5,0.9,0.98
 """
 
 from __future__ import annotations
@@ -43,6 +43,17 @@ def adapter_sets(names: tuple[str, ...], inference: tuple[str, ...]) -> list[tup
         sets += [("subject1", "ffn"), ("subject2", "ffn")]
     sets += [(n,) for n in names if len(names) > 1]
     return list(dict.fromkeys(sets))
+
+
+def noise_levels(text: str) -> list[float]:
+    """--sigmas: "0.5,0.98" -> [0.5, 0.98], each in [0, 1]."""
+    try:
+        levels = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.5,0.98, got {text!r}") from None
+    if not levels or not all(0 <= s <= 1 for s in levels):
+        raise argparse.ArgumentTypeError(f"noise levels must lie in [0, 1], got {text!r}")
+    return levels
 
 
 def subject_direction(z0: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -80,11 +91,10 @@ def main() -> None:
     p.add_argument("runs", nargs="*", type=Path, help="run folders (each holding adapters/relvid_adapters.safetensors)")
     p.add_argument("--cache", type=Path, required=True, help="the exemplar cache the runs were trained on")
     p.add_argument("--relation", required=True)
-    p.add_argument("--sigmas", type=float, nargs="+", help="fixed noise levels in [0, 1], each reported on its own "
-                   "(default: one report over levels drawn uniformly)")
+    p.add_argument("--sigmas", type=noise_levels, default=[],
+                   help="comma-separated fixed noise levels in [0, 1], each reported on its own, e.g. 0.5,0.98 "
+                        "(default: one report over levels drawn uniformly)")
     args = p.parse_args()
-    if args.sigmas and not all(0 <= s <= 1 for s in args.sigmas):
-        raise SystemExit(f"--sigmas: noise levels must lie in [0, 1], got {args.sigmas}")
 
     cache = ClipCache(args.cache)
     records = [cache.read(c) for c in cache.clip_ids(args.relation)]
@@ -96,7 +106,7 @@ def main() -> None:
              "text_mask": torch.stack([r.text_mask for r in records]).bool(),
              "mask": torch.stack([r.relation_mask.float() for r in records])[:, None],
              "noise": torch.randn((DRAWS, *z0.shape), generator=g), "sigma": torch.rand(DRAWS, len(records), generator=g)}
-    levels = [(f"sigma {s:g}", torch.full_like(batch["sigma"], s)) for s in args.sigmas or []]
+    levels = [(f"sigma {s:g}", torch.full_like(batch["sigma"], s)) for s in args.sigmas]
     levels = levels or [("sigma ~ U(0, 1)", batch["sigma"])]
 
     models: list[tuple[str, torch.nn.Module, tuple[str, ...] | None]] = [("base", load_base(), None)]

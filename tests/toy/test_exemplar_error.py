@@ -43,16 +43,18 @@ def test_base_hedges_on_layout_at_high_noise_only(tmp_path, monkeypatch, capsys)
     cache = tmp_path / "cache"
     build_exemplar_cache(cache, ["moving_apart"], clips=4, progress=False)
     monkeypatch.setattr(sys, "argv", ["exemplar_error.py", "--cache", str(cache), "--relation", "moving_apart",
-                                      "--sigmas", "0.1", "0.98"])
+                                      "--sigmas", "0.1,0.98"])
     m.main()
     lines = capsys.readouterr().out.strip().splitlines()
     assert [lines[0], lines[2]] == ["sigma 0.1:", "sigma 0.98:"]
     low, high = (float(line.split()[-1]) for line in (lines[1], lines[3]))
     assert high > 0.5 and abs(low) < 0.1 < high - low
-    monkeypatch.setattr(sys, "argv", ["exemplar_error.py", "--cache", str(cache), "--relation", "moving_apart",
-                                      "--sigmas", "1.5"])
-    with pytest.raises(SystemExit, match="must lie in"):
-        m.main()
+    for bad, why in (("1.5", "must lie in"), ("0.5;0.9", "comma-separated numbers")):
+        monkeypatch.setattr(sys, "argv", ["exemplar_error.py", "--cache", str(cache), "--relation", "moving_apart",
+                                          "--sigmas", bad])
+        with pytest.raises(SystemExit):
+            m.main()
+        assert why in capsys.readouterr().err
 
 
 def test_subject_direction_points_from_background_to_subject():
