@@ -69,8 +69,7 @@ def subject_direction(z0: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def errors(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
     sums = {"inside": 0.0, "outside": 0.0, "bias": 0.0}
-    z0, mask = batch["z0"], batch["mask"]
-    direction = subject_direction(z0, mask)
+    z0, mask, direction = batch["z0"], batch["mask"], batch["direction"]
     for k in range(DRAWS):
         noise, sigma = batch["noise"][k], batch["sigma"][k]
         z_sigma = noisy_latents(z0, noise, sigma)
@@ -106,6 +105,7 @@ def main() -> None:
              "text_mask": torch.stack([r.text_mask for r in records]).bool(),
              "mask": torch.stack([r.relation_mask.float() for r in records])[:, None],
              "noise": torch.randn((DRAWS, *z0.shape), generator=g), "sigma": torch.rand(DRAWS, len(records), generator=g)}
+    batch["direction"] = subject_direction(z0, batch["mask"])
     levels = [(f"sigma {s:g}", torch.full_like(batch["sigma"], s)) for s in args.sigmas]
     levels = levels or [("sigma ~ U(0, 1)", batch["sigma"])]
 
