@@ -84,8 +84,9 @@ def register(subparsers) -> None:
     p.add_argument("--save-every", type=int, default=250,
                    help="save the training state every N steps; a rerun resumes from it (0: never)")
     p.add_argument("--init", help="start from this base folder instead of random weights")
-    p.add_argument("--eval-prompts", type=int, default=5,
-                   help="test prompts per relation for the fidelity check afterwards (0 skips it)")
+    p.add_argument("--eval-prompts", type=int, default=10,
+                   help="test prompts (unseen subject pairs) per relation for the fidelity check afterwards; "
+                        "default: all 10 (0 skips it)")
     p.set_defaults(func=cmd_toy_base)
 
     p = subparsers.add_parser("demo", help="the toy world end to end on a CPU: customize, sample, judge, table")
