@@ -87,7 +87,8 @@ def base_report(transformer: nn.Module, n_prompts: int = 10, seed: int = 0, devi
     overall, and how often each relation comes out by chance.
 
     Prompt i of every relation has the same subject pair and sampling seed (only the verb differs), so
-    the videos hold n_prompts independent draws, not 7 * n_prompts: the default uses all ten pairs."""
+    the len(RELATIONS) * n_prompts videos share n_prompts pairs and noise draws: the default uses all
+    ten pairs."""
     prompts = [p for r in RELATIONS for p in test_prompts(r, n_prompts, seed=seed)]
     videos = generate(transformer, prompts, device=device, progress=progress, desc="base fidelity")
     metrics, verdicts = score(videos, prompts)
