@@ -1,0 +1,43 @@
+"""experiments/toy/caption_use.py: does the base draw what its caption names?"""
+
+import json
+import sys
+
+import pytest
+
+from relvid.toy import world
+from tests.toy.experiments import load_script
+
+
+def test_changed_captions_name_other_subjects_and_keep_pairs_distinct():
+    m = load_script("caption_use")
+    for a, b in world.test_pairs():
+        for kind in ("shapes changed", "colours changed"):
+            x, y = m.captioned_subjects(kind, a, b)
+            assert x != a and y != b and x != y
+            assert world.EXEMPLAR_COLOUR not in (x.colour, y.colour)
+            if kind == "shapes changed":
+                assert (x.colour, y.colour) == (a.colour, b.colour) and x.shape != y.shape
+            else:
+                assert (x.shape, y.shape) == (a.shape, b.shape) and x.colour != y.colour
+    assert m.captioned_subjects("empty", a, b) is None
+    with pytest.raises(ValueError, match="unknown caption kind"):
+        m.captioned_subjects("reversed", a, b)
+
+
+def test_base_restores_shown_subjects_from_low_noise_whatever_the_caption(tmp_path, monkeypatch, capsys):
+    """From little noise the input decides: every caption gives the shown subjects back, and a caption
+    that names other subjects is not obeyed."""
+    m = load_script("caption_use")
+    out = tmp_path / "caption_use.json"
+    monkeypatch.setattr(sys, "argv", ["caption_use.py", "--clips", "3", "--sigmas", "0.3", "--frames", "1", "--steps", "3",
+                                      "--json", str(out)])
+    m.main()
+    assert "| 0.3 |" in capsys.readouterr().out
+    figures = json.loads(out.read_text())["results"]["0.3"]
+    assert all(figures[k]["shown"] == 1.0 for k in m.CAPTIONS)
+    assert figures["shapes changed"]["asked"] == figures["colours changed"]["asked"] == 0.0
+    assert figures["empty"]["asked"] is None
+    monkeypatch.setattr(sys, "argv", ["caption_use.py", "--base", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit, match="no config.json"):
+        m.main()
