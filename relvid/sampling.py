@@ -79,8 +79,12 @@ def sample(
     guidance_scale: float = 6.0,
     threshold_noise: float = 0.025,
     progress: bool = False,
+    sigmas: Tensor | None = None,
 ) -> Tensor:
     """Denoise `noise` (B, C, F, H, W) to normalized latents (float32) with Euler steps from sigma 1 to 0.
+
+    `sigmas` (decreasing, ending at 0) replaces the schedule: `noise` is then the noisy latent at
+    sigmas[0], and num_steps / threshold_noise are unused (finishing a partly noised clip).
 
     CFG v = v_u + g (v_c - v_u), with the unconditional and conditional halves in one forward pass;
     without a negative prompt or with guidance_scale == 1 only the conditional pass runs. The
@@ -102,7 +106,11 @@ def sample(
         embeds, mask = text_embeds, text_mask.bool()
     embeds, mask = embeds.to(device, dtype), mask.to(device)
 
-    sigmas = linear_quadratic_sigmas(num_steps, threshold_noise)
+    if sigmas is None:
+        sigmas = linear_quadratic_sigmas(num_steps, threshold_noise)
+    elif sigmas.dim() != 1 or len(sigmas) < 2 or bool((sigmas[1:] >= sigmas[:-1]).any()) or float(sigmas[-1]) != 0.0:
+        raise ValueError(f"sample: sigmas must decrease strictly and end at 0, got {sigmas.tolist()}")
+    num_steps = len(sigmas) - 1
     x = noise.to(torch.float32)
     for i in tqdm(range(num_steps), desc="sampling", disable=not progress):
         sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()

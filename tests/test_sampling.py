@@ -97,6 +97,19 @@ def test_sampler_lands_on_x0_without_guidance():
     _assert_timesteps_rise_from_zero(model.timesteps, 16)
 
 
+def test_sampler_finishes_a_partly_noised_latent_from_given_sigmas():
+    """Given sigmas, the sampler starts at sigmas[0] from the latent it is handed (not from pure noise)."""
+    noise, x0, _, text, text_mask, *_ = _setup()
+    model = _oracle(x0, torch.zeros_like(x0))
+    start = 0.5 * x0 + 0.5 * noise  # x0 noised to sigma 0.5
+    out = sample(model, start, text, text_mask, sigmas=torch.linspace(0.5, 0.0, 5, dtype=torch.float64))
+    torch.testing.assert_close(out, x0, rtol=0, atol=1e-5)
+    assert model.timesteps == [500.0, 625.0, 750.0, 875.0]
+    for bad in ([1.0, 0.5], [0.5, 0.6, 0.0], [0.0]):
+        with pytest.raises(ValueError, match="must decrease strictly and end at 0"):
+            sample(model, start, text, text_mask, sigmas=torch.tensor(bad, dtype=torch.float64))
+
+
 def _assert_timesteps_rise_from_zero(timesteps, num_steps):
     assert len(timesteps) == num_steps and timesteps[0] == 0.0
     assert all(a < b for a, b in zip(timesteps, timesteps[1:])) and timesteps[-1] < 1000.0

@@ -29,11 +29,12 @@ from tqdm.auto import tqdm
 
 from relvid.generate import to_uint8_frames
 from relvid.losses.flow_matching import model_timestep
-from relvid.sampling import _pad_tokens
+from relvid.sampling import sample
 from relvid.seeding import derive_seed
 from relvid.toy.base import BASE_DIR
 from relvid.toy.codec import ToyCodec
 from relvid.toy.customize import load_base
+from relvid.toy.evaluate import noise_levels
 from relvid.toy.judge import judge
 from relvid.toy.render import render_clip
 from relvid.toy.text import ToyTextEncoder
@@ -68,35 +69,15 @@ def captioned_subjects(kind: str, a: Subject, b: Subject) -> tuple[Subject, Subj
     raise ValueError(f"unknown caption kind {kind!r}; kinds are {CAPTIONS}")
 
 
-def noise_levels(text: str) -> list[float]:
-    """--sigmas: "0.5,0.9" -> [0.5, 0.9], each in [0, 1]."""
-    try:
-        levels = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.5,0.9, got {text!r}") from None
-    if not levels or not all(0 <= s <= 1 for s in levels):
-        raise argparse.ArgumentTypeError(f"noise levels must lie in [0, 1], got {text!r}")
-    return levels
+
+def finish(model: torch.nn.Module, z_sigma: torch.Tensor, sigma: float, embeds: torch.Tensor, mask: torch.Tensor,
+           negative: tuple[torch.Tensor, torch.Tensor], steps: int, guidance: float = GUIDANCE) -> torch.Tensor:
+    """relvid's sampler (Euler, CFG) from `sigma` to 0 in `steps` even steps: (1, C, f, h, w) clean latents."""
+    return sample(model, z_sigma, embeds[None], mask[None], negative[0][None], negative[1][None], guidance_scale=guidance,
+                  sigmas=torch.linspace(sigma, 0.0, steps + 1, dtype=torch.float64))
 
 
 @torch.no_grad()
-def finish(model: torch.nn.Module, z_sigma: torch.Tensor, sigma: float, embeds: torch.Tensor, mask: torch.Tensor,
-           negative: tuple[torch.Tensor, torch.Tensor], steps: int, guidance: float = GUIDANCE) -> torch.Tensor:
-    """Euler with CFG from `sigma` to 0 in `steps` even steps: (1, C, f, h, w) clean latents."""
-    length = max(embeds.shape[0], negative[0].shape[0])
-    pos_e, pos_m = _pad_tokens(embeds[None], mask[None], length)
-    neg_e, neg_m = _pad_tokens(negative[0][None], negative[1][None], length)
-    text, text_mask = torch.cat([neg_e, pos_e]), torch.cat([neg_m, pos_m])  # unconditional half first
-    levels = torch.linspace(sigma, 0.0, steps + 1, dtype=torch.float64)
-    x = z_sigma.float()
-    for s, s_next in zip(levels[:-1].tolist(), levels[1:].tolist()):
-        v = model(hidden_states=torch.cat([x, x]), encoder_hidden_states=text, encoder_attention_mask=text_mask,
-                  timestep=model_timestep(torch.full((2,), s, dtype=torch.float64)).float(), return_dict=False)[0].float()
-        v = v[:1] + guidance * (v[1:] - v[:1])
-        x = x + (s - s_next) * v  # v = z0 - noise points from noise to data
-    return x
-
-
 def caption_use(model: torch.nn.Module, sigmas: list[float], clips: int = 20, frames: int = FRAMES,
                 steps: int = 12, seed: int = 0, progress: bool = True) -> dict:
     """{sigma: {caption kind: {"shown": fraction, "asked": fraction or None}}} over `clips` clips."""

@@ -32,6 +32,7 @@ from relvid.data.cache import ClipCache
 from relvid.losses.flow_matching import model_timestep, noisy_latents, velocity_target
 from relvid.models.lora import activate, adapter_names, inference_adapters, load_adapters
 from relvid.toy.customize import ADAPTER_FILE, load_base, load_customized
+from relvid.toy.evaluate import noise_levels
 
 DRAWS = 4
 
@@ -44,16 +45,6 @@ def adapter_sets(names: tuple[str, ...], inference: tuple[str, ...]) -> list[tup
     sets += [(n,) for n in names if len(names) > 1]
     return list(dict.fromkeys(sets))
 
-
-def noise_levels(text: str) -> list[float]:
-    """--sigmas: "0.5,0.98" -> [0.5, 0.98], each in [0, 1]."""
-    try:
-        levels = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.5,0.98, got {text!r}") from None
-    if not levels or not all(0 <= s <= 1 for s in levels):
-        raise argparse.ArgumentTypeError(f"noise levels must lie in [0, 1], got {text!r}")
-    return levels
 
 
 def subject_direction(z0: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

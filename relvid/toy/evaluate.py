@@ -8,6 +8,7 @@ temporal consistency (mean cosine similarity of consecutive frames, relvid.eval.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -59,6 +60,17 @@ def generate(transformer: nn.Module, prompts: list[TestPrompt], settings: Sample
     for prompt, (embeds, mask) in tqdm(list(zip(prompts, encoded)), desc=desc, disable=not progress):
         videos.append(generate_video(transformer, codec, embeds, mask, negative, prompt.seed, settings, device=device))
     return videos
+
+
+def noise_levels(text: str) -> list[float]:
+    """An argparse type for the toy probes' --sigmas: "0.5,0.98" -> [0.5, 0.98], each in [0, 1]."""
+    try:
+        levels = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.5,0.98, got {text!r}") from None
+    if not levels or not all(0 <= s <= 1 for s in levels):
+        raise argparse.ArgumentTypeError(f"noise levels must lie in [0, 1], got {text!r}")
+    return levels
 
 
 def frame_similarity(video: Tensor) -> float:
