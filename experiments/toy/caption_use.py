@@ -127,6 +127,8 @@ def main() -> None:
     args = p.parse_args()
     if args.clips < 1:
         p.error(f"--clips must be >= 1, got {args.clips}")
+    if min(args.sigmas) <= 0:
+        p.error(f"--sigmas: every level must be above 0 (a clip at level 0 is already finished), got {args.sigmas}")
     if args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
     if args.frames not in (1, FRAMES):

@@ -38,6 +38,10 @@ def test_base_restores_shown_subjects_from_low_noise_whatever_the_caption(tmp_pa
     assert all(figures[k]["shown"] == 1.0 for k in m.CAPTIONS)
     assert figures["shapes changed"]["asked"] == figures["colours changed"]["asked"] == 0.0
     assert figures["empty"]["asked"] is None
+    monkeypatch.setattr(sys, "argv", ["caption_use.py", "--sigmas", "0,0.9"])
+    with pytest.raises(SystemExit):
+        m.main()
+    assert "every level must be above 0" in capsys.readouterr().err
     monkeypatch.setattr(sys, "argv", ["caption_use.py", "--base", str(tmp_path / "nowhere")])
     with pytest.raises(SystemExit, match="no config.json"):
         m.main()
