@@ -28,20 +28,19 @@ import torch
 from tqdm.auto import tqdm
 
 from relvid.generate import to_uint8_frames
-from relvid.losses.flow_matching import model_timestep
 from relvid.sampling import sample
 from relvid.seeding import derive_seed
 from relvid.toy.base import BASE_DIR
 from relvid.toy.codec import ToyCodec
 from relvid.toy.customize import load_base
-from relvid.toy.evaluate import noise_levels
+from relvid.toy.evaluate import TOY_SETTINGS, noise_levels
 from relvid.toy.judge import judge
 from relvid.toy.render import render_clip
 from relvid.toy.text import ToyTextEncoder
 from relvid.toy.world import COLOURS, EXEMPLAR_COLOUR, FRAMES, SHAPES, Subject, generic_caption, test_pairs
 
 CAPTIONS = ("right", "shapes changed", "colours changed", "empty")
-GUIDANCE = 4.0  # relvid.toy.evaluate.TOY_SETTINGS
+GUIDANCE = TOY_SETTINGS.guidance_scale  # as the toy world samples
 _CLIP_STREAM, _NOISE_STREAM = 401, 402
 
 
@@ -67,7 +66,6 @@ def captioned_subjects(kind: str, a: Subject, b: Subject) -> tuple[Subject, Subj
     if kind == "empty":
         return None
     raise ValueError(f"unknown caption kind {kind!r}; kinds are {CAPTIONS}")
-
 
 
 def finish(model: torch.nn.Module, z_sigma: torch.Tensor, sigma: float, embeds: torch.Tensor, mask: torch.Tensor,

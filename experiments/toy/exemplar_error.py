@@ -46,7 +46,6 @@ def adapter_sets(names: tuple[str, ...], inference: tuple[str, ...]) -> list[tup
     return list(dict.fromkeys(sets))
 
 
-
 def subject_direction(z0: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Unit vector over latent channels from the mean latent outside the mask to the mean inside.
 
