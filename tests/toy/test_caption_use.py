@@ -45,3 +45,33 @@ def test_base_restores_shown_subjects_from_low_noise_whatever_the_caption(tmp_pa
     monkeypatch.setattr(sys, "argv", ["caption_use.py", "--base", str(tmp_path / "nowhere")])
     with pytest.raises(SystemExit, match="no config.json"):
         m.main()
+
+
+def test_word_choices_change_one_word_of_subject_1_and_keep_the_pair_apart():
+    m = load_script("caption_use")
+    for a, b in world.test_pairs():
+        shapes = m.word_choices("shape", a, b)
+        assert shapes[0] == a and sorted(s.shape for s in shapes) == sorted(world.SHAPES)
+        assert {s.colour for s in shapes} == {a.colour}
+        colours = m.word_choices("colour", a, b)
+        assert colours[0] == a and len(set(colours)) == len(colours) >= 4
+        assert {s.shape for s in colours} == {a.shape}
+        assert all(s.colour not in (b.colour, world.EXEMPLAR_COLOUR) for s in colours)
+    with pytest.raises(ValueError, match="unknown kind of word"):
+        m.word_choices("size", a, b)
+
+
+def test_one_step_mode_finds_the_committed_base_reading_colour_words(tmp_path, monkeypatch, capsys):
+    """The committed base follows colour words (its clean prediction with the right colour is far
+    better than with the others), so the one-step figures must show it; written as JSON too."""
+    m = load_script("caption_use")
+    out = tmp_path / "one_step.json"
+    monkeypatch.setattr(sys, "argv", ["caption_use.py", "--one-step", "--clips", "6", "--sigmas", "0.9", "--frames", "1",
+                                      "--json", str(out)])
+    m.main()
+    assert "colour words: right lowest" in capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    assert saved["mode"] == "one-step"
+    colour, shape = saved["results"]["0.9"]["colour"], saved["results"]["0.9"]["shape"]
+    assert colour["gap"] > 0.15 and colour["lowest"] > colour["chance"]
+    assert shape["chance"] == pytest.approx(0.25) and 0.0 <= shape["lowest"] <= 1.0
