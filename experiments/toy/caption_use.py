@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from relvid.generate import to_uint8_frames
-from relvid.losses.flow_matching import model_timestep
+from relvid.losses.flow_matching import model_timestep, noisy_latents
 from relvid.sampling import sample
 from relvid.seeding import derive_seed
 from relvid.toy.base import BASE_DIR
@@ -106,7 +106,7 @@ def caption_use(model: torch.nn.Module, sigmas: list[float], clips: int = 20, fr
         named = {k: captioned_subjects(k, a, b) for k in CAPTIONS}
         encoded = text.encode(["" if n is None else generic_caption("static", *n) for n in named.values()])
         for s in sigmas:
-            z_sigma = (1 - s) * z0 + s * noise
+            z_sigma = noisy_latents(z0, noise, torch.tensor([s]))
             for kind, (embeds, mask) in zip(CAPTIONS, encoded):
                 video = to_uint8_frames(codec.decode(finish(model, z_sigma, s, embeds, mask, negative, steps))[0])
                 if video.shape[0] == 1:
@@ -143,17 +143,19 @@ def one_step_reading(model: torch.nn.Module, sigmas: list[float], clips: int = 2
     chance = {w: 0.0 for w in WORDS}
     for i in tqdm(range(clips), desc="one-step caption use", disable=not progress):
         a, b, z0, noise = _noisy_clip(i, seed, frames, codec)
+        encoded = {}
         for word in WORDS:
             choices = word_choices(word, a, b)
             chance[word] += 1 / len(choices) / clips
-            encoded = text.encode([generic_caption("static", s1, b) for s1 in choices])
-            for s in sigmas:
-                z_sigma = (1 - s) * z0 + s * noise
+            encoded[word] = text.encode([generic_caption("static", s1, b) for s1 in choices])
+        for s in sigmas:
+            z_sigma = noisy_latents(z0, noise, torch.tensor([s]))
+            for word in WORDS:
                 errors = torch.stack([
                     (z_sigma + s * model(hidden_states=z_sigma, encoder_hidden_states=e[None],
                                          timestep=model_timestep(torch.tensor([s])), encoder_attention_mask=m[None],
                                          return_dict=False)[0].float() - z0).square().mean()
-                    for e, m in encoded])  # (choices,): error of x0 = z_sigma + sigma * v, v ~ z0 - noise
+                    for e, m in encoded[word]])  # (choices,): error of x0 = z_sigma + sigma * v, v ~ z0 - noise
                 wins[s][word] += int(bool((errors[1:] > errors[0]).all()))  # a tie is not a win
                 gaps[s][word] += float(errors[1:].mean() / errors[0] - 1) / clips
     return {s: {w: {"lowest": wins[s][w] / clips, "gap": gaps[s][w], "chance": chance[w]} for w in WORDS}
