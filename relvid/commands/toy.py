@@ -19,6 +19,8 @@ def cmd_toy_base(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out or BASE_DIR)
+    if args.evaluate_only:
+        return _evaluate_base(out, args.eval_prompts, args.seed)
     image_dir = Path(args.work) / "image_stage"
     stages = []
     if args.image_steps:
@@ -49,6 +51,35 @@ def cmd_toy_base(args: argparse.Namespace) -> int:
         print(f"subject fidelity on unseen subject pairs: {report['subject_fidelity']:.3f} "
               f"({report['videos']} videos); relations by chance: {report['relation_accuracy_by_relation']}")
     info_path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def _evaluate_base(folder, n_prompts: int, seed: int) -> int:
+    """Measure an existing base folder's subject fidelity and write it into its toy_base.json."""
+    import json
+    import sys
+
+    from relvid.toy.base import INFO_NAME
+    from relvid.toy.customize import load_base
+    from relvid.toy.evaluate import base_report
+    from relvid.toy.world import test_pairs
+
+    info_path = folder / INFO_NAME
+    if not (folder / "config.json").is_file():
+        print(f"relvid toy-base --evaluate-only: {folder} holds no base model (no config.json); "
+              f"pass --out <a folder written by relvid toy-base>", file=sys.stderr)
+        return 2
+    if not 1 <= n_prompts <= len(test_pairs()):
+        print(f"relvid toy-base --evaluate-only: --eval-prompts must be 1-{len(test_pairs())}, got {n_prompts}",
+              file=sys.stderr)
+        return 2
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    report = base_report(load_base(folder), n_prompts=n_prompts, seed=seed)
+    info["evaluation"] = report
+    info["evaluation_command"] = f"relvid toy-base --evaluate-only --eval-prompts {n_prompts} --seed {seed}"
+    info_path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    print(f"subject fidelity on unseen subject pairs: {report['subject_fidelity']:.3f} "
+          f"({report['videos']} videos); written to {info_path}")
     return 0
 
 
@@ -87,6 +118,9 @@ def register(subparsers) -> None:
     p.add_argument("--eval-prompts", type=int, default=10,
                    help="test prompts (unseen subject pairs) per relation for the fidelity check afterwards; "
                         "default: all 10 (0 skips it)")
+    p.add_argument("--evaluate-only", action="store_true",
+                   help="train nothing: measure the base in --out (default: the committed one) and write the "
+                        "figures into its toy_base.json")
     p.set_defaults(func=cmd_toy_base)
 
     p = subparsers.add_parser("demo", help="the toy world end to end on a CPU: customize, sample, judge, table")

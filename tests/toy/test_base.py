@@ -55,3 +55,31 @@ def test_toy_base_refuses_an_image_stage_from_other_settings(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "image_stage" in err and "delete it or pass another --work" in err
     assert not (tmp_path / "base").exists()
+
+
+def test_evaluate_only_measures_a_base_without_touching_its_weights(tmp_path, capsys):
+    import json
+
+    from relvid.cli import main
+
+    base = tmp_path / "base"
+    pretrain(base, steps=2, batch_size=2, frames=1, stage="image", progress=False)
+    weights = (base / "diffusion_pytorch_model.safetensors").read_bytes()
+    stages = json.loads((base / "toy_base.json").read_text())
+    assert main(["toy-base", "--evaluate-only", "--out", str(base), "--eval-prompts", "1", "--threads", "1"]) == 0
+    info = json.loads((base / "toy_base.json").read_text())
+    assert (base / "diffusion_pytorch_model.safetensors").read_bytes() == weights
+    assert {k: info[k] for k in stages} == stages  # the training record is kept
+    assert info["evaluation"]["videos"] == 7  # 1 unseen pair x the 7 relation verbs
+    assert 0.0 <= info["evaluation"]["subject_fidelity"] <= 1.0
+    assert info["evaluation_command"] == "relvid toy-base --evaluate-only --eval-prompts 1 --seed 0"
+    assert "subject fidelity" in capsys.readouterr().out
+
+
+def test_evaluate_only_names_a_folder_without_a_base(tmp_path, capsys):
+    from relvid.cli import main
+
+    assert main(["toy-base", "--evaluate-only", "--out", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert "nothing" in err and "no config.json" in err
+    assert not (tmp_path / "nothing").exists()
