@@ -40,8 +40,8 @@ import torch
 from relvid.eval.metrics import mean_std
 from relvid.eval.report import markdown_table, write_results
 from relvid.toy.base import BASE_DIR
-from relvid.toy.customize import (ADAPTER_FILE, ADAPTER_SETS, METHODS, customize, load_base, load_customized,
-                                  method_config)
+from relvid.toy.customize import (ADAPTER_FILE, ADAPTER_SET_DESCRIPTIONS, ADAPTER_SETS, METHODS, customize,
+                                  load_base, load_customized, method_config)
 from relvid.toy.datasets import build_exemplar_cache, exemplar_frames
 from relvid.toy.evaluate import METRICS, TOY_SETTINGS, generate, score, test_prompts
 from relvid.toy.render import render_clip
@@ -192,10 +192,7 @@ def report(results: dict, args: argparse.Namespace, command: str, minutes: float
         f"- grid asked: {len(args.relations)} relations x seeds {args.seeds} x {len(args.methods)} methods; "
         f"{args.steps} training steps per customization; {args.prompts} test prompts per relation; "
         f"sampling: {TOY_SETTINGS.num_steps} Euler steps, guidance {args.guidance:g}, "
-        + {"inference": "each method's inference adapters",
-           "all": "every trained adapter active (subject LoRAs kept: a diagnostic, not the method)",
-           "subjects": "subject and FFN LoRAs active, relation LoRA dropped (a diagnostic, not the method)",
-           }[args.adapters],
+        + ADAPTER_SET_DESCRIPTIONS[args.adapters],
         f"- runs found: {len(results)} of {len(args.methods) * len(args.relations) * len(args.seeds)}"
         + (f"; methods with none: {', '.join(missing)}" if missing else ""),
         "- metrics: fractions; per table, mean ± std over seeds of the mean over the listed relations", "",

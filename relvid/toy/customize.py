@@ -103,7 +103,12 @@ def load_base(base_dir: str | Path = BASE_DIR, device: str = "cpu") -> torch.nn.
 # Adapter sets a triplet run can be sampled with: the method's inference set (relation + FFN), every
 # trained adapter, or both subject LoRAs with the FFN LoRA and no relation LoRA. Side by side they
 # tell which adapters hold the learned relation (the method assumes relation LoRAs on Q/K do).
-ADAPTER_SETS = ("inference", "all", "subjects")
+ADAPTER_SET_DESCRIPTIONS = {
+    "inference": "each method's inference adapters",
+    "all": "every trained adapter active (subject LoRAs kept: a diagnostic, not the method)",
+    "subjects": "subject and FFN LoRAs active, relation LoRA dropped (a diagnostic, not the method)",
+}
+ADAPTER_SETS = tuple(ADAPTER_SET_DESCRIPTIONS)
 
 
 def adapters_in_set(spec: TripletSpec, adapters: str) -> tuple[str, ...]:
@@ -117,7 +122,7 @@ def adapters_in_set(spec: TripletSpec, adapters: str) -> tuple[str, ...]:
     if spec.placement == "direct":
         raise ValueError("adapters='subjects': a direct LoRA run has one adapter and no subject LoRAs; "
                          "use 'inference' or 'all'")
-    return ("subject1", "subject2", "ffn")
+    return tuple(name for name in adapter_names(spec) if name != "relation")
 
 
 def load_customized(adapter_file: str | Path, base_dir: str | Path = BASE_DIR, device: str = "cpu",
