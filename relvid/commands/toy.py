@@ -8,19 +8,35 @@ import dataclasses
 
 def cmd_toy_base(args: argparse.Namespace) -> int:
     import json
+    import sys
     from pathlib import Path
 
     import torch
 
     from relvid.toy.base import BASE_DIR, INFO_NAME, pretrain, stage_settings
-    from relvid.toy.customize import load_base
-    from relvid.toy.evaluate import base_report
+    from relvid.toy.world import test_pairs
 
+    pairs = len(test_pairs())
+    lowest = 1 if args.evaluate_only else 0  # after training, 0 skips the measurement
+    if not lowest <= args.eval_prompts <= pairs:  # checked before any training, not after it
+        print(f"relvid toy-base: --eval-prompts must be {lowest}-{pairs}, got {args.eval_prompts}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out or BASE_DIR)
+    info_path = out / INFO_NAME
     if args.evaluate_only:
-        return _evaluate_base(out, args.eval_prompts, args.seed)
+        if not (out / "config.json").is_file():
+            print(f"relvid toy-base --evaluate-only: {out} holds no base model (no config.json); "
+                  f"pass --out <a folder written by relvid toy-base>", file=sys.stderr)
+            return 2
+        info = json.loads(info_path.read_text()) if info_path.is_file() else {}  # its training record is kept
+        info["evaluation"] = _base_evaluation(out, args.eval_prompts, args.seed)
+        info["evaluation_command"] = (f"relvid toy-base --evaluate-only --eval-prompts {args.eval_prompts} "
+                                      f"--seed {args.seed}")
+        info_path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote the figures into {info_path}")
+        return 0
     image_dir = Path(args.work) / "image_stage"
     stages = []
     if args.image_steps:
@@ -38,7 +54,6 @@ def cmd_toy_base(args: argparse.Namespace) -> int:
     init = image_dir if args.image_steps else args.init
     pretrain(out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
              save_every=args.save_every, init=init, stage="video")
-    info_path = out / INFO_NAME
     stages.append(json.loads(info_path.read_text()))
     command = (f"relvid toy-base --image-steps {args.image_steps} --image-batch-size {args.image_batch_size} "
                f"--steps {args.steps} --batch-size {args.batch_size} --lr {args.lr} --seed {args.seed}"
@@ -46,41 +61,20 @@ def cmd_toy_base(args: argparse.Namespace) -> int:
     info = {"stages": stages, "command": command}
     print(f"wrote the toy base model to {out}")
     if args.eval_prompts:
-        report = base_report(load_base(out), n_prompts=args.eval_prompts, seed=args.seed)
-        info["evaluation"] = report
-        print(f"subject fidelity on unseen subject pairs: {report['subject_fidelity']:.3f} "
-              f"({report['videos']} videos); relations by chance: {report['relation_accuracy_by_relation']}")
+        info["evaluation"] = _base_evaluation(out, args.eval_prompts, args.seed)
     info_path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return 0
 
 
-def _evaluate_base(folder, n_prompts: int, seed: int) -> int:
-    """Measure an existing base folder's subject fidelity and write it into its toy_base.json."""
-    import json
-    import sys
-
-    from relvid.toy.base import INFO_NAME
+def _base_evaluation(folder, n_prompts: int, seed: int) -> dict:
+    """The base in `folder` sampled and judged on n_prompts unseen pairs x every relation verb."""
     from relvid.toy.customize import load_base
     from relvid.toy.evaluate import base_report
-    from relvid.toy.world import test_pairs
 
-    info_path = folder / INFO_NAME
-    if not (folder / "config.json").is_file():
-        print(f"relvid toy-base --evaluate-only: {folder} holds no base model (no config.json); "
-              f"pass --out <a folder written by relvid toy-base>", file=sys.stderr)
-        return 2
-    if not 1 <= n_prompts <= len(test_pairs()):
-        print(f"relvid toy-base --evaluate-only: --eval-prompts must be 1-{len(test_pairs())}, got {n_prompts}",
-              file=sys.stderr)
-        return 2
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     report = base_report(load_base(folder), n_prompts=n_prompts, seed=seed)
-    info["evaluation"] = report
-    info["evaluation_command"] = f"relvid toy-base --evaluate-only --eval-prompts {n_prompts} --seed {seed}"
-    info_path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     print(f"subject fidelity on unseen subject pairs: {report['subject_fidelity']:.3f} "
-          f"({report['videos']} videos); written to {info_path}")
-    return 0
+          f"({report['videos']} videos); relations by chance: {report['relation_accuracy_by_relation']}")
+    return report
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

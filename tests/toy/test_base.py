@@ -83,3 +83,15 @@ def test_evaluate_only_names_a_folder_without_a_base(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "nothing" in err and "no config.json" in err
     assert not (tmp_path / "nothing").exists()
+
+
+def test_a_bad_eval_prompts_count_is_refused_before_any_training(tmp_path, capsys):
+    from relvid.cli import main
+
+    base = tmp_path / "base"
+    assert main(["toy-base", "--out", str(base), "--work", str(tmp_path / "work"), "--image-steps", "1",
+                 "--steps", "1", "--eval-prompts", "11"]) == 2
+    assert "--eval-prompts must be 0-10, got 11" in capsys.readouterr().err
+    assert not base.exists() and not (tmp_path / "work").exists()
+    assert main(["toy-base", "--evaluate-only", "--out", str(base), "--eval-prompts", "0"]) == 2
+    assert "--eval-prompts must be 1-10, got 0" in capsys.readouterr().err
