@@ -122,6 +122,9 @@ class TrainerConfig:
     log_every_n_steps: int = 1
     checkpoint_every: int = 200
     progress_bar: bool = True
+    # steps between progress-bar redraws; 0: every step on a terminal, about 50 redraws per run
+    # otherwise (a log file, a Slurm job, CI), so a log holds lines a person can read
+    progress_refresh: int = 0
     deterministic: bool = False
 
 
@@ -294,6 +297,8 @@ def _check(cfg: DictConfig) -> None:
              "(configs/baselines/direct_lora.yaml does)")
     _require(cfg.trainer.max_steps >= 1, "trainer.max_steps", "must be >= 1")
     _require(cfg.trainer.checkpoint_every >= 1, "trainer.checkpoint_every", "must be >= 1")
+    _require(cfg.trainer.progress_refresh >= 0, "trainer.progress_refresh",
+             "must be >= 0 (0: every step on a terminal, about 50 redraws per run in a log)")
     _require(cfg.model.codec in ("mochi", "toy"), "model.codec", "must be mochi or toy")
     _require(cfg.model.text_encoder in ("t5", "toy"), "model.text_encoder", "must be t5 or toy")
     _check_speed(cfg)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, TextIO
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
@@ -23,6 +24,23 @@ from relvid.module import RelationModule, wants_gpu
 
 class RunExistsError(FileExistsError):
     """The output folder already holds a run and no resume was asked for."""
+
+
+# Redraws of the progress bar in a whole run when it writes to a log rather than a terminal.
+LOG_REDRAWS = 50
+
+
+def progress_refresh_rate(setting: int, max_steps: int, stream: TextIO | None = None) -> int:
+    """Steps between progress-bar redraws. A setting >= 1 is kept. 0 picks: every step when the bar's
+    stream (stderr, where tqdm writes) is a terminal; otherwise about LOG_REDRAWS redraws per run, since
+    a log keeps every redraw (a 2400-step run would otherwise leave 2400 redraws in a Slurm log)."""
+    if setting >= 1:
+        return setting
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    if isatty is not None and isatty():
+        return 1
+    return max(1, max_steps // LOG_REDRAWS)
 
 
 def checkpoint_dir(cfg: DictConfig) -> Path:
@@ -86,7 +104,8 @@ def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -
         *extra_callbacks,
     ]
     if cfg.trainer.progress_bar:
-        callbacks.append(TQDMProgressBar(refresh_rate=1))
+        refresh = progress_refresh_rate(int(cfg.trainer.progress_refresh), int(cfg.trainer.max_steps))
+        callbacks.append(TQDMProgressBar(refresh_rate=refresh))
     callbacks.extend(optional_callbacks(cfg))
     strategy = build_strategy(cfg)
     return L.Trainer(

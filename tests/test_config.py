@@ -38,7 +38,8 @@ def test_misspelt_key_in_a_yaml_file_names_the_file(tmp_path):
 
 @pytest.mark.parametrize("override,key", [("lora.placement=QQ", "lora.placement"), ("hmt.probs=[0.5,0.6,0]", "hmt.probs"),
                                           ("hmt.weighting=cubic", "hmt.weighting"), ("relation=dancing", "relation"),
-                                          ("trainer.max_steps=0", "trainer.max_steps"), ("hmt.max_sigma=1.5", "hmt.max_sigma")])
+                                          ("trainer.max_steps=0", "trainer.max_steps"), ("hmt.max_sigma=1.5", "hmt.max_sigma"),
+                                          ("trainer.progress_refresh=-1", "trainer.progress_refresh")])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config([], [override])

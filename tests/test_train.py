@@ -110,3 +110,27 @@ def test_a_crash_leaves_a_resumable_checkpoint(tmp_path, cache):
     assert torch.load(crash, weights_only=False)["global_step"] == 3
     out = run(tiny_cfg(tmp_path, "trainer.max_steps=5", "trainer.checkpoint_every=100", f"resume={crash}"))
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 5
+
+
+def test_the_progress_bar_redraws_every_step_on_a_terminal_and_about_50_times_in_a_log(tmp_path):
+    import io
+    import os
+
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from relvid.train import build_trainer, progress_refresh_rate
+
+    leader, follower = os.openpty()  # a real terminal
+    with os.fdopen(follower, "w") as tty:
+        assert progress_refresh_rate(0, 2400, tty) == 1
+        assert progress_refresh_rate(7, 2400, tty) == 7  # a setting is kept
+    os.close(leader)
+    log = io.StringIO()  # a log file, a Slurm job, CI
+    assert progress_refresh_rate(0, 2400, log) == 48
+    assert progress_refresh_rate(0, 30, log) == 1
+    assert progress_refresh_rate(5, 2400, log) == 5
+    # pytest captures stderr, so the trainer's bar writes to a log here
+    for overrides, rate in ((["trainer.max_steps=500"], 10), (["trainer.max_steps=500", "trainer.progress_refresh=3"], 3)):
+        cfg = tiny_cfg(tmp_path, *overrides, "trainer.progress_bar=true")
+        bars = [c for c in build_trainer(cfg).callbacks if isinstance(c, TQDMProgressBar)]
+        assert [b.refresh_rate for b in bars] == [rate]
