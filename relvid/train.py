@@ -36,9 +36,7 @@ def progress_refresh_rate(setting: int, max_steps: int, stream: TextIO | None = 
     a log keeps every redraw (a 2400-step run would otherwise leave 2400 redraws in a Slurm log)."""
     if setting >= 1:
         return setting
-    stream = sys.stderr if stream is None else stream
-    isatty = getattr(stream, "isatty", None)
-    if isatty is not None and isatty():
+    if (sys.stderr if stream is None else stream).isatty():
         return 1
     return max(1, max_steps // LOG_REDRAWS)
 

@@ -1,14 +1,18 @@
 """A whole tiny run through `relvid.train`: outputs, checkpoints, logs, resume."""
 
+import io
+import os
+
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from relvid.data.cache import ClipCache
 from relvid.data.random_cache import write_random_cache
 from relvid.models.lora import load_adapters
-from relvid.train import RunExistsError, run
+from relvid.train import RunExistsError, build_trainer, progress_refresh_rate, run
 from tests.test_module import tiny_cfg
 
 
@@ -113,13 +117,6 @@ def test_a_crash_leaves_a_resumable_checkpoint(tmp_path, cache):
 
 
 def test_the_progress_bar_redraws_every_step_on_a_terminal_and_about_50_times_in_a_log(tmp_path):
-    import io
-    import os
-
-    from lightning.pytorch.callbacks import TQDMProgressBar
-
-    from relvid.train import build_trainer, progress_refresh_rate
-
     leader, follower = os.openpty()  # a real terminal
     with os.fdopen(follower, "w") as tty:
         assert progress_refresh_rate(0, 2400, tty) == 1
