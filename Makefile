@@ -34,7 +34,7 @@ test-all: $(VENV)/.installed ## run every test, slow ones included (GPU tests sk
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 train: $(VENV)/.installed ## train a relation: make train REL=handshake CACHE=<cache dir> MOCHI_PATH=<mochi dir>
-	$(RELVID) train configs/train.yaml --relation $(REL) \
+	$(RELVID) train configs/train.yaml --relation $(REL) --configs-dir configs \
 		$(if $(CACHE),data.cache_dir=$(CACHE)) $(if $(MOCHI_PATH),model.path=$(MOCHI_PATH)) \
 		$(if $(OUT),output_dir=$(OUT)) $(if $(STRATEGY),configs/strategy/$(STRATEGY).yaml) $(ARGS)
 

@@ -162,7 +162,7 @@ class RelationAccuracyConfig:
 
     every_n_steps: int = 0  # 0 disables the callback
     # Prompts with embeddings in the cache's prompts.safetensors; empty: the relation's evaluation
-    # prompts (relvid.eval.prompts) that the cache holds, at most max_prompts of them.
+    # prompts (relvid.prompts) that the cache holds, at most max_prompts of them.
     prompts: List[str] = field(default_factory=list)
     max_prompts: int = 3
     repeats: int = 3  # judge calls per video (the paper's protocol uses 10)
@@ -200,6 +200,19 @@ class RelvidConfig:
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
     relation_accuracy: RelationAccuracyConfig = field(default_factory=RelationAccuracyConfig)
+
+
+# Configs shipped inside the package, so an installed relvid finds them from any folder; the
+# repository's configs/relations and configs/toy are links to these folders.
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "resources" / "configs"
+
+
+def relation_config_path(name: str, configs_dir: str | Path | None = None) -> Path | None:
+    """<configs_dir>/relations/<canonical>.yaml for a relation name or alias, if that file exists
+    (``configs_dir`` None: the configs shipped with the package)."""
+    folder = Path(configs_dir) if configs_dir is not None else SHIPPED_CONFIGS
+    path = folder / "relations" / f"{relations.resolve(name).name}.yaml"
+    return path if path.is_file() else None
 
 
 def schema() -> DictConfig:

@@ -12,7 +12,7 @@ import torch
 
 from relvid.config import load_config
 from relvid.models.lora import adapter_state_dict
-from relvid.train import run
+from relvid.training.run import run
 
 
 class DumpRankState(L.Callback):

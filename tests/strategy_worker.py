@@ -14,11 +14,11 @@ import lightning as L
 import torch
 
 from relvid.config import load_config
-from relvid.train import run
+from relvid.training.run import run
 
 
 def _adapters(trainer, pl_module) -> dict[str, torch.Tensor]:
-    from relvid.strategies import full_adapter_state
+    from relvid.training.strategies import full_adapter_state
 
     return full_adapter_state(trainer, pl_module)
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from relvid.generate import SampleSettings, generate_video, initial_noise
+from relvid.inference.generate import SampleSettings, generate_video, initial_noise
 from relvid.models.backbone import tiny_transformer
 from relvid.toy.codec import ToyCodec
 from relvid.toy.text import ToyTextEncoder
@@ -58,7 +58,7 @@ def test_bad_settings_are_refused(parts):
 import json  # noqa: E402
 
 from relvid.cli import main  # noqa: E402
-from relvid.eval.video_io import read_video  # noqa: E402
+from relvid.video_io import read_video  # noqa: E402
 from relvid.models.lora import TripletSpec, adapter_state_dict, inject_triplet, lora_parameters, save_adapters  # noqa: E402
 from relvid.models.lora_io import export_state_dict  # noqa: E402
 

@@ -9,8 +9,8 @@ from relvid.config import load_config
 from relvid.data.datamodule import RelationDataModule
 from relvid.data.random_cache import write_random_cache
 from relvid.models.lora import adapter_state_dict, adapters_for_selection, lora_parameters
-from relvid.module import RelationModule, lr_factor
-from relvid.train import build_trainer
+from relvid.training.module import RelationModule, lr_factor
+from relvid.training.run import build_trainer
 
 
 def tiny_cfg(tmp_path, *overrides):

@@ -12,7 +12,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.pipelines.mochi.pipeline_mochi import linear_quadratic_schedule
 
 from relvid.models.backbone import TINY_CONFIG
-from relvid.sampling import linear_quadratic_sigmas, sample
+from relvid.inference.sampler import linear_quadratic_sigmas, sample
 
 SHAPE = (1, 4, 3, 4, 6)  # (B, C, F, H, W)
 

@@ -11,8 +11,8 @@ from relvid.config import load_config
 from relvid.data.datamodule import RelationDataModule
 from relvid.data.random_cache import write_random_cache
 from relvid.models.lora import adapter_state_dict, load_adapter_state_dict, load_adapters
-from relvid.module import RelationModule
-from relvid.strategies import SelectionGuard, StrategyConfigError, build_strategy, check_strategy, clean_name
+from relvid.training.module import RelationModule
+from relvid.training.strategies import SelectionGuard, StrategyConfigError, build_strategy, check_strategy, clean_name
 
 
 def preset(repo_root, name, *overrides):
@@ -72,7 +72,7 @@ def test_deepspeed_on_cpu_and_unknown_names_are_refused(repo_root):
 
 def test_state_key_matches_adapter_state_dict(repo_root):
     from relvid.models.lora import lora_parameters
-    from relvid.strategies import _state_key
+    from relvid.training.strategies import _state_key
 
     module = RelationModule(load_config([repo_root / "configs" / "tiny.yaml"], []))
     assert {_state_key(n) for n in lora_parameters(module.transformer)} == set(adapter_state_dict(module.transformer))
@@ -144,7 +144,7 @@ def test_fsdp_on_one_gpu_keeps_unselected_adapters_still(tmp_path, repo_root):
                  "optim.warmup_steps=0", "trainer.max_steps=4", "trainer.progress_bar=false",
                  f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'run'}")
     write_random_cache(tmp_path / "cache", n_clips=2, seed=1)
-    from relvid.train import run
+    from relvid.training.run import run
 
     from tests.strategy_worker import RecordSteps
 
@@ -157,7 +157,7 @@ def test_fsdp_on_one_gpu_keeps_unselected_adapters_still(tmp_path, repo_root):
 
 
 def test_full_adapter_state_is_the_plain_adapter_state_without_sharding(repo_root):
-    from relvid.strategies import full_adapter_state
+    from relvid.training.strategies import full_adapter_state
 
     module = RelationModule(load_config([repo_root / "configs" / "tiny.yaml"], []))
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False)

@@ -1,4 +1,4 @@
-"""A whole tiny run through `relvid.train`: outputs, checkpoints, logs, resume."""
+"""A whole tiny run through `relvid.training.run`: outputs, checkpoints, logs, resume."""
 
 import io
 import os
@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from relvid.data.cache import ClipCache
 from relvid.data.random_cache import write_random_cache
 from relvid.models.lora import load_adapters
-from relvid.train import RunExistsError, build_trainer, progress_refresh_rate, run
+from relvid.training.run import RunExistsError, build_trainer, progress_refresh_rate, run
 from tests.test_module import tiny_cfg
 
 

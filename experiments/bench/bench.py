@@ -6,7 +6,7 @@ weights built on the GPU (no download). --tiny: the tiny test config on the CPU,
 Timed:
   (a) plain diffusers + peft LoRA step (reference attention, full gradient checkpointing, AdamW)
   (b) relvid's full training step through Lightning: triplet, HMT, RCL, optimizer (per attention path)
-  (c) one CFG sample via relvid.sampling.sample (per attention path)
+  (c) one CFG sample via relvid.inference.sampler.sample (per attention path)
 Prints median time, peak memory, tokens/s, achieved TFLOP/s (FLOPs counted by
 torch.utils.flop_counter on one extra step: recomputation included) and the ratio (b)/(a).
 """
@@ -30,9 +30,9 @@ from relvid.config import load_config
 from relvid.data.random_cache import write_random_cache
 from relvid.models.attention import apply_speed_config
 from relvid.models.backbone import tiny_transformer
-from relvid.module import RelationModule
-from relvid.sampling import sample
-from relvid.train import build_trainer
+from relvid.training.module import RelationModule
+from relvid.inference.sampler import sample
+from relvid.training.run import build_trainer
 from relvid.data.datamodule import RelationDataModule
 
 REPO = Path(__file__).resolve().parents[2]

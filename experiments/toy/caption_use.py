@@ -35,14 +35,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from relvid.generate import to_uint8_frames
+from relvid.inference.generate import to_uint8_frames
 from relvid.losses.flow_matching import model_timestep, noisy_latents
-from relvid.sampling import sample
+from relvid.inference.sampler import sample
 from relvid.seeding import derive_seed
-from relvid.toy.base import BASE_DIR
+from relvid.toy.drivers.base import BASE_DIR
 from relvid.toy.codec import ToyCodec
-from relvid.toy.customize import load_base
-from relvid.toy.evaluate import TOY_SETTINGS, noise_levels
+from relvid.toy.drivers.customize import load_base
+from relvid.toy.drivers.evaluate import TOY_SETTINGS, noise_levels
 from relvid.toy.judge import judge
 from relvid.toy.render import render_clip
 from relvid.toy.text import ToyTextEncoder

@@ -31,8 +31,8 @@ import torch
 from relvid.data.cache import ClipCache
 from relvid.losses.flow_matching import model_timestep, noisy_latents, velocity_target
 from relvid.models.lora import activate, adapter_names, inference_adapters, load_adapters
-from relvid.toy.customize import ADAPTER_FILE, load_base, load_customized
-from relvid.toy.evaluate import noise_levels
+from relvid.toy.drivers.customize import ADAPTER_FILE, load_base, load_customized
+from relvid.toy.drivers.evaluate import noise_levels
 
 DRAWS = 4
 
@@ -103,7 +103,7 @@ def main() -> None:
     for run in args.runs:
         adapter_file = run / ADAPTER_FILE
         if not adapter_file.is_file():
-            raise SystemExit(f"{adapter_file} not found: pass a run folder of relvid.toy.customize")
+            raise SystemExit(f"{adapter_file} not found: pass a run folder of relvid.toy.drivers.customize")
         spec, _, _ = load_adapters(adapter_file)
         model = load_customized(adapter_file, adapters="all")
         models += [(f"{run}: {'+'.join(names)}", model, names)

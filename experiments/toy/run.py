@@ -39,11 +39,11 @@ import torch
 
 from relvid.eval.metrics import mean_std
 from relvid.eval.report import markdown_table, write_results
-from relvid.toy.base import BASE_DIR
-from relvid.toy.customize import (ADAPTER_FILE, ADAPTER_SET_DESCRIPTIONS, ADAPTER_SETS, METHODS, customize,
+from relvid.toy.drivers.base import BASE_DIR
+from relvid.toy.drivers.customize import (ADAPTER_FILE, ADAPTER_SET_DESCRIPTIONS, ADAPTER_SETS, METHODS, customize,
                                   load_base, load_customized, method_config)
-from relvid.toy.datasets import build_exemplar_cache, exemplar_frames
-from relvid.toy.evaluate import METRICS, TOY_SETTINGS, generate, score, test_prompts
+from relvid.toy.drivers.datasets import build_exemplar_cache, exemplar_frames
+from relvid.toy.drivers.evaluate import METRICS, TOY_SETTINGS, generate, score, test_prompts
 from relvid.toy.render import render_clip
 from relvid.toy.world import EXEMPLAR_SUBJECTS, GENERIC_MOTIONS, RELATIONS
 

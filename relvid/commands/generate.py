@@ -43,7 +43,7 @@ def _model_cfg(args: argparse.Namespace):
 
 
 def _settings(args: argparse.Namespace):
-    from relvid.generate import SampleSettings
+    from relvid.inference.generate import SampleSettings
 
     return SampleSettings(num_steps=args.steps, guidance_scale=args.guidance, frames=args.frames,
                           height=args.height, width=args.width, fps=args.fps)
@@ -81,37 +81,20 @@ def _adapter_source(args: argparse.Namespace) -> str | None:
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from relvid.eval.evaluate import load_generation_parts
-    from relvid.eval.render import default_device, plan_jobs, render_jobs
+    from relvid.inference.render import sample_videos
 
     prompts = _read_prompts(args)
     if not prompts:
         if not args.relation:
             raise ValueError("give --prompt (repeatable), --prompts-file, or --relation for its evaluation prompts")
-        from relvid.eval.prompts import eval_prompts
+        from relvid.prompts import eval_prompts
 
         prompts = eval_prompts(args.relation)
-    settings = _settings(args)
-    device = torch.device(args.device) if args.device else default_device()
-    model_cfg = _model_cfg(args)
-    transformer, codec, text = load_generation_parts(model_cfg, device)
-    meta: dict = {"adapters_sha256": None}
-    info: dict = {"model_path": model_cfg.path}
-    adapters = _adapter_source(args)
-    if adapters:
-        from relvid.eval.adapter_source import apply_adapter_source
-
-        source = apply_adapter_source(transformer, adapters)
-        meta["adapters_sha256"] = source.sha256
-        info["adapters"] = source.to_dict()
-        print(f"adapters: {source.path} ({source.kind}, sha256 {source.sha256[:12]}); relation + ffn active")
-    else:
-        print("--base: sampling the base model without adapters")
-    jobs = plan_jobs(prompts, args.seeds or [0])
     out = args.out or (Path("outputs") / relations_name(args.relation) / "samples" if args.relation
                        else "outputs/samples")
-    paths = render_jobs(jobs, out, transformer, codec, text, settings, negative=args.negative, device=device,
-                        meta=meta, info=info)
+    paths = sample_videos(prompts, args.seeds or [0], out, _model_cfg(args), _settings(args),
+                          adapters=_adapter_source(args), negative=args.negative,
+                          device=torch.device(args.device) if args.device else None)
     for path in paths:
         print(path)
     return 0

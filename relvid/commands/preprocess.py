@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 
@@ -30,112 +29,16 @@ def colour_list(text: str) -> list[tuple[int, int, int]]:
     return colours  # type: ignore[return-value]
 
 
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
-def _dtype(name: str):
-    import torch
-
-    return None if name == "auto" else {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-
-
-def _mask_maker(kind: str, args: argparse.Namespace, device: str):
-    from relvid.data.masks import FileMaskMaker, SkeletonMaskMaker
-
-    if kind == "skeleton":
-        return SkeletonMaskMaker()
-    if kind == "files":
-        return FileMaskMaker(args.mask_colors)
-    from relvid.data.grounded_sam import GroundedSam
-
-    return GroundedSam.from_folders(args.gdino_path, args.sam_path, prompt=args.detect_prompt, device=device,
-                                    box_threshold=args.box_threshold, text_threshold=args.text_threshold)
-
-
-def _sources(args: argparse.Namespace):
-    from relvid.data.sources import folder_sources, ntu_sources
-
-    if args.ntu_root:
-        return ntu_sources(args.ntu_root, args.relation, args.clips, args.seed, args.setups, args.cameras,
-                           args.performers, args.replications, args.skeletons, args.masks)
-    return folder_sources(args.videos, args.captions_csv, args.masks)
-
-
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from relvid.data.preprocess import plan, preview_prompts, relation_name, run_preprocess
-    from relvid.data.video import ClipSpec
+    from relvid.preprocess.pipeline import preprocess
 
-    if args.mask_source == "files" and not args.masks:
-        raise ValueError("--mask-source files needs --masks DIR (a <video stem>/ PNG folder or <stem>.mp4 per video)")
-    if args.mask_source == "skeleton" and args.videos and args.mask_fallback == "none":
-        raise ValueError("your own videos have no NTU skeletons: use --mask-source grounded-sam or files")
-    if args.vae_tile < 0 or args.vae_tile % 8:
-        raise ValueError(f"--vae-tile {args.vae_tile}: use a multiple of 8 pixels (e.g. 256), or 0 for no tiling")
-    relation = relation_name(args.relation)
-    spec = ClipSpec(args.frames, args.height, args.width, args.fps, args.allow_upscale)
-    out = Path(args.out or f"data/cache/{relation}")
-    sources = _sources(args)
-    if args.dry_run:
-        for source, state in plan(sources, out):
-            extra = f"skeleton={source.skeleton.name if source.skeleton else 'MISSING'}" if args.ntu_root else ""
-            print(f"{state:6s} {source.clip_id:32s} {source.video}  {extra} caption={source.caption!r}")
-        print(f"{len(sources)} sources for {relation} -> {out} (dry run: nothing written)")
-        return 0
-
-    from relvid.models.codecs import load_codec
-    from relvid.models.text_encoders import load_text_encoder
-
-    device = _device(args.device)
-    dtype = _dtype(args.dtype)
-    mochi = args.mochi_path or os.environ.get("MOCHI_PATH")
-    if args.codec == "mochi":
-        from relvid.models.mochi_vae import MochiCodec
-
-        codec = MochiCodec.from_folder(args.vae_path or mochi, device=device, dtype=dtype, tiling=args.vae_tile > 0,
-                                       tile=args.vae_tile or 256, tile_stride=max(8, args.vae_tile * 3 // 4 // 8 * 8))
-    else:
-        codec = load_codec(args.codec)
-    text_encoder = load_text_encoder(args.text_encoder, args.t5_path or os.environ.get("T5_PATH") or mochi,
-                                     device=device, dtype=dtype)
-    maker = _mask_maker(args.mask_source, args, device)
-    fallback = None if args.mask_fallback == "none" else _mask_maker(args.mask_fallback, args, device)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
-    summary = run_preprocess(
-        sources, out, relation, codec, text_encoder, maker, spec, fallback, args.spatial_rule, args.latent_dtype,
-        prompts=preview_prompts(relation, args.prompt), config=config, progress=not args.no_progress,
-    )
-    for source, reason in summary.failed.items():
-        print(f"FAILED {source}: {reason}")
-    print(f"{summary.line()} -> {out}")
-    return 0 if summary.written or summary.skipped_done else 1
+    return preprocess(args)
 
 
 def cmd_mask_sheet(args: argparse.Namespace) -> int:
-    from relvid.data.cache import ClipCache
-    from relvid.data.contact_sheet import latent_masks_to_pixels, write_contact_sheet
-    from relvid.data.video import ClipSpec, load_clip
+    from relvid.preprocess.contact_sheet import mask_sheet
 
-    cache = ClipCache(args.cache)
-    ids = cache.clip_ids()
-    if not ids:
-        raise ValueError(f"{args.cache} holds no clips")
-    clip_id = args.clip or ids[0]
-    record = cache.read(clip_id)
-    spec_cfg = cache.manifest.get("config", {}).get("spec")
-    if not spec_cfg:
-        raise ValueError(f"{cache.manifest_path} has no clip spec (not written by `relvid preprocess`)")
-    spec = ClipSpec(**{**spec_cfg, "allow_upscale": True})
-    clip = load_clip(record.meta["source"], spec)
-    t = int(record.meta["codec_factors"].split(",")[0])
-    masks = latent_masks_to_pixels(record.subject_masks, spec.frames, spec.height, spec.width, t)
-    out = Path(args.out or Path(args.cache) / "sheets" / f"{clip_id}.png")
-    for path in write_contact_sheet(out, clip.frames, masks.numpy(), mp4=args.mp4, fps=spec.fps,
-                                    title=f"{clip_id}: subject 1 red, subject 2 blue (latent masks)"):
+    for path in mask_sheet(args.cache, clip_id=args.clip, out=args.out, mp4=args.mp4):
         print(f"wrote {path}")
     return 0
 

@@ -7,87 +7,21 @@ import dataclasses
 
 
 def cmd_toy_base(args: argparse.Namespace) -> int:
-    import json
-    import sys
-    from pathlib import Path
+    from relvid.toy.drivers.base_command import toy_base
 
-    import torch
-
-    from relvid.toy.base import BASE_DIR, INFO_NAME, pretrain, stage_settings
-    from relvid.toy.world import test_pairs
-
-    pairs = len(test_pairs())
-    lowest = 1 if args.evaluate_only else 0  # after training, 0 skips the measurement
-    if not lowest <= args.eval_prompts <= pairs:  # checked before any training, not after it
-        print(f"relvid toy-base: --eval-prompts must be {lowest}-{pairs}, got {args.eval_prompts}", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out or BASE_DIR)
-    info_path = out / INFO_NAME
-    if args.evaluate_only:
-        if not (out / "config.json").is_file():
-            print(f"relvid toy-base --evaluate-only: {out} holds no base model (no config.json); "
-                  f"pass --out <a folder written by relvid toy-base>", file=sys.stderr)
-            return 2
-        info = json.loads(info_path.read_text()) if info_path.is_file() else {}  # its training record is kept
-        info["evaluation"] = _base_evaluation(out, args.eval_prompts, args.seed)
-        info["evaluation_command"] = (f"relvid toy-base --evaluate-only --eval-prompts {args.eval_prompts} "
-                                      f"--seed {args.seed}")
-        info_path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote the figures into {info_path}")
-        return 0
-    image_dir = Path(args.work) / "image_stage"
-    stages = []
-    if args.image_steps:
-        wanted = stage_settings("image", args.image_steps, args.image_batch_size, args.lr, args.seed, 1, args.init)
-        if (image_dir / INFO_NAME).is_file():  # a finished image stage is reused, if it is this one
-            done = json.loads((image_dir / INFO_NAME).read_text())
-            if {k: done.get(k) for k in wanted} != wanted:
-                raise ValueError(f"{image_dir} holds an image stage trained with other settings "
-                                 f"({ {k: done.get(k) for k in wanted} }); delete it or pass another --work")
-        else:
-            pretrain(image_dir, steps=args.image_steps, batch_size=args.image_batch_size, lr=args.lr, seed=args.seed,
-                     device=args.device, save_every=args.save_every, init=args.init, frames=1, stage="image",
-                     save_dtype=torch.float32)  # the next stage starts from it: keep full precision
-        stages.append(json.loads((image_dir / INFO_NAME).read_text()))
-    init = image_dir if args.image_steps else args.init
-    pretrain(out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
-             save_every=args.save_every, init=init, stage="video")
-    stages.append(json.loads(info_path.read_text()))
-    command = (f"relvid toy-base --image-steps {args.image_steps} --image-batch-size {args.image_batch_size} "
-               f"--steps {args.steps} --batch-size {args.batch_size} --lr {args.lr} --seed {args.seed}"
-               + (f" --init {args.init}" if args.init else ""))
-    info = {"stages": stages, "command": command}
-    print(f"wrote the toy base model to {out}")
-    if args.eval_prompts:
-        info["evaluation"] = _base_evaluation(out, args.eval_prompts, args.seed)
-    info_path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    toy_base(args)
     return 0
-
-
-def _base_evaluation(folder, n_prompts: int, seed: int) -> dict:
-    """The base in `folder` sampled and judged on n_prompts unseen pairs x every relation verb."""
-    from relvid.toy.customize import load_base
-    from relvid.toy.evaluate import base_report
-
-    report = base_report(load_base(folder), n_prompts=n_prompts, seed=seed)
-    print(f"subject fidelity on unseen subject pairs: {report['subject_fidelity']:.3f} "
-          f"({report['videos']} videos); relations by chance: {report['relation_accuracy_by_relation']}")
-    return report
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from relvid.toy.demo import DEMO_RELATION, run_demo
+    from relvid.toy.drivers.base import BASE_DIR
+    from relvid.toy.drivers.demo import DEMO_RELATION, run_demo
+    from relvid.toy.drivers.evaluate import TOY_SETTINGS
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from relvid.toy.base import BASE_DIR
-
-    from relvid.toy.evaluate import TOY_SETTINGS
-
     settings = TOY_SETTINGS if args.guidance is None else dataclasses.replace(TOY_SETTINGS, guidance_scale=args.guidance)
     run_demo(args.out, relation=args.relation or DEMO_RELATION, n_prompts=args.prompts, seed=args.seed,
              base_dir=args.base or BASE_DIR, overrides=list(args.set), progress=not args.quiet, settings=settings)
@@ -119,7 +53,7 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("demo", help="the toy world end to end on a CPU: customize, sample, judge, table")
     p.add_argument("--out", default="outputs/demo", help="output folder (default: %(default)s)")
-    p.add_argument("--relation", help="toy relation (default: the demo's, relvid.toy.demo.DEMO_RELATION)")
+    p.add_argument("--relation", help="toy relation (default: the demo's, relvid.toy.drivers.demo.DEMO_RELATION)")
     p.add_argument("--prompts", type=int, default=10, help="test prompts (unseen subject pairs), 1-10")
     p.add_argument("--base", help="base model folder (default: the committed relvid/toy/base_model)")
     p.add_argument("--seed", type=int, default=0)

@@ -20,7 +20,7 @@ from relvid.data.cache import CacheError, ClipCache, ClipRecord
 from relvid.seeding import derive_seed
 
 # Stream tags (last argument of derive_seed) keep the seeds of different kinds of draws apart;
-# relvid.module uses 1-4, the data stream 101 and up.
+# relvid.training.module uses 1-4, the data stream 101 and up.
 STREAM_EPOCH_PERMUTATION = 101
 STREAM_SAMPLE = 102
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from relvid.eval.render import (
+from relvid.inference.render import (
     VideoJob,
     dist_env,
     plan_jobs,
@@ -25,7 +25,7 @@ from relvid.eval.render import (
     sidecar_path,
     wait_for,
 )
-from relvid.generate import SampleSettings
+from relvid.inference.generate import SampleSettings
 
 
 @dataclass
@@ -51,7 +51,7 @@ class EvalOptions:
     videos_dir: str | None = None  # evaluate existing videos (with sidecars) instead of generating
     model_cfg: object = None  # a ModelConfig node (model.* of the config schema)
     settings: SampleSettings = field(default_factory=SampleSettings)
-    prompts: list[str] | None = None  # default: relvid.eval.prompts.eval_prompts(relation)
+    prompts: list[str] | None = None  # default: relvid.prompts.eval_prompts(relation)
     seeds: list[int] = field(default_factory=lambda: [0])
     negative: str = ""
     judge: JudgeOptions = field(default_factory=JudgeOptions)
@@ -70,26 +70,14 @@ def method_dir(opts: EvalOptions) -> Path:
 
 
 def _device(opts: EvalOptions) -> torch.device:
-    from relvid.eval.render import default_device
+    from relvid.inference.render import default_device
 
     return torch.device(opts.device) if opts.device else default_device()
 
 
-def load_generation_parts(model_cfg, device: torch.device):
-    """(transformer, codec, text encoder) from the model section of the config, on `device`."""
-    from relvid.models.backbone import load_transformer
-    from relvid.models.codecs import load_codec
-    from relvid.models.text_encoders import load_text_encoder
-
-    transformer = load_transformer(model_cfg, on_gpu=device.type == "cuda").to(device).eval()
-    codec = load_codec(model_cfg.codec, model_cfg.vae_path or model_cfg.path, device=str(device))
-    text = load_text_encoder(model_cfg.text_encoder, model_cfg.text_encoder_path or model_cfg.path, device=str(device))
-    return transformer, codec, text
-
-
 def generate_stage(opts: EvalOptions) -> list[Path]:
     """This rank's share of the test videos (skipping finished ones); returns ALL expected paths."""
-    from relvid.eval.prompts import eval_prompts
+    from relvid.prompts import eval_prompts
 
     prompts = opts.prompts or eval_prompts(opts.relation)
     jobs = plan_jobs(prompts, opts.seeds)
@@ -102,9 +90,11 @@ def generate_stage(opts: EvalOptions) -> list[Path]:
     info: dict = {}
     if todo:
         device = _device(opts)
+        from relvid.components import load_generation_parts
+
         transformer, codec, text = load_generation_parts(opts.model_cfg, device)
         if opts.adapters:
-            from relvid.eval.adapter_source import apply_adapter_source
+            from relvid.inference.adapter_source import apply_adapter_source
 
             info["adapters"] = apply_adapter_source(transformer, opts.adapters).to_dict()
             meta["adapters_sha256"] = info["adapters"]["sha256"]
@@ -120,7 +110,7 @@ def generate_stage(opts: EvalOptions) -> list[Path]:
                     meta=meta, encoded=encoded, info=info)
     elif mine:
         # nothing to render here, but a finished folder made with other settings is still an error
-        from relvid.eval.render import is_done
+        from relvid.inference.render import is_done
 
         for j in mine:
             is_done(videos / f"{j.stem}.mp4", {"settings": opts.settings.to_dict(), "negative_prompt": opts.negative})
@@ -162,7 +152,7 @@ def build_judge(opts: JudgeOptions, device: torch.device):
 def metrics_stage(opts: EvalOptions, generated: list[Path] | None) -> dict:
     """The metrics of one method's videos; writes <method>/metrics.json and returns the table row."""
     from relvid.eval.judge import judge_question, judge_videos
-    from relvid.eval.video_io import read_video
+    from relvid.video_io import read_video
 
     videos = _video_list(opts, generated)
     device = _device(opts)

@@ -90,7 +90,7 @@ def list_videos(folder: str | os.PathLike) -> list[Path]:
 
 def fvd(i3d: I3DFeatures, generated: list[Path], reference: list[Path]) -> float:
     """FVD between two lists of video files (each needs >= 2 videos)."""
-    from relvid.eval.video_io import read_video
+    from relvid.video_io import read_video
 
     if len(generated) < 2 or len(reference) < 2:
         raise ValueError(f"FVD needs at least 2 generated and 2 reference videos, got {len(generated)} and "

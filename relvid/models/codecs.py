@@ -2,8 +2,9 @@
 
 A codec turns RGB video into the *normalized* latents the transformer sees (and back). Two
 implement it: the Mochi VAE (`relvid.models.mochi_vae.MochiCodec`, weights from a local folder)
-and the toy world's exact, weight-free codec (`relvid.toy.codec.ToyCodec`). Preprocessing,
-previews, sampling and evaluation only ever talk to this interface.
+and the toy world's exact, weight-free codec (`relvid.toy.codec.ToyCodec`); `relvid.components`
+loads either by name. Preprocessing, previews, sampling and evaluation only ever talk to this
+interface.
 
 Conventions shared by all codecs:
 - video: float (B, 3, T, H, W) in [-1, 1]; T = time_factor * k + 1.
@@ -58,15 +59,3 @@ def codec_factors(codec: Codec) -> str:
     """The cache metadata string ``"t,s,s"``."""
     return f"{codec.time_factor},{codec.space_factor},{codec.space_factor}"
 
-
-def load_codec(name: str, path: str | None = None, device: str = "cpu", dtype=None) -> Codec:
-    """``"mochi"``: the Mochi VAE from a local folder (pipeline root or its vae/); ``"toy"``: the toy codec."""
-    if name == "toy":
-        from relvid.toy.codec import ToyCodec
-
-        return ToyCodec()
-    if name == "mochi":
-        from relvid.models.mochi_vae import MochiCodec
-
-        return MochiCodec.from_folder(path, device=device, dtype=dtype)
-    raise CodecError(f"unknown codec {name!r}: use 'mochi' or 'toy'")

@@ -25,16 +25,3 @@ class TextEncoder(Protocol):
         """Per text: embeds (L, D) float32 on the CPU and mask (L,) bool, trimmed to valid tokens."""
         ...
 
-
-def load_text_encoder(name: str, path: str | None = None, device: str = "cpu", dtype=None) -> TextEncoder:
-    """``"t5"``: T5-XXL from a local folder (pipeline root with text_encoder/ + tokenizer/, or a
-    folder holding both); ``"toy"``: the toy world's deterministic word encoder."""
-    if name == "toy":
-        from relvid.toy.text import ToyTextEncoder
-
-        return ToyTextEncoder()
-    if name == "t5":
-        from relvid.models.t5 import T5TextEncoder
-
-        return T5TextEncoder.from_folder(path, device=device, dtype=dtype)
-    raise TextEncoderError(f"unknown text encoder {name!r}: use 't5' or 'toy'")

@@ -4,12 +4,12 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from relvid.callbacks.preview import PreviewCallback, PreviewPromptError
+from relvid.training.callbacks.preview import PreviewCallback, PreviewPromptError
 from relvid.data.random_cache import write_random_cache
-from relvid.eval.video_io import read_video
+from relvid.video_io import read_video
 from relvid.models.lora import adapter_state_dict, load_adapters
 from relvid.toy.codec import ToyCodec
-from relvid.train import run
+from relvid.training.run import run
 from tests.test_module import tiny_cfg
 
 TOY_CHANNELS = ToyCodec().latent_channels
@@ -58,7 +58,7 @@ class _Trainer:
 
 def test_preview_restores_adapters_modes_and_grads(tmp_path, cache):
     from relvid.models.lora import active_adapters, adapters_for_selection, activate
-    from relvid.module import RelationModule
+    from relvid.training.module import RelationModule
 
     cfg = toy_cfg(tmp_path, "direct", *PREVIEW)
     module = RelationModule(cfg)

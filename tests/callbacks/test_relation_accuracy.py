@@ -7,9 +7,9 @@ import torch
 
 from relvid.config import ConfigError
 from relvid.data.random_cache import write_random_cache
-from relvid.eval.prompts import eval_prompts
+from relvid.prompts import eval_prompts
 from relvid.models.lora import load_adapters
-from relvid.train import run
+from relvid.training.run import run
 from tests.callbacks.test_preview import TOY_CHANNELS, toy_cfg
 from tests.eval.test_api_judge import ChatServer
 from tests.test_train import scalars

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from relvid.data.mask_files import MaskFileError, load_mask_files, natural_key, palette
-from relvid.data.video import ClipSkipped, centre_crop
+from relvid.preprocess.mask_files import MaskFileError, load_mask_files, natural_key, palette
+from relvid.preprocess.video import ClipSkipped, centre_crop
 from tests.preprocess_fixtures import write_video
 
 RED, GREEN = (255, 0, 0), (0, 255, 0)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from relvid.data.grounded_sam import GroundedSam, track_two
-from relvid.data.sources import Source
-from relvid.data.video import Clip, ClipSkipped, centre_crop
+from relvid.preprocess.grounded_sam import GroundedSam, track_two
+from relvid.preprocess.sources import Source
+from relvid.preprocess.video import Clip, ClipSkipped, centre_crop
 from relvid.models.backbone import WeightsNotFoundError
 from tests.preprocess_fixtures import save_tiny_grounding_dino, save_tiny_sam
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from relvid.data.ntu import parse_skeleton
-from relvid.data.skeleton_masks import skeleton_masks
-from relvid.data.video import ClipSkipped, centre_crop
+from relvid.preprocess.ntu import parse_skeleton
+from relvid.preprocess.skeleton_masks import skeleton_masks
+from relvid.preprocess.video import ClipSkipped, centre_crop
 from tests.preprocess_fixtures import standing_body, two_people_frames, write_skeleton
 
 H, W = 96, 160  # a small target of roughly 848:480

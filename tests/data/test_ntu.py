@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from relvid.data.ntu import NtuName, SkeletonError, choose, filter_samples, index_ntu, parse_skeleton
+from relvid.preprocess.ntu import NtuName, SkeletonError, choose, filter_samples, index_ntu, parse_skeleton
 from tests.preprocess_fixtures import standing_body, two_people_frames, write_skeleton
 
 

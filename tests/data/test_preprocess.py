@@ -9,8 +9,8 @@ from PIL import Image
 
 from relvid.cli import main
 from relvid.data.cache import ClipCache
-from relvid.data.preprocess import relation_name
-from relvid.eval.prompts import eval_prompts
+from relvid.preprocess.pipeline import relation_name
+from relvid.prompts import eval_prompts
 from tests.preprocess_fixtures import (save_tiny_t5, save_tiny_vae, standing_body, two_people_frames, write_skeleton,
                                        write_video)
 
@@ -111,7 +111,7 @@ def test_seeded_choice_and_filters(ntu, tmp_path, capsys):
 
 def test_the_cache_trains(cache, tmp_path):
     from relvid.config import load_config
-    from relvid.train import run
+    from relvid.training.run import run
 
     cfg = load_config([], [
         "relation=shaking_hands", "model.preset=tiny", "model.gradient_checkpointing=false", "lora.rank=4",

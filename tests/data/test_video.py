@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from relvid.data.video import ClipSkipped, ClipSpec, _read_pyav, centre_crop, load_clip, read_source_frames
+from relvid.preprocess.video import ClipSkipped, ClipSpec, _read_pyav, centre_crop, load_clip, read_source_frames
 from tests.preprocess_fixtures import frame_index_video, write_video
 
 

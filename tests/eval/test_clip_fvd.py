@@ -6,7 +6,7 @@ import torch
 from relvid.eval.clip_metrics import CLIPFeatures, CLIPWeightsError
 from relvid.eval.fvd import I3DFeatures, I3DWeightsError, fvd, list_videos
 from relvid.eval.metrics import frechet_distance
-from relvid.eval.video_io import write_mp4
+from relvid.video_io import write_mp4
 from tests.eval.tiny_models import tiny_clip_folder, tiny_i3d_file
 
 
@@ -62,7 +62,7 @@ def test_fvd_of_video_folders(tmp_path, stylegan_v):
     # (4 videos), which has reached 3e-6 here against a distance of ~1.4 for the dark folder.
     assert abs(same) <= 1e-5 * far
     # the same number from the features by hand
-    from relvid.eval.video_io import read_video
+    from relvid.video_io import read_video
 
     feats = lambda files: i3d.features((str(p), read_video(p)) for p in files)  # noqa: E731
     assert far == pytest.approx(frechet_distance(feats(ref), feats(list_videos(tmp_path / "dark"))), rel=1e-9)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from relvid.cli import main
-from relvid.eval.video_io import write_mp4
+from relvid.video_io import write_mp4
 from tests.eval.test_api_judge import ChatServer
 from tests.eval.tiny_models import tiny_clip_folder, tiny_i3d_file
 from tests.test_generate import TINY, trained_adapters
@@ -53,7 +53,7 @@ def test_sharded_resumable_evaluation_and_results_table(tmp_path, weights, monke
         assert evaluate(out, weights, server.url, "--adapters", str(adapters), "--method", "DreamRelation") == 0
         assert sorted(p.name[:7] for p in videos.glob("*.mp4")) == ["p000_s0", "p001_s0", "p002_s0"]
         assert all(p.stat().st_mtime_ns == first[p.name] for p in videos.glob("p001*"))  # rank 1's video kept
-        from relvid.eval.video_io import read_video
+        from relvid.video_io import read_video
 
         assert read_video(next(videos.glob("p000*.mp4"))).float().std() > 1  # the half-written one was redone
         assert len(server.requests) == 6  # 3 videos x 2 repeats

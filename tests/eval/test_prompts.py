@@ -3,7 +3,7 @@
 import pytest
 
 from relvid import relations
-from relvid.eval.prompts import all_eval_prompts, eval_prompts
+from relvid.prompts import all_eval_prompts, eval_prompts
 
 
 def test_ten_distinct_prompts_for_every_relation():

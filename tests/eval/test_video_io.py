@@ -4,7 +4,7 @@ import av
 import pytest
 import torch
 
-from relvid.eval.video_io import VideoFileError, read_video, write_mp4
+from relvid.video_io import VideoFileError, read_video, write_mp4
 
 
 def smooth_video(t=9, h=32, w=48):

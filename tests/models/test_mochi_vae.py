@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from relvid.models.backbone import WeightsNotFoundError
-from relvid.models.codecs import Codec, CodecError, load_codec
+from relvid.components import load_codec
+from relvid.models.codecs import Codec, CodecError
 from relvid.models.mochi_vae import MochiCodec
 from tests.preprocess_fixtures import TINY_LATENTS_MEAN, TINY_LATENTS_STD, save_tiny_vae, tiny_vae
 

@@ -7,7 +7,8 @@ import torch
 
 from relvid.models.backbone import WeightsNotFoundError
 from relvid.models.t5 import T5TextEncoder
-from relvid.models.text_encoders import TextEncoder, load_text_encoder
+from relvid.components import load_text_encoder
+from relvid.models.text_encoders import TextEncoder
 from tests.preprocess_fixtures import save_tiny_t5
 
 

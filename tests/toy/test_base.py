@@ -3,7 +3,7 @@
 import torch
 from safetensors.torch import load_file
 
-from relvid.toy.base import BASE_CONFIG, STATE_NAME, new_base_model, pretrain, rope_frequencies
+from relvid.toy.drivers.base import BASE_CONFIG, STATE_NAME, new_base_model, pretrain, rope_frequencies
 
 
 def test_rope_frequencies_give_each_axis_a_ladder_of_wavelengths():

@@ -4,8 +4,8 @@ is deterministic and binds each colour to the shape it precedes."""
 import pytest
 import torch
 
-from relvid.models.codecs import CodecError, codec_factors, load_codec
-from relvid.models.text_encoders import load_text_encoder
+from relvid.components import load_codec, load_text_encoder
+from relvid.models.codecs import CodecError, codec_factors
 from relvid.toy.codec import ToyCodec
 from relvid.toy.world import FRAMES, SIZE
 

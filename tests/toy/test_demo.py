@@ -1,5 +1,5 @@
 """The toy world end to end on a tiny random base: exemplar cache -> DreamRelation and direct LoRA
-through relvid.train.run -> sampling -> judging -> results.json, grid, mp4s, TensorBoard logs, and
+through relvid.training.run.run -> sampling -> judging -> results.json, grid, mp4s, TensorBoard logs, and
 a diffusers LoRA file that MochiPipeline.load_lora_weights loads into the base folder."""
 
 import dataclasses
@@ -10,14 +10,14 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTransformer3DModel
 
 from relvid.data.cache import CacheError, ClipCache
-from relvid.eval.video_io import read_video
+from relvid.video_io import read_video
 from relvid.models.backbone import find_transformer_folder
-from relvid.toy.base import BASE_CONFIG, BASE_DIR
+from relvid.toy.drivers.base import BASE_CONFIG, BASE_DIR
 from relvid.toy.codec import ToyCodec
-from relvid.toy.customize import load_customized
-from relvid.toy.datasets import build_exemplar_cache
-from relvid.toy.demo import run_demo
-from relvid.toy.evaluate import METRICS, TOY_SETTINGS
+from relvid.toy.drivers.customize import load_customized
+from relvid.toy.drivers.datasets import build_exemplar_cache
+from relvid.toy.drivers.demo import run_demo
+from relvid.toy.drivers.evaluate import METRICS, TOY_SETTINGS
 from relvid.toy.text import ToyTextEncoder
 from relvid.toy.world import FRAMES, SIZE
 
@@ -115,7 +115,7 @@ def test_committed_base_loads_and_fits_the_toy_codec_and_encoder():
 
 def _tiny_customization(tmp_path, method: str, steps: int, *overrides: str):
     """A few steps of a toy method on 'bouncing' (2 exemplars) over a tiny random base: (adapter file, base)."""
-    from relvid.toy.customize import METHODS, customize
+    from relvid.toy.drivers.customize import METHODS, customize
 
     base = tmp_path / "base"
     tiny_base(base)
@@ -137,7 +137,7 @@ def test_ablation_keeps_the_removed_adapters_at_zero(tmp_path):
 
 def test_customized_model_activates_the_asked_adapter_set(tmp_path):
     from relvid.models.lora import TripletSpec, active_adapters
-    from relvid.toy.customize import adapters_in_set
+    from relvid.toy.drivers.customize import adapters_in_set
 
     path, base = _tiny_customization(tmp_path, "dreamrelation", 2)
     assert set(active_adapters(load_customized(path, base))) == {"relation", "ffn"}

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from relvid.toy.datasets import build_exemplar_cache
+from relvid.toy.drivers.datasets import build_exemplar_cache
 from tests.toy.experiments import load_script
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from relvid.toy.customize import METHODS, method_config
+from relvid.toy.drivers.customize import METHODS, method_config
 from tests.toy.experiments import load_script
 
 

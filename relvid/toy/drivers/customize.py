@@ -1,4 +1,4 @@
-"""Customizing the toy base with relvid's own training (relvid.train.run), and loading the result.
+"""Customizing the toy base with relvid's own training (relvid.training.run.run), and loading the result.
 
 A method is a list of YAML files from configs/toy/ plus overrides; the toy-specific keys (the
 relation, the cache, the base model folder, the seed, the output folder) are set here. Table 2's
@@ -17,22 +17,18 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from relvid.config import ConfigError, ModelConfig, load_config
+from relvid.config import SHIPPED_CONFIGS, ModelConfig, load_config
 from relvid.models.backbone import load_transformer
 from relvid.models.lora import (TripletSpec, activate, adapter_names, inference_adapters, inject_triplet,
                                 load_adapter_state_dict, load_adapters, lora_parameters)
-from relvid.toy.base import BASE_DIR
+from relvid.toy.drivers.base import BASE_DIR
 
 ADAPTER_FILE = Path("adapters") / "relvid_adapters.safetensors"
 
 
 def config_dir() -> Path:
-    """configs/toy of the source checkout (the toy configs live beside the package, like configs/train.yaml)."""
-    folder = Path(__file__).resolve().parents[2] / "configs" / "toy"
-    if not (folder / "dreamrelation.yaml").is_file():
-        raise ConfigError(f"{folder}/dreamrelation.yaml not found: run the toy world from a relvid source "
-                          "checkout (git clone), where configs/toy/ sits next to relvid/")
-    return folder
+    """The toy method configs shipped with the package (the repository's configs/toy links here)."""
+    return SHIPPED_CONFIGS / "toy"
 
 
 @dataclass(frozen=True)
@@ -85,8 +81,8 @@ def method_config(method: Method, relation: str, cache_dir: str | Path, out_dir:
 
 def customize(method: Method, relation: str, cache_dir: str | Path, out_dir: str | Path, seed: int = 0,
               base_dir: str | Path = BASE_DIR, overrides: Sequence[str] = ()) -> Path:
-    """Train one method with relvid.train.run; returns its adapter file."""
-    from relvid.train import run  # Lightning trainer assembly: imported only when training
+    """Train one method with relvid.training.run.run; returns its adapter file."""
+    from relvid.training.run import run  # Lightning trainer assembly: imported only when training
 
     cfg = method_config(method, relation, cache_dir, out_dir, seed, base_dir, overrides)
     callbacks = [FrozenAdapters(method.frozen)] if method.frozen else []

@@ -1,7 +1,7 @@
 """`relvid demo`: the whole method on a CPU in minutes, in the toy world.
 
 1. exemplars of one relation (white circle + white square) into a clip cache;
-2. customize the committed base with DreamRelation and with direct LoRA (relvid.train.run);
+2. customize the committed base with DreamRelation and with direct LoRA (relvid.training.run.run);
 3. sample the relation's test prompts (unseen subject pairs) with base, direct LoRA, DreamRelation;
 4. judge them and write results.json, a Markdown/CSV table, a PNG grid, mp4s, and the
    DreamRelation adapter as a diffusers LoRA file; print a Table-1-like table.
@@ -18,15 +18,15 @@ from pathlib import Path
 
 
 from relvid.eval.report import write_results
-from relvid.eval.video_io import write_mp4
-from relvid.generate import SampleSettings
+from relvid.video_io import write_mp4
+from relvid.inference.generate import SampleSettings
 from relvid.models.lora import load_adapters
 from relvid.models.lora_io import export_state_dict
-from relvid.toy.base import BASE_DIR
-from relvid.toy.customize import ADAPTER_FILE, METHODS, customize, load_base, load_customized
-from relvid.toy.datasets import build_exemplar_cache, exemplar_frames
-from relvid.toy.evaluate import METRICS, TOY_SETTINGS, generate, score, test_prompts
-from relvid.toy.figures import save_grid
+from relvid.toy.drivers.base import BASE_DIR
+from relvid.toy.drivers.customize import ADAPTER_FILE, METHODS, customize, load_base, load_customized
+from relvid.toy.drivers.datasets import build_exemplar_cache, exemplar_frames
+from relvid.toy.drivers.evaluate import METRICS, TOY_SETTINGS, generate, score, test_prompts
+from relvid.toy.drivers.figures import save_grid
 from relvid.toy.world import RELATIONS
 
 # Subject 1 starts touching subject 2 (8.5 px apart) and moves about 9.5 px away. The base (generic

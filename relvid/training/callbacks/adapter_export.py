@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 
 from relvid.models.lora import save_adapter_state
-from relvid.strategies import full_adapter_state
+from relvid.training.strategies import full_adapter_state
 
 
 class FinalAdapters(L.Callback):

@@ -30,7 +30,7 @@ from relvid.toy.text import ToyTextEncoder
 from relvid.toy.world import FRAMES, GENERIC_MOTIONS, all_subjects, generic_caption, pretraining_pair_allowed
 
 # The committed base model (relvid/toy/base_model), loaded with model.preset=mochi, model.path=BASE_DIR.
-BASE_DIR = Path(__file__).resolve().parent / "base_model"
+BASE_DIR = Path(__file__).resolve().parents[1] / "base_model"
 INFO_NAME = "toy_base.json"
 
 # 4 blocks of width 160 (5 heads x 32), text stream 64 wide: about 2.2 M parameters.

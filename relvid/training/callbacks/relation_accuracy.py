@@ -14,8 +14,8 @@ from pathlib import Path
 import lightning as L
 from omegaconf import DictConfig
 
-from relvid.callbacks.preview import PreviewPromptError, select_prompts
-from relvid.generate import SampleSettings, generate_video, inference_scope
+from relvid.training.callbacks.preview import PreviewPromptError, select_prompts
+from relvid.inference.generate import SampleSettings, generate_video, inference_scope
 
 
 class RelationAccuracyCallback(L.Callback):
@@ -43,7 +43,7 @@ class RelationAccuracyCallback(L.Callback):
         if ra.prompts:
             return list(ra.prompts)
         from relvid import relations
-        from relvid.eval.prompts import eval_prompts
+        from relvid.prompts import eval_prompts
 
         if not relations.is_known(self.cfg.relation):
             raise PreviewPromptError(f"relation_accuracy.prompts: {self.cfg.relation!r} has no evaluation prompts; "
@@ -91,7 +91,7 @@ class RelationAccuracyCallback(L.Callback):
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> dict:
         from relvid.eval.judge import judge_videos
-        from relvid.models.codecs import load_codec
+        from relvid.components import load_codec
 
         if self._codec is None:
             model = self.cfg.model

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from relvid.eval.metrics import temporal_consistency
-from relvid.generate import SampleSettings, generate_video
+from relvid.inference.generate import SampleSettings, generate_video
 from relvid.seeding import derive_seed
 from relvid.toy.codec import ToyCodec
 from relvid.toy.judge import Judgement, judge

@@ -29,7 +29,7 @@ def _check_frames(frames: Tensor | np.ndarray) -> np.ndarray:
         raise VideoFileError(f"frames must be (T, H, W, 3) with T >= 1, got shape {tuple(array.shape)}")
     if array.dtype != np.uint8:
         raise VideoFileError(f"frames must be uint8 (0..255), got {array.dtype}; convert with "
-                             "relvid.generate.to_uint8_frames")
+                             "relvid.inference.generate.to_uint8_frames")
     return array
 
 

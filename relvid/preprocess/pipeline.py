@@ -8,6 +8,7 @@ negative prompt) are written in the same pass, so training never loads the text 
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,10 +18,10 @@ from tqdm.auto import tqdm
 
 from relvid import relations
 from relvid.data.cache import ClipCache
-from relvid.data.encode import encode_clip
-from relvid.data.masks import MaskMaker, make_masks
-from relvid.data.sources import Source
-from relvid.data.video import ClipSpec, load_clip
+from relvid.preprocess.encode import encode_clip
+from relvid.preprocess.masks import MaskMaker, make_masks
+from relvid.preprocess.sources import Source
+from relvid.preprocess.video import ClipSpec, load_clip
 from relvid.models.codecs import Codec
 from relvid.models.text_encoders import TextEncoder
 
@@ -51,7 +52,7 @@ def preview_prompts(relation: str, extra: list[str] | tuple[str, ...] = ()) -> l
     """The relation's evaluation prompts (when it has some), the user's extra prompts, and ``""``."""
     prompts: list[str] = []
     if relations.is_known(relation):
-        from relvid.eval.prompts import eval_prompts
+        from relvid.prompts import eval_prompts
 
         prompts += eval_prompts(relation)
     prompts += [p for p in extra if p]
@@ -118,3 +119,81 @@ def run_preprocess(
         summary.written.append(source.clip_id)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _dtype(name: str):
+    import torch
+
+    return None if name == "auto" else {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def _mask_maker(kind: str, opts, device: str) -> MaskMaker:
+    from relvid.preprocess.masks import FileMaskMaker, SkeletonMaskMaker
+
+    if kind == "skeleton":
+        return SkeletonMaskMaker()
+    if kind == "files":
+        return FileMaskMaker(opts.mask_colors)
+    from relvid.preprocess.grounded_sam import GroundedSam
+
+    return GroundedSam.from_folders(opts.gdino_path, opts.sam_path, prompt=opts.detect_prompt, device=device,
+                                    box_threshold=opts.box_threshold, text_threshold=opts.text_threshold)
+
+
+def _sources(opts) -> list[Source]:
+    from relvid.preprocess.sources import folder_sources, ntu_sources
+
+    if opts.ntu_root:
+        return ntu_sources(opts.ntu_root, opts.relation, opts.clips, opts.seed, opts.setups, opts.cameras,
+                           opts.performers, opts.replications, opts.skeletons, opts.masks)
+    return folder_sources(opts.videos, opts.captions_csv, opts.masks)
+
+
+def preprocess(opts) -> int:
+    """`relvid preprocess` with its options (the attributes its parser defines); returns the exit code."""
+    from relvid.components import load_codec, load_text_encoder
+
+    if opts.mask_source == "files" and not opts.masks:
+        raise ValueError("--mask-source files needs --masks DIR (a <video stem>/ PNG folder or <stem>.mp4 per video)")
+    if opts.mask_source == "skeleton" and opts.videos and opts.mask_fallback == "none":
+        raise ValueError("your own videos have no NTU skeletons: use --mask-source grounded-sam or files")
+    if opts.vae_tile < 0 or opts.vae_tile % 8:
+        raise ValueError(f"--vae-tile {opts.vae_tile}: use a multiple of 8 pixels (e.g. 256), or 0 for no tiling")
+    relation = relation_name(opts.relation)
+    spec = ClipSpec(opts.frames, opts.height, opts.width, opts.fps, opts.allow_upscale)
+    out = Path(opts.out or f"data/cache/{relation}")
+    sources = _sources(opts)
+    if opts.dry_run:
+        for source, state in plan(sources, out):
+            extra = f"skeleton={source.skeleton.name if source.skeleton else 'MISSING'}" if opts.ntu_root else ""
+            print(f"{state:6s} {source.clip_id:32s} {source.video}  {extra} caption={source.caption!r}")
+        print(f"{len(sources)} sources for {relation} -> {out} (dry run: nothing written)")
+        return 0
+
+    device = _device(opts.device)
+    dtype = _dtype(opts.dtype)
+    mochi = opts.mochi_path or os.environ.get("MOCHI_PATH")
+    tiling = {"tiling": opts.vae_tile > 0, "tile": opts.vae_tile or 256,
+              "tile_stride": max(8, opts.vae_tile * 3 // 4 // 8 * 8)} if opts.codec == "mochi" else {}
+    codec = load_codec(opts.codec, opts.vae_path or mochi, device=device, dtype=dtype, **tiling)
+    text_encoder = load_text_encoder(opts.text_encoder, opts.t5_path or os.environ.get("T5_PATH") or mochi,
+                                     device=device, dtype=dtype)
+    maker = _mask_maker(opts.mask_source, opts, device)
+    fallback = None if opts.mask_fallback == "none" else _mask_maker(opts.mask_fallback, opts, device)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items() if k != "func"}
+    summary = run_preprocess(
+        sources, out, relation, codec, text_encoder, maker, spec, fallback, opts.spatial_rule, opts.latent_dtype,
+        prompts=preview_prompts(relation, opts.prompt), config=config, progress=not opts.no_progress,
+    )
+    for source, reason in summary.failed.items():
+        print(f"FAILED {source}: {reason}")
+    print(f"{summary.line()} -> {out}")
+    return 0 if summary.written or summary.skipped_done else 1

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from relvid.data.cache import CacheError, ClipCache, ClipRecord
-from relvid.data.latent_grid import masks_to_latent_grid
+from relvid.preprocess.latent_grid import masks_to_latent_grid
 from relvid.models.codecs import codec_factors
 from relvid.seeding import derive_seed
 from relvid.toy.codec import ToyCodec
@@ -45,7 +45,7 @@ def build_exemplar_cache(root: str | Path, relations: Iterable[str] | None = Non
         raise KeyError(f"unknown toy relations {unknown}; toy relations are {sorted(RELATIONS)}")
     codec, text = ToyCodec(), ToyTextEncoder()
     cache = ClipCache(root, create=True)
-    config = {"generator": "relvid.toy.datasets", "relations": relations, "clips": clips, "seed": seed,
+    config = {"generator": "relvid.toy.drivers.datasets", "relations": relations, "clips": clips, "seed": seed,
               "subjects": [str(s) for s in EXEMPLAR_SUBJECTS], "staging": dataclasses.asdict(EXEMPLAR_STAGING)}
     found = cache.manifest["config"]
     made = {k: found.get(k) for k in _CLIP_DEFINING}

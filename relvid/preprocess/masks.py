@@ -1,11 +1,11 @@
 """Subject masks for a clip, from one of three sources, on the clip's pixel grid (2, T, H, W).
 
-- ``skeleton``: NTU skeletons (relvid.data.skeleton_masks), exact identities, no weights.
-- ``grounded-sam``: Grounding DINO boxes + SAM masks (relvid.data.grounded_sam), weights from local folders.
-- ``files``: the user's PNG folders or mask videos (relvid.data.mask_files).
+- ``skeleton``: NTU skeletons (relvid.preprocess.skeleton_masks), exact identities, no weights.
+- ``grounded-sam``: Grounding DINO boxes + SAM masks (relvid.preprocess.grounded_sam), weights from local folders.
+- ``files``: the user's PNG folders or mask videos (relvid.preprocess.mask_files).
 A ``fallback`` maker is used when the primary one has nothing to work with for a clip (an NTU sample
 without a skeleton file, a video without mask files). The latent-grid step is
-``relvid.data.latent_grid.masks_to_latent_grid``.
+``relvid.preprocess.latent_grid.masks_to_latent_grid``.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from typing import Protocol
 
 from torch import Tensor
 
-from relvid.data.mask_files import load_mask_files
-from relvid.data.ntu import parse_skeleton
-from relvid.data.skeleton_masks import skeleton_masks
-from relvid.data.sources import Source
-from relvid.data.video import Clip, ClipSkipped
+from relvid.preprocess.mask_files import load_mask_files
+from relvid.preprocess.ntu import parse_skeleton
+from relvid.preprocess.skeleton_masks import skeleton_masks
+from relvid.preprocess.sources import Source
+from relvid.preprocess.video import Clip, ClipSkipped
 
 MASK_SOURCES = ("skeleton", "grounded-sam", "files")
 

@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from relvid.generate import SampleSettings, generate_video, inference_scope
+from relvid.inference.generate import SampleSettings, generate_video, inference_scope
 
 
 class PreviewPromptError(ValueError):
@@ -107,8 +107,8 @@ class PreviewCallback(L.Callback):
             self.render(trainer, pl_module, step)
 
     def render(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> list[Path]:
-        from relvid.eval.video_io import write_mp4
-        from relvid.models.codecs import load_codec
+        from relvid.video_io import write_mp4
+        from relvid.components import load_codec
 
         if self._codec is None:
             self._codec = load_codec(self.codec_name, self.codec_path, device=str(pl_module.device))

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from relvid import relations
-from relvid.data.mask_files import mask_source_for, natural_key
-from relvid.data.ntu import choose, filter_samples, index_ntu
+from relvid.preprocess.mask_files import mask_source_for, natural_key
+from relvid.preprocess.ntu import choose, filter_samples, index_ntu
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")

@@ -77,6 +77,20 @@ def resolve_adapter_file(source: str | os.PathLike) -> tuple[Path, str]:
     return path, "relvid" if fmt == FORMAT_NAME else "diffusers"
 
 
+def read_triplet(source: str | os.PathLike) -> tuple[TripletSpec, dict]:
+    """(spec, adapter state) of a relvid checkpoint, triplet file or a folder holding one."""
+    path, kind = resolve_adapter_file(source)
+    if kind == "diffusers":
+        raise LoRAConfigError(f"{path} is a diffusers LoRA file: it holds the inference set only, not relvid's "
+                              f"triplet; pass a .ckpt, a {TRIPLET_WEIGHT_NAME} or a run's adapters/ folder")
+    if kind == "checkpoint":
+        from relvid.inference.checkpoints import adapters_from_checkpoint
+
+        return adapters_from_checkpoint(path)
+    spec, state, _ = load_adapters(path)
+    return spec, state
+
+
 def apply_adapter_source(transformer: nn.Module, source: str | os.PathLike) -> AdapterSource:
     """Load `source` into `transformer` (which must have no LoRAs yet) with the inference set active."""
     path, kind = resolve_adapter_file(source)
@@ -92,12 +106,7 @@ def apply_adapter_source(transformer: nn.Module, source: str | os.PathLike) -> A
                                                          metadata=metadata)
         transformer.set_adapters([DIFFUSERS_ADAPTER_NAME])
     else:
-        if kind == "checkpoint":
-            from relvid.checkpoints import adapters_from_checkpoint
-
-            spec, state = adapters_from_checkpoint(path)
-        else:
-            spec, state, _ = load_adapters(path)
+        spec, state = read_triplet(path)
         inject_triplet(transformer, spec)
         load_adapter_state_dict(transformer, state)
         activate(transformer, inference_adapters(spec))

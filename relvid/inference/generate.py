@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from relvid.models.codecs import Codec
 from relvid.models.lora import TripletSpec, activate, active_adapters, inference_adapters
-from relvid.sampling import sample
+from relvid.inference.sampler import sample
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,31 @@ def write_contact_sheet(path: str | Path, frames: np.ndarray, masks, mp4: bool =
     contact_sheet(frames, masks, title=title).save(path)
     written = [path]
     if mp4:
-        from relvid.eval.video_io import write_mp4
+        from relvid.video_io import write_mp4
 
         written.append(Path(write_mp4(path.with_suffix(".mp4"), overlay(frames, masks), fps=fps)))
     return written
+
+
+def mask_sheet(cache_dir: str | Path, clip_id: str | None = None, out: str | Path | None = None,
+               mp4: bool = False) -> list[Path]:
+    """`relvid mask-sheet`: a cached clip's frames (re-read from its source video) under its latent masks."""
+    from relvid.data.cache import ClipCache
+    from relvid.preprocess.video import ClipSpec, load_clip
+
+    cache = ClipCache(cache_dir)
+    ids = cache.clip_ids()
+    if not ids:
+        raise ValueError(f"{cache_dir} holds no clips")
+    clip_id = clip_id or ids[0]
+    record = cache.read(clip_id)
+    spec_cfg = cache.manifest.get("config", {}).get("spec")
+    if not spec_cfg:
+        raise ValueError(f"{cache.manifest_path} has no clip spec (not written by `relvid preprocess`)")
+    spec = ClipSpec(**{**spec_cfg, "allow_upscale": True})
+    clip = load_clip(record.meta["source"], spec)
+    t = int(record.meta["codec_factors"].split(",")[0])
+    masks = latent_masks_to_pixels(record.subject_masks, spec.frames, spec.height, spec.width, t)
+    path = Path(out or Path(cache_dir) / "sheets" / f"{clip_id}.png")
+    return write_contact_sheet(path, clip.frames, masks.numpy(), mp4=mp4, fps=spec.fps,
+                               title=f"{clip_id}: subject 1 red, subject 2 blue (latent masks)")

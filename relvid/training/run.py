@@ -13,13 +13,13 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQ
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 
-from relvid.callbacks.adapter_export import FinalAdapters
-from relvid.callbacks.crash_checkpoint import CrashCheckpoint
-from relvid.callbacks.memory_bank import MemoryBankCallback
+from relvid.training.callbacks.adapter_export import FinalAdapters
+from relvid.training.callbacks.crash_checkpoint import CrashCheckpoint
+from relvid.training.callbacks.memory_bank import MemoryBankCallback
 from relvid.config import ConfigError, save_config
 from relvid.data.datamodule import RelationDataModule
-from relvid.strategies import build_strategy
-from relvid.module import RelationModule, wants_gpu
+from relvid.training.strategies import build_strategy
+from relvid.training.module import RelationModule, wants_gpu
 
 
 class RunExistsError(FileExistsError):
@@ -80,11 +80,11 @@ def optional_callbacks(cfg: DictConfig) -> list[L.Callback]:
     """Previews and judged relation accuracy, when their every_n_steps is set."""
     out: list[L.Callback] = []
     if cfg.preview.every_n_steps > 0:
-        from relvid.callbacks.preview import PreviewCallback
+        from relvid.training.callbacks.preview import PreviewCallback
 
         out.append(PreviewCallback.from_config(cfg))
     if cfg.relation_accuracy.every_n_steps > 0:
-        from relvid.callbacks.relation_accuracy import RelationAccuracyCallback
+        from relvid.training.callbacks.relation_accuracy import RelationAccuracyCallback
 
         out.append(RelationAccuracyCallback.from_config(cfg))
     return out

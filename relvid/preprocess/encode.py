@@ -6,8 +6,8 @@ import torch
 from torch import Tensor
 
 from relvid.data.cache import ClipRecord
-from relvid.data.latent_grid import masks_to_latent_grid
-from relvid.data.video import Clip, to_model_range
+from relvid.preprocess.latent_grid import masks_to_latent_grid
+from relvid.preprocess.video import Clip, to_model_range
 from relvid.models.codecs import Codec, codec_factors
 
 LATENT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

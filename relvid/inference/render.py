@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from relvid.generate import SampleSettings, generate_video
+from relvid.inference.generate import SampleSettings, generate_video
 from relvid.models.codecs import Codec
 from relvid.models.text_encoders import TextEncoder
 
@@ -118,13 +118,36 @@ def render_jobs(jobs: list[VideoJob], out_dir: str | os.PathLike, transformer: n
         t0 = time.time()
         embeds, mask = encoded[job.prompt]
         frames = generate_video(transformer, codec, embeds, mask, neg, seed=job.seed, settings=settings, device=device)
-        from relvid.eval.video_io import write_mp4
+        from relvid.video_io import write_mp4
 
         write_mp4(path, frames, fps=settings.fps)
         _write_json(sidecar_path(path), {**expected, **(info or {}), "prompt": job.prompt, "prompt_index": job.index,
                                          "seed": job.seed, "seconds": round(time.time() - t0, 2),
                                          "device": str(device)})
     return paths
+
+
+def sample_videos(prompts: list[str], seeds: list[int], out_dir: str | os.PathLike, model_cfg,
+                  settings: SampleSettings, adapters: str | os.PathLike | None = None, negative: str = "",
+                  device: torch.device | None = None) -> list[Path]:
+    """`relvid sample`: load the model (and the adapters, if any) and render every prompt x seed."""
+    from relvid.components import load_generation_parts
+
+    device = device or default_device()
+    transformer, codec, text = load_generation_parts(model_cfg, device)
+    meta: dict = {"adapters_sha256": None}
+    info: dict = {"model_path": model_cfg.path}
+    if adapters:
+        from relvid.inference.adapter_source import apply_adapter_source
+
+        source = apply_adapter_source(transformer, adapters)
+        meta["adapters_sha256"] = source.sha256
+        info["adapters"] = source.to_dict()
+        print(f"adapters: {source.path} ({source.kind}, sha256 {source.sha256[:12]}); relation + ffn active")
+    else:
+        print("--base: sampling the base model without adapters")
+    return render_jobs(plan_jobs(prompts, seeds), out_dir, transformer, codec, text, settings, negative=negative,
+                       device=device, meta=meta, info=info)
 
 
 def wait_for(paths: list[Path], timeout_s: float, poll_s: float = 5.0) -> None:

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from relvid.data.sources import Source
-from relvid.data.video import Clip, ClipSkipped
+from relvid.preprocess.sources import Source
+from relvid.preprocess.video import Clip, ClipSkipped
 from relvid.models.backbone import WeightsNotFoundError
 
 HINT = ("download IDEA-Research/grounding-dino-base (--gdino-path) and facebook/sam-vit-huge (--sam-path) with "
@@ -76,7 +76,7 @@ def _folder(path: str | os.PathLike | None, what: str) -> Path:
 
 
 class GroundedSam:
-    """Subject masks from Grounding DINO + SAM; a MaskMaker for relvid.data.masks."""
+    """Subject masks from Grounding DINO + SAM; a MaskMaker for relvid.preprocess.masks."""
 
     name = "grounded-sam"
 

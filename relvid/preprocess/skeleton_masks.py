@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from relvid.data.ntu import BONES, Body, SkeletonSequence
-from relvid.data.video import ClipSkipped, Crop
+from relvid.preprocess.ntu import BONES, Body, SkeletonSequence
+from relvid.preprocess.video import ClipSkipped, Crop
 
 SPINE_BASE, SPINE_SHOULDER, HEAD = 0, 20, 3
 TORSO = (4, 8, 16, 12)  # ShoulderLeft, ShoulderRight, HipRight, HipLeft

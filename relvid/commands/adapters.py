@@ -1,0 +1,45 @@
+"""`relvid export` (adapters -> a diffusers LoRA file) and `relvid import-reference` (the authors' LoRAs)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from relvid.inference.adapter_source import read_triplet
+    from relvid.models.lora import save_adapter_state
+    from relvid.models.lora_io import TRIPLET_WEIGHT_NAME, export_state_dict
+
+    spec, state = read_triplet(args.source)
+    out = export_state_dict(state, spec, Path(args.out))
+    print(f"wrote {out} (inference set: relation + ffn; load with MochiPipeline.load_lora_weights)")
+    if args.triplet:
+        triplet = save_adapter_state(Path(args.out) / TRIPLET_WEIGHT_NAME, state, spec)
+        print(f"wrote {triplet} (full triplet, relvid format)")
+    return 0
+
+
+def cmd_import_reference(args: argparse.Namespace) -> int:
+    from relvid.models.lora_io import import_reference
+
+    out = import_reference(Path(args.file), Path(args.out), qkv_alpha=args.qkv_alpha, out_alpha=args.out_alpha)
+    print(f"wrote {out}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("export", help="write the inference LoRA (relation + ffn) as a diffusers file")
+    p.add_argument("source", help="a relvid checkpoint (.ckpt), relvid_adapters.safetensors, or a run's adapters/ folder")
+    p.add_argument("--out", required=True, help="output folder for pytorch_lora_weights.safetensors")
+    p.add_argument("--triplet", action="store_true", help="also write the full triplet in relvid's format")
+    p.set_defaults(func=cmd_export)
+
+    p = subparsers.add_parser("import-reference", help="convert a reference-implementation *.lora.pt to a diffusers LoRA")
+    p.add_argument("file")
+    p.add_argument("--out", required=True)
+    p.add_argument("--qkv-alpha", type=float, default=None,
+                   help="LoRA alpha of the Q/K/V LoRAs in the reference run (its qkv_proj_lora_alpha); default = rank")
+    p.add_argument("--out-alpha", type=float, default=None,
+                   help="LoRA alpha of the FFN (attention-out) LoRA (its out_proj_lora_alpha); default = rank")
+    p.set_defaults(func=cmd_import_reference)

@@ -1,0 +1,1 @@
+"""Evaluation: judges, metrics, the report and the evaluate command's logic."""

@@ -1,0 +1,1 @@
+"""Inference: the sampler, one video, many videos, and loading any adapter source."""

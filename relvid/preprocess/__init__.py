@@ -1,0 +1,1 @@
+"""Exemplar videos -> clip cache: sources, decoding, subject masks, encoding, the pipeline."""

@@ -1,0 +1,1 @@
+"""Training: the RelationModule (one step), the run assembly, strategies and callbacks."""
