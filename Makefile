@@ -30,6 +30,9 @@ install: $(VENV)/.installed ## create .venv and install relvid with all its depe
 test: $(VENV)/.installed ## run the test suite (CPU; slow and GPU tests excluded)
 	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
 
+lint: $(VENV)/.installed ## check the code with ruff (rules E, F, I, B, UP, W; ruff.toml), as CI does
+	$(VENV)/bin/ruff check .
+
 test-all: $(VENV)/.installed ## run every test, slow ones included (GPU tests skip without a GPU)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
@@ -84,4 +87,4 @@ clean: ## remove caches and build files (keeps .venv and outputs/)
 	rm -rf .pytest_cache build *.egg-info
 	find . -name __pycache__ -prune -exec rm -rf {} +
 
-.PHONY: help install test test-all train resume smoke export demo toy-base preprocess mask-sheet sample evaluate bench bench-tiny tensorboard clean
+.PHONY: help install test lint test-all train resume smoke export demo toy-base preprocess mask-sheet sample evaluate bench bench-tiny tensorboard clean

@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         # Expected user errors: one clear line, no traceback.
         print(f"relvid {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `relvid ... | head`: the reader left; not an error of ours
+        sys.stdout = open(os.devnull, "w")  # so the interpreter's final flush does not fail again
+        return 0
 
 
 if __name__ == "__main__":

@@ -27,13 +27,13 @@ from diffusers import MochiTransformer3DModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from relvid.config import load_config
+from relvid.data.datamodule import RelationDataModule
 from relvid.data.random_cache import write_random_cache
+from relvid.inference.sampler import sample
 from relvid.models.attention import apply_speed_config
 from relvid.models.backbone import tiny_transformer
 from relvid.training.module import RelationModule
-from relvid.inference.sampler import sample
 from relvid.training.run import build_trainer
-from relvid.data.datamodule import RelationDataModule
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -135,8 +135,8 @@ def bench_plain(args, device, dtype) -> dict:
 
     reset_peak(device)
     times = timed(step, args.steps, args.warmup, device)
-    out = {"times": times, "peak": peak_gib(device), "flops": counted_flops(step), "tokens": vision_tokens(sh["latent"], 2)}
-    del model, opt, params
+    out = {"times": times, "peak": peak_gib(device), "flops": counted_flops(step),
+           "tokens": vision_tokens(sh["latent"], 2)}
     return out
 
 
@@ -206,7 +206,7 @@ def bench_relvid(args, device, dtype, attention: str, work: Path) -> dict:
 
 # --- (c) one CFG sample ----------------------------------------------------------------------------
 def bench_sample(args, device, dtype, attention: str) -> dict:
-    from relvid.models.lora import TripletSpec, inference_adapters, activate, inject_triplet
+    from relvid.models.lora import TripletSpec, activate, inference_adapters, inject_triplet
 
     model = build_model(args, device, dtype).eval()
     model.requires_grad_(False)
@@ -235,7 +235,6 @@ def bench_sample(args, device, dtype, attention: str) -> dict:
     times = timed(lambda: run_sample(args.sample_steps), 1, 0, device)
     out = {"times": times, "peak": peak_gib(device), "flops": flops,
            "tokens": vision_tokens(sh["latent"], 2) * 2 * args.sample_steps}
-    del model
     return out
 
 
@@ -252,7 +251,8 @@ def equivalence(args, device, dtype) -> float:
     t = torch.tensor([300.0, 800.0], device=device)
     outs = {}
     for path in ("diffusers", "packed"):
-        apply_speed_config(model, SimpleNamespace(attention=path, sdpa_backend="auto", checkpoint="full", compile=False))
+        speed = SimpleNamespace(attention=path, sdpa_backend="auto", checkpoint="full", compile=False)
+        apply_speed_config(model, speed)
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             outs[path] = model(z, text, t, mask, return_dict=False)[0].float()
     del model

@@ -36,11 +36,11 @@ import torch
 from tqdm.auto import tqdm
 
 from relvid.inference.generate import to_uint8_frames
-from relvid.losses.flow_matching import model_timestep, noisy_latents
 from relvid.inference.sampler import sample
+from relvid.losses.flow_matching import model_timestep, noisy_latents
 from relvid.seeding import derive_seed
-from relvid.toy.drivers.base import BASE_DIR
 from relvid.toy.codec import ToyCodec
+from relvid.toy.drivers.base import BASE_DIR
 from relvid.toy.drivers.customize import load_base
 from relvid.toy.drivers.evaluate import TOY_SETTINGS, noise_levels
 from relvid.toy.judge import judge
@@ -80,8 +80,8 @@ def captioned_subjects(kind: str, a: Subject, b: Subject) -> tuple[Subject, Subj
 def finish(model: torch.nn.Module, z_sigma: torch.Tensor, sigma: float, embeds: torch.Tensor, mask: torch.Tensor,
            negative: tuple[torch.Tensor, torch.Tensor], steps: int, guidance: float = GUIDANCE) -> torch.Tensor:
     """relvid's sampler (Euler, CFG) from `sigma` to 0 in `steps` even steps: (1, C, f, h, w) clean latents."""
-    return sample(model, z_sigma, embeds[None], mask[None], negative[0][None], negative[1][None], guidance_scale=guidance,
-                  sigmas=torch.linspace(sigma, 0.0, steps + 1, dtype=torch.float64))
+    return sample(model, z_sigma, embeds[None], mask[None], negative[0][None], negative[1][None],
+                  guidance_scale=guidance, sigmas=torch.linspace(sigma, 0.0, steps + 1, dtype=torch.float64))
 
 
 def _noisy_clip(i: int, seed: int, frames: int, codec: ToyCodec) -> tuple[Subject, Subject, torch.Tensor, torch.Tensor]:
@@ -107,7 +107,7 @@ def caption_use(model: torch.nn.Module, sigmas: list[float], clips: int = 20, fr
         encoded = text.encode(["" if n is None else generic_caption("static", *n) for n in named.values()])
         for s in sigmas:
             z_sigma = noisy_latents(z0, noise, torch.tensor([s]))
-            for kind, (embeds, mask) in zip(CAPTIONS, encoded):
+            for kind, (embeds, mask) in zip(CAPTIONS, encoded, strict=True):
                 video = to_uint8_frames(codec.decode(finish(model, z_sigma, s, embeds, mask, negative, steps))[0])
                 if video.shape[0] == 1:
                     video = video.expand(FRAMES, -1, -1, -1)  # a still: the judge looks at a clip
@@ -175,7 +175,8 @@ def table(results: dict) -> str:
     head = "| sigma | " + " | ".join(f"{k}: shown / asked" for k in CAPTIONS) + " |"
     rows = [head, "|---:|" + "---:|" * len(CAPTIONS)]
     for s, by_kind in results.items():
-        cells = [f"{c['shown']:.2f} / " + ("-" if c["asked"] is None else f"{c['asked']:.2f}") for c in by_kind.values()]
+        cells = [f"{c['shown']:.2f} / " + ("-" if c["asked"] is None else f"{c['asked']:.2f}")
+                 for c in by_kind.values()]
         rows.append(f"| {s:g} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 

@@ -94,7 +94,8 @@ def main() -> None:
     batch = {"z0": z0, "embeds": torch.stack([r.text_embeds for r in records]),
              "text_mask": torch.stack([r.text_mask for r in records]).bool(),
              "mask": torch.stack([r.relation_mask.float() for r in records])[:, None],
-             "noise": torch.randn((DRAWS, *z0.shape), generator=g), "sigma": torch.rand(DRAWS, len(records), generator=g)}
+             "noise": torch.randn((DRAWS, *z0.shape), generator=g),
+             "sigma": torch.rand(DRAWS, len(records), generator=g)}
     batch["direction"] = subject_direction(z0, batch["mask"])
     levels = [(f"sigma {s:g}", torch.full_like(batch["sigma"], s)) for s in args.sigmas]
     levels = levels or [("sigma ~ U(0, 1)", batch["sigma"])]
@@ -114,7 +115,8 @@ def main() -> None:
             if names is not None:
                 activate(model, list(names))
             e = errors(model, dict(batch, sigma=sigma))
-            print(f"{name:60s} inside {e['inside']:.4f}   outside {e['outside']:.4f}   bias {e['bias']:+.4f}", flush=True)
+            print(f"{name:60s} inside {e['inside']:.4f}   outside {e['outside']:.4f}   "
+                  f"bias {e['bias']:+.4f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@ on request (--tables 6) the paper's Table 6, the hybrid-mask weight lambda_m (1,
 Resumable: every (method, relation, seed) keeps its adapters and writes its metrics to
 <out>/runs/.../metrics.json, and a rerun skips finished ones. <out>/grid.json records the world (a
 fingerprint of rendered clips and of the base model) and the run settings; a rerun against another
-world or other settings refuses instead of mixing old and new runs. Writes RESULTS.md (per table:
-mean +- std over seeds of the mean over relations; then relation accuracy per relation) and
-results.{md,csv,json}.
+world or other settings refuses instead of mixing old and new runs. Writes RESULTS.md below its
+marker line, keeping the hand-written summary above it (per table: mean +- std over seeds of the
+mean over relations; then relation accuracy per relation) and results.{md,csv,json}.
 
     python experiments/toy/run.py                       # the full grid (hours on 2 CPU cores)
     python experiments/toy/run.py --relations orbiting --seeds 0 --methods base dreamrelation
@@ -40,8 +40,16 @@ import torch
 from relvid.eval.metrics import mean_std
 from relvid.eval.report import markdown_table, write_results
 from relvid.toy.drivers.base import BASE_DIR
-from relvid.toy.drivers.customize import (ADAPTER_FILE, ADAPTER_SET_DESCRIPTIONS, ADAPTER_SETS, METHODS, customize,
-                                  load_base, load_customized, method_config)
+from relvid.toy.drivers.customize import (
+    ADAPTER_FILE,
+    ADAPTER_SET_DESCRIPTIONS,
+    ADAPTER_SETS,
+    METHODS,
+    customize,
+    load_base,
+    load_customized,
+    method_config,
+)
 from relvid.toy.drivers.datasets import build_exemplar_cache, exemplar_frames
 from relvid.toy.drivers.evaluate import METRICS, TOY_SETTINGS, generate, score, test_prompts
 from relvid.toy.render import render_clip
@@ -54,7 +62,7 @@ TABLES = {  # the paper's table number -> its rows
     "3": ["placement_qk_v", "placement_q_kv", "placement_kv_q", "placement_v_qk"],
     "6": ["hmt_lambda_1", "hmt_lambda_25", "dreamrelation", "hmt_lambda_100"],
 }
-DEFAULT_TABLES = ["1", "2", "3"]  # what the issue's grid asks for; Table 6 (lambda_m) on request
+DEFAULT_TABLES = ["1", "2", "3"]  # the paper's Tables 1-3; Table 6 (lambda_m) on request
 
 
 def table_methods(tables: list[str]) -> list[str]:
@@ -140,7 +148,8 @@ def run_one(method: str, relation: str, seed: int, args: argparse.Namespace) -> 
     return metrics
 
 
-def table_rows(results: dict, methods: list[str], relations: list[str], seeds: list[int]) -> tuple[list[dict], list[str]]:
+def table_rows(results: dict, methods: list[str], relations: list[str],
+               seeds: list[int]) -> tuple[list[dict], list[str]]:
     """Rows of one table over the relations every one of its methods finished for every seed: per
     metric, mean +- std over seeds of the mean over those relations. Returns (rows, relations)."""
     common = [r for r in relations if all((m, r, s) in results for m in methods for s in seeds)]
@@ -184,7 +193,6 @@ def report(results: dict, args: argparse.Namespace, command: str, minutes: float
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, " \
               f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU only'}"
     text = [
-        "# Toy-world experiment grid", "",
         f"- command: `{command.strip()}`",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; wall time "
         f"{minutes:.1f} min (finished runs are reused from {args.out})",
@@ -199,10 +207,21 @@ def report(results: dict, args: argparse.Namespace, command: str, minutes: float
         *sections, "",
         "## Relation accuracy per relation (mean ± std over seeds; — not run)", "", *per_relation, "",
     ]
-    notes = HERE / "NOTES.md"
-    if notes.is_file() and Path(args.results).resolve() == HERE:
-        text += ["## Notes", "", notes.read_text()]
-    return "\n".join(text) + "\n"
+    if (Path(args.results) / "NOTES.md").is_file():
+        text += ["Notes and probes behind these figures: [NOTES.md](NOTES.md).", ""]
+    return "\n".join(text)
+
+
+# RESULTS.md keeps what stands above this line (a hand-written summary of the current state);
+# the script rewrites everything below it.
+GENERATED_MARKER = "<!-- Everything below this line is written by experiments/toy/run.py. -->"
+
+
+def write_report(path: Path, text: str) -> None:
+    """Write the generated report below the marker, keeping the hand-written part above it."""
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    head = old[: old.index(GENERATED_MARKER)] if GENERATED_MARKER in old else "# Toy-world experiment grid\n\n"
+    path.write_text(f"{head}{GENERATED_MARKER}\n{text}", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python experiments/toy/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = report(results, args, command, (time.time() - start) / 60)
     Path(args.results).mkdir(parents=True, exist_ok=True)
-    (Path(args.results) / "RESULTS.md").write_text(text, encoding="utf-8")
+    write_report(Path(args.results) / "RESULTS.md", text)
     print(text)
     return 0
 

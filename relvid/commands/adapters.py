@@ -30,12 +30,14 @@ def cmd_import_reference(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("export", help="write the inference LoRA (relation + ffn) as a diffusers file")
-    p.add_argument("source", help="a relvid checkpoint (.ckpt), relvid_adapters.safetensors, or a run's adapters/ folder")
+    p.add_argument("source",
+                   help="a relvid checkpoint (.ckpt), relvid_adapters.safetensors, or a run's adapters/ folder")
     p.add_argument("--out", required=True, help="output folder for pytorch_lora_weights.safetensors")
     p.add_argument("--triplet", action="store_true", help="also write the full triplet in relvid's format")
     p.set_defaults(func=cmd_export)
 
-    p = subparsers.add_parser("import-reference", help="convert a reference-implementation *.lora.pt to a diffusers LoRA")
+    p = subparsers.add_parser("import-reference",
+                              help="convert a reference-implementation *.lora.pt to a diffusers LoRA")
     p.add_argument("file")
     p.add_argument("--out", required=True)
     p.add_argument("--qkv-alpha", type=float, default=None,

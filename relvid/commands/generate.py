@@ -8,8 +8,8 @@ from pathlib import Path
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("base model (local folders; MOCHI_PATH is the default for --model-path)")
-    g.add_argument("--model-path", "--mochi-path", help="diffusers-format genmo/mochi-1-preview folder (transformer/, vae/, "
-                                        "text_encoder/, tokenizer/)")
+    g.add_argument("--model-path", "--mochi-path",
+                   help="diffusers-format genmo/mochi-1-preview folder (transformer/, vae/, text_encoder/, tokenizer/)")
     g.add_argument("--vae-path", help="VAE folder if not <model-path>/vae")
     g.add_argument("--text-encoder-path", help="T5 folder if not <model-path>")
     g.add_argument("--config", action="append", default=[], help="YAML config whose model.* section to use")

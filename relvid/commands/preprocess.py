@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def int_list(text: str) -> list[int]:
@@ -73,7 +72,8 @@ def register(subparsers) -> None:
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=848)
     p.add_argument("--fps", type=float, default=30.0)
-    p.add_argument("--allow-upscale", action="store_true", help="enlarge videos smaller than the target instead of skipping")
+    p.add_argument("--allow-upscale", action="store_true",
+                   help="enlarge videos smaller than the target instead of skipping")
     for name in ("setups", "cameras", "performers", "replications"):
         p.add_argument(f"--{name}", type=int_list, help=f"NTU {name} to keep, e.g. 1,2,5-8")
     p.add_argument("--spatial-rule", choices=("any", "area"), default="any",

@@ -14,14 +14,13 @@ import base64
 import hashlib
 import json
 import os
-import socket
 import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from torch import Tensor
 
@@ -116,7 +115,7 @@ class APIJudge:
                 return None, f"HTTP {err.code}: {detail}", wait
             hint = f" (is ${self.settings.api_key_env} set?)" if err.code in (401, 403) else ""
             raise APIJudgeError(f"{self.url}: HTTP {err.code}{hint}: {detail}") from None
-        except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError) as err:
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
             reason = getattr(err, "reason", err)
             return None, f"{type(err).__name__}: {reason}", None
         try:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from relvid.inference.generate import SampleSettings
 from relvid.inference.render import (
     VideoJob,
     dist_env,
@@ -25,7 +26,6 @@ from relvid.inference.render import (
     sidecar_path,
     wait_for,
 )
-from relvid.inference.generate import SampleSettings
 
 
 @dataclass
@@ -102,7 +102,7 @@ def generate_stage(opts: EvalOptions) -> list[Path]:
             meta["adapters_sha256"] = None
         # encode every prompt first, then free the text encoder (T5-XXL is ~9 GB)
         texts = sorted({j.prompt for j in todo} | {opts.negative})
-        encoded = dict(zip(texts, text.encode(texts)))
+        encoded = dict(zip(texts, text.encode(texts), strict=True))
         del text
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -9,8 +9,8 @@ float in [-1, 1], the first `num_frames` frames resized to S x S.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 import torch.nn.functional as F

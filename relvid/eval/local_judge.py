@@ -74,7 +74,8 @@ class LocalVLMJudge:
         from PIL import Image
 
         pil = [Image.fromarray(img.to(torch.uint8).numpy()) for img in images]
-        messages = [{"role": "user", "content": [*({"type": "image"} for _ in pil), {"type": "text", "text": question}]}]
+        content = [*({"type": "image"} for _ in pil), {"type": "text", "text": question}]
+        messages = [{"role": "user", "content": content}]
         text = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template,
                                                   add_generation_prompt=True, tokenize=False)
         vision = self.image_processor(images=pil, return_tensors="pt")
@@ -85,7 +86,7 @@ class LocalVLMJudge:
                                   f"placeholders for {len(pil)} images")
         pieces = text.split(self.image_token)
         text = pieces[0] + "".join(self.image_token * (int(g.prod()) // merge) + rest
-                                   for g, rest in zip(grids, pieces[1:]))
+                                   for g, rest in zip(grids, pieces[1:], strict=True))
         ids = self.tokenizer(text, return_tensors="pt")
         return {"input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"],
                 "pixel_values": vision["pixel_values"].to(self.model.dtype), "image_grid_thw": grids}

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from relvid.inference.sampler import sample
 from relvid.models.codecs import Codec
 from relvid.models.lora import TripletSpec, activate, active_adapters, inference_adapters
-from relvid.inference.sampler import sample
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,7 @@ def render_jobs(jobs: list[VideoJob], out_dir: str | os.PathLike, transformer: n
     expected = {"settings": settings.to_dict(), "negative_prompt": negative, **(meta or {})}
     expected = json.loads(json.dumps(expected))  # the form it takes in a sidecar (tuples -> lists)
     paths = [out / f"{job.stem}.mp4" for job in jobs]
-    todo = [(job, path) for job, path in zip(jobs, paths) if not is_done(path, expected)]
+    todo = [(job, path) for job, path in zip(jobs, paths, strict=True) if not is_done(path, expected)]
     if not todo:
         return paths
     texts = sorted({job.prompt for job, _ in todo} | ({negative} if settings.guidance_scale != 1.0 else set()))
@@ -112,7 +112,7 @@ def render_jobs(jobs: list[VideoJob], out_dir: str | os.PathLike, transformer: n
     if missing:
         if text_encoder is None:
             raise ValueError(f"no text encoder and no embeddings for {missing[:3]}")
-        encoded.update(zip(missing, text_encoder.encode(missing)))
+        encoded.update(zip(missing, text_encoder.encode(missing), strict=True))
     neg = encoded[negative] if settings.guidance_scale != 1.0 else None
     for job, path in tqdm(todo, desc="videos", disable=not progress):
         t0 = time.time()

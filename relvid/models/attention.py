@@ -112,7 +112,8 @@ class PackedMochiAttnProcessor:
         self.sdpa_backend = sdpa_backend
 
     def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                 attention_mask: torch.Tensor | None, image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 attention_mask: torch.Tensor | None,
+                 image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None):
         q, k, v = _projections(attn, hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)
         eq, ek, ev = _projections(attn, encoder_hidden_states, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj,
                                   attn.norm_added_q, attn.norm_added_k)
@@ -190,7 +191,8 @@ def _selective_checkpoint(module: nn.Module, *args):
 def mochi_blocks(transformer: nn.Module) -> list[nn.Module]:
     blocks = getattr(transformer, "transformer_blocks", None)
     if blocks is None:
-        raise TypeError(f"expected a MochiTransformer3DModel (with transformer_blocks), got {type(transformer).__name__}")
+        raise TypeError("expected a MochiTransformer3DModel (with transformer_blocks), "
+                        f"got {type(transformer).__name__}")
     return list(blocks)
 
 

@@ -13,9 +13,9 @@ import os
 import re
 import tempfile
 import warnings
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
 
 import safetensors
 import safetensors.torch

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from relvid.models.weights import find_component_folder
 from relvid.models.codecs import CodecError, check_video_shape
+from relvid.models.weights import find_component_folder
 
 VAE_DOWNLOAD_HINT = (
     "download genmo/mochi-1-preview in diffusers format (e.g. `huggingface-cli download "
@@ -40,14 +40,16 @@ class MochiCodec:
 
     name = "mochi-vae"
 
-    def __init__(self, vae, tiling: bool = True, tile: int = DEFAULT_TILE, tile_stride: int = DEFAULT_TILE_STRIDE) -> None:
+    def __init__(self, vae, tiling: bool = True, tile: int = DEFAULT_TILE,
+                 tile_stride: int = DEFAULT_TILE_STRIDE) -> None:
         cfg = vae.config
         self.vae = vae.eval().requires_grad_(False)
         self.time_factor = int(vae.temporal_compression_ratio)
         self.space_factor = int(vae.spatial_compression_ratio)
         self.latent_channels = int(cfg.latent_channels)
         if cfg.latents_mean is None or cfg.latents_std is None:
-            raise CodecError("Mochi VAE config has no latents_mean/latents_std: cannot normalize latents like MochiPipeline")
+            raise CodecError("Mochi VAE config has no latents_mean/latents_std: "
+                             "cannot normalize latents like MochiPipeline")
         if len(cfg.latents_mean) != self.latent_channels or len(cfg.latents_std) != self.latent_channels:
             raise CodecError(
                 f"Mochi VAE config: latents_mean/latents_std have {len(cfg.latents_mean)}/{len(cfg.latents_std)} "
@@ -63,8 +65,9 @@ class MochiCodec:
 
     @classmethod
     def from_folder(
-        cls, path: str | os.PathLike | None, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, **kwargs
-    ) -> "MochiCodec":
+        cls, path: str | os.PathLike | None, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+        **kwargs,
+    ) -> MochiCodec:
         """Load the VAE from a pipeline root (with vae/) or the vae folder; fp32 on CPU, bf16 on GPU by default."""
         from diffusers import AutoencoderKLMochi
 

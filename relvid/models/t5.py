@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from relvid.models.weights import WeightsNotFoundError
 from relvid.models.text_encoders import TextEncoderError
+from relvid.models.weights import WeightsNotFoundError
 
 MAX_TOKENS = 256  # MochiPipeline's max_sequence_length
 T5_DOWNLOAD_HINT = (
@@ -23,7 +23,9 @@ T5_DOWNLOAD_HINT = (
     "with internet and pass the pipeline folder, or a folder holding both a T5 encoder and its tokenizer"
 )
 _TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+)
 
 
 def find_t5_folders(path: str | os.PathLike | None) -> tuple[Path, Path]:
@@ -45,7 +47,8 @@ def find_t5_folders(path: str | os.PathLike | None) -> tuple[Path, Path]:
     if model_type not in ("t5", "umt5", "mt5"):
         raise WeightsNotFoundError(f"{config} describes a {model_type!r} model, not a T5 encoder; {T5_DOWNLOAD_HINT}.")
     if not any((encoder / name).is_file() for name in _WEIGHT_FILES):
-        raise WeightsNotFoundError(f"{encoder} holds no model.safetensors: the download is incomplete; {T5_DOWNLOAD_HINT}.")
+        raise WeightsNotFoundError(
+            f"{encoder} holds no model.safetensors: the download is incomplete; {T5_DOWNLOAD_HINT}.")
     if not any((tokenizer / name).is_file() for name in _TOKENIZER_FILES):
         raise WeightsNotFoundError(
             f"no tokenizer files ({', '.join(_TOKENIZER_FILES)}) in {tokenizer}: the download is incomplete; "
@@ -68,8 +71,9 @@ class T5TextEncoder:
 
     @classmethod
     def from_folder(
-        cls, path: str | os.PathLike | None, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, **kwargs
-    ) -> "T5TextEncoder":
+        cls, path: str | os.PathLike | None, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+        **kwargs,
+    ) -> T5TextEncoder:
         """Load tokenizer + T5EncoderModel; fp32 on CPU, bf16 on GPU by default."""
         from transformers import AutoTokenizer, T5EncoderModel
 
@@ -99,7 +103,7 @@ class T5TextEncoder:
             ids = tokens.input_ids.to(self.device)  # (B, L)
             mask = tokens.attention_mask.bool().to(self.device)  # (B, L)
             embeds = self.model(ids, attention_mask=mask)[0].float().cpu()  # (B, L, D)
-            for text, row, valid in zip(batch, embeds, mask.cpu()):
+            for text, row, valid in zip(batch, embeds, mask.cpu(), strict=True):
                 if not valid.any():
                     raise TextEncoderError(f"the T5 tokenizer gave no tokens for {text!r}: it must add </s>")
                 kept = row[valid]  # (L, D): the valid tokens, whichever side the tokenizer pads

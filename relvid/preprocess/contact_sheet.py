@@ -13,7 +13,8 @@ SUBJECT_COLOURS = ((255, 40, 40), (40, 120, 255))  # subject 1 red, subject 2 bl
 ALPHA = 0.5
 
 
-def latent_masks_to_pixels(latent_masks: torch.Tensor, frames: int, height: int, width: int, time_factor: int) -> torch.Tensor:
+def latent_masks_to_pixels(latent_masks: torch.Tensor, frames: int, height: int, width: int,
+                           time_factor: int) -> torch.Tensor:
     """(S, f, h, w) latent masks -> (S, frames, height, width): latent frame i spans video frames t(i-1)+1..ti."""
     s, f, h, w = latent_masks.shape
     which = [0] + [1 + (k - 1) // time_factor for k in range(1, frames)]  # latent frame of each video frame

@@ -6,9 +6,9 @@ import torch
 from torch import Tensor
 
 from relvid.data.cache import ClipRecord
+from relvid.models.codecs import Codec, codec_factors
 from relvid.preprocess.latent_grid import masks_to_latent_grid
 from relvid.preprocess.video import Clip, to_model_range
-from relvid.models.codecs import Codec, codec_factors
 
 LATENT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from relvid.models.backbone import WeightsNotFoundError
 from relvid.preprocess.sources import Source
 from relvid.preprocess.video import Clip, ClipSkipped
-from relvid.models.backbone import WeightsNotFoundError
 
 HINT = ("download IDEA-Research/grounding-dino-base (--gdino-path) and facebook/sam-vit-huge (--sam-path) with "
         "`huggingface-cli download <repo> --local-dir <folder>` on a machine with internet")
@@ -46,7 +46,7 @@ def track_two(detections: list[Tensor]) -> list[Tensor | None]:
         if previous is None:
             if len(boxes) >= 2:
                 two = boxes[:2]
-                previous = two[torch.argsort((two[:, 0] + two[:, 2]))]  # left one first
+                previous = two[torch.argsort(two[:, 0] + two[:, 2])]  # left one first
             tracks.append(previous)
             continue
         current = previous.clone()
@@ -90,7 +90,7 @@ class GroundedSam:
         self.batch_size = batch_size
 
     @classmethod
-    def from_folders(cls, gdino_path, sam_path, prompt: str = "person", device: str = "cpu", **kwargs) -> "GroundedSam":
+    def from_folders(cls, gdino_path, sam_path, prompt: str = "person", device: str = "cpu", **kwargs) -> GroundedSam:
         from transformers import AutoProcessor, GroundingDinoForObjectDetection, SamModel
 
         gdino, sam = _folder(gdino_path, "Grounding DINO"), _folder(sam_path, "SAM")
@@ -148,7 +148,8 @@ class GroundedSam:
         tracks = track_two(self.detect(clip.frames))
         first = next((i for i, b in enumerate(tracks) if b is not None), None)
         if first is None:
-            raise ClipSkipped(f"Grounding DINO found fewer than 2 '{self.prompt}' in every frame of {source.video.name}")
+            raise ClipSkipped(f"Grounding DINO found fewer than 2 '{self.prompt}' in every frame of "
+                              f"{source.video.name}")
         # Frames before the first double detection take the first known boxes.
         boxes = [b if b is not None else tracks[first] for b in tracks]
         return self.segment(clip.frames, boxes)

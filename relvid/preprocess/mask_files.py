@@ -47,7 +47,8 @@ def mask_source_for(video: Path, masks_root: Path) -> Path | None:
 def _read_png_folder(folder: Path, wanted: list[int]) -> np.ndarray:
     from PIL import Image
 
-    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: natural_key(p.name))
+    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES),
+                   key=lambda p: natural_key(p.name))
     if not files:
         raise MaskFileError(f"{folder}: no PNG mask frames")
     if wanted[-1] >= len(files):

@@ -36,7 +36,7 @@ class NtuName:
     action: int
 
     @classmethod
-    def parse(cls, text: str) -> "NtuName":
+    def parse(cls, text: str) -> NtuName:
         match = _NAME.search(Path(text).name)
         if match is None:
             raise ValueError(f"{text!r} is not an NTU RGB+D name (SsssCcccPpppRrrrAaaa, e.g. S001C001P001R001A058)")

@@ -18,12 +18,12 @@ from tqdm.auto import tqdm
 
 from relvid import relations
 from relvid.data.cache import ClipCache
+from relvid.models.codecs import Codec
+from relvid.models.text_encoders import TextEncoder
 from relvid.preprocess.encode import encode_clip
 from relvid.preprocess.masks import MaskMaker, make_masks
 from relvid.preprocess.sources import Source
 from relvid.preprocess.video import ClipSpec, load_clip
-from relvid.models.codecs import Codec
-from relvid.models.text_encoders import TextEncoder
 
 
 @dataclass
@@ -39,7 +39,8 @@ class Summary:
 
 
 def relation_name(relation: str) -> str:
-    """The canonical name of a known relation, or a custom relation's name in the same form (``High five`` -> ``high_five``)."""
+    """The canonical name of a known relation, or a custom relation's name in the same form
+    (``High five`` -> ``high_five``)."""
     if relations.is_known(relation):
         return relations.resolve(relation).name
     name = relation.strip().lower().replace("-", "_").replace(" ", "_")
@@ -95,10 +96,10 @@ def run_preprocess(
     summary.skipped_done = [s.clip_id for s in sources if cache.is_done(s.clip_id)]
 
     captions = sorted({s.caption for s in todo})
-    embedded = dict(zip(captions, text_encoder.encode(captions))) if captions else {}
+    embedded = dict(zip(captions, text_encoder.encode(captions), strict=True)) if captions else {}
     if prompts is not None:
         texts = list(dict.fromkeys([*prompts, ""]))
-        cache.write_prompts(dict(zip(texts, text_encoder.encode(texts))))
+        cache.write_prompts(dict(zip(texts, text_encoder.encode(texts), strict=True)))
 
     for source in tqdm(todo, desc="preprocess", unit="clip", disable=not progress):
         try:

@@ -19,8 +19,8 @@ SPINE_BASE, SPINE_SHOULDER, HEAD = 0, 20, 3
 TORSO = (4, 8, 16, 12)  # ShoulderLeft, ShoulderRight, HipRight, HipLeft
 LIMB_WIDTH = 0.35  # limb thickness, as a fraction of the torso length (spine base to spine shoulder)
 HEAD_RADIUS = 0.4
-_FAR = 1e4
-COLOUR_SIZE = (1080, 1920)  # (h, w) of Kinect v2's colour camera, the frame of colorX/colorY  # clamp far-away joints so that drawing never overflows
+_FAR = 1e4  # clamp far-away joints so that drawing never overflows
+COLOUR_SIZE = (1080, 1920)  # (h, w) of Kinect v2's colour camera, the frame of colorX/colorY
 
 
 def pick_subjects(seq: SkeletonSequence, frame_indices: list[int]) -> tuple[int, int]:

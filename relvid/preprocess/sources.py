@@ -81,7 +81,8 @@ def folder_sources(
     if not folder.is_dir():
         raise FileNotFoundError(f"--videos {folder} is not a folder of videos")
     table = read_captions_csv(captions_csv) if captions_csv else {}
-    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES), key=lambda p: natural_key(p.name))
+    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES),
+                   key=lambda p: natural_key(p.name))
     if not files:
         raise FileNotFoundError(f"no videos ({', '.join(VIDEO_SUFFIXES)}) in {folder}")
     out, missing, seen = [], [], {}

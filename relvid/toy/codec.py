@@ -28,7 +28,8 @@ class ToyCodec:
     # layer can express every token and sampling removes all the noise.
     def __init__(self, time_factor: int = 3, space_factor: int = 2, shift: float = -0.7, scale: float = 0.35) -> None:
         if time_factor < 1 or space_factor < 1 or scale <= 0:
-            raise CodecError(f"toy codec: factors must be >= 1 and scale > 0, got {time_factor}, {space_factor}, {scale}")
+            raise CodecError("toy codec: factors must be >= 1 and scale > 0, "
+                             f"got {time_factor}, {space_factor}, {scale}")
         self.time_factor = time_factor
         self.space_factor = space_factor
         self.latent_channels = 3 * time_factor * space_factor ** 2

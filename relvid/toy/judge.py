@@ -263,7 +263,8 @@ def to_unit_frames(video: Tensor) -> Tensor:
         return video.float() / 255.0
     if video.dim() == 4 and video.shape[0] == 3:
         return ((video.float() + 1) / 2).permute(1, 2, 3, 0).clamp(0, 1)
-    raise ValueError(f"judge: expected uint8 (T, H, W, 3) or float (3, T, H, W), got {video.dtype} {tuple(video.shape)}")
+    raise ValueError("judge: expected uint8 (T, H, W, 3) or float (3, T, H, W), "
+                     f"got {video.dtype} {tuple(video.shape)}")
 
 
 def judge(video: Tensor, s1: Subject, s2: Subject) -> Judgement:
@@ -290,7 +291,7 @@ def _judge(video: Tensor, s1: Subject, s2: Subject) -> Judgement:
     present = tuple(bool(p.float().mean() >= PRESENT_FRACTION) for p in present_frames)
     exemplar = labels == names.index(EXEMPLAR_COLOUR)
     leak = EXEMPLAR_COLOUR not in (s1.colour, s2.colour) and bool(
-        ((exemplar.flatten(1).sum(1) >= LEAK_PIXELS).float().mean() >= LEAK_FRACTION))
+        (exemplar.flatten(1).sum(1) >= LEAK_PIXELS).float().mean() >= LEAK_FRACTION)
     objects = object_tracks(labels_fg)
     relation = None
     if objects is not None and float((objects[0][0] - objects[0][1]).norm(dim=1).max()) >= 7.0:

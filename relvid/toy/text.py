@@ -59,7 +59,7 @@ class ToyTextEncoder:
             embeds = torch.stack([
                 (self._vector(w) + PREVIOUS_WEIGHT * self._vector(f"prev:{p}")
                  + POSITION_WEIGHT * self._vector(f"pos:{i}")) / norm
-                for i, (w, p) in enumerate(zip(words, previous))
+                for i, (w, p) in enumerate(zip(words, previous, strict=True))
             ])  # (L, dim)
             out.append((embeds, torch.ones(embeds.shape[0], dtype=torch.bool)))
         return out

@@ -155,7 +155,8 @@ class RelationModule(L.LightningModule):
             rcl_gen = torch.Generator().manual_seed(derive_seed(seed, step, rank, _RCL_STREAM))
             bank = self.memory_bank
             if bank is None:
-                raise RuntimeError("rcl.enabled needs a MemoryBankCallback on the trainer (relvid.training.run adds it)")
+                raise RuntimeError("rcl.enabled needs a MemoryBankCallback on the trainer "
+                                   "(relvid.training.run adds it)")
             loss_rcl, info = rcl_loss_for_batch(pred.float(), batch["clip_index"], bank, n_pos=int(rcl.n_pos),
                                                 n_neg=int(rcl.n_neg), tau=float(rcl.tau), generator=rcl_gen)
             out["rcl_frames"] = info["frames"]

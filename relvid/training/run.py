@@ -5,21 +5,22 @@ from __future__ import annotations
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence, TextIO
+from typing import TextIO
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 
+from relvid.config import ConfigError, save_config
+from relvid.data.datamodule import RelationDataModule
 from relvid.training.callbacks.adapter_export import FinalAdapters
 from relvid.training.callbacks.crash_checkpoint import CrashCheckpoint
 from relvid.training.callbacks.memory_bank import MemoryBankCallback
-from relvid.config import ConfigError, save_config
-from relvid.data.datamodule import RelationDataModule
-from relvid.training.strategies import build_strategy
 from relvid.training.module import RelationModule, wants_gpu
+from relvid.training.strategies import build_strategy
 
 
 class RunExistsError(FileExistsError):

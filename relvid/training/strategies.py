@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -163,7 +164,7 @@ def _fsdp_strategy_class():
                 flat = torch._utils._flatten_dense_tensors(grads)  # one all-reduce for all LoRA grads
                 torch.distributed.all_reduce(flat)
                 flat /= self.world_size
-                for grad, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                for grad, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
                     grad.copy_(reduced)
 
         def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -187,7 +188,7 @@ def _fsdp_strategy_class():
             wrapped = {clean_name(k): k for k in self.lightning_module.trainable_keys()}
             checkpoint["state_dict"] = {wrapped.get(k, k): v for k, v in checkpoint["state_dict"].items()}
             if checkpoint.get("optimizer_states") and self.lightning_module.trainer.state.fn == "fit":
-                for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
+                for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
                     optimizer.load_state_dict(state)
             return checkpoint
 

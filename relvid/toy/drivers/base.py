@@ -197,7 +197,7 @@ def pretrain(out_dir: str | Path = BASE_DIR, steps: int = 2000, batch_size: int 
         sched.step()
         decay = min(EMA_DECAY, (1 + step) / (10 + step))  # a short average early on
         with torch.no_grad():
-            for avg, param in zip(ema.parameters(), model.parameters()):
+            for avg, param in zip(ema.parameters(), model.parameters(), strict=True):
                 avg.lerp_(param, 1 - decay)
         value = float(loss.detach())
         loss_ema = value if loss_ema is None else 0.98 * loss_ema + 0.02 * value

@@ -9,9 +9,9 @@ just never learns, so it contributes nothing in training or at inference.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import lightning as L
 import torch
@@ -19,8 +19,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from relvid.config import SHIPPED_CONFIGS, ModelConfig, load_config
 from relvid.models.backbone import load_transformer
-from relvid.models.lora import (TripletSpec, activate, adapter_names, inference_adapters, inject_triplet,
-                                load_adapter_state_dict, load_adapters, lora_parameters)
+from relvid.models.lora import (
+    TripletSpec,
+    activate,
+    adapter_names,
+    inference_adapters,
+    inject_triplet,
+    load_adapter_state_dict,
+    load_adapters,
+    lora_parameters,
+)
 from relvid.toy.drivers.base import BASE_DIR
 
 ADAPTER_FILE = Path("adapters") / "relvid_adapters.safetensors"

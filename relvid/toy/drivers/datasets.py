@@ -11,15 +11,15 @@ file holds the relations' test prompts and "" (the negative prompt).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from tqdm.auto import tqdm
 
 from relvid.data.cache import CacheError, ClipCache, ClipRecord
-from relvid.preprocess.latent_grid import masks_to_latent_grid
 from relvid.models.codecs import codec_factors
+from relvid.preprocess.latent_grid import masks_to_latent_grid
 from relvid.seeding import derive_seed
 from relvid.toy.codec import ToyCodec
 from relvid.toy.render import EXEMPLAR_STAGING, render_clip
@@ -71,7 +71,7 @@ def build_exemplar_cache(root: str | Path, relations: Iterable[str] | None = Non
                   "source": f"toy:{seed}:{relation}:{i}", "frame_range": f"0-{FRAMES - 1}", "fps": str(FPS),
                   "codec": codec.name, "codec_factors": codec_factors(codec), "text_encoder": text.name}))
     prompts = [relation_caption(r, a, b) for r in relations for a, b in test_pairs()] + [""]
-    cache.write_prompts(dict(zip(prompts, text.encode(prompts))))
+    cache.write_prompts(dict(zip(prompts, text.encode(prompts), strict=True)))
     return cache
 
 

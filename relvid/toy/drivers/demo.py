@@ -16,9 +16,7 @@ import shutil
 import time
 from pathlib import Path
 
-
 from relvid.eval.report import write_results
-from relvid.video_io import write_mp4
 from relvid.inference.generate import SampleSettings
 from relvid.models.lora import load_adapters
 from relvid.models.lora_io import export_state_dict
@@ -28,6 +26,7 @@ from relvid.toy.drivers.datasets import build_exemplar_cache, exemplar_frames
 from relvid.toy.drivers.evaluate import METRICS, TOY_SETTINGS, generate, score, test_prompts
 from relvid.toy.drivers.figures import save_grid
 from relvid.toy.world import RELATIONS
+from relvid.video_io import write_mp4
 
 # Subject 1 starts touching subject 2 (8.5 px apart) and moves about 9.5 px away. The base (generic
 # moves of <= 5 px) does it by chance in 0.03 of test videos; it is the toy relation customization
@@ -84,7 +83,7 @@ def run_demo(out: str | Path = "outputs/demo", relation: str = DEMO_RELATION, n_
                  load_customized(adapters[method], base_dir))
         videos[method] = generate(model, prompts, settings, progress=progress, desc=f"sampling {method}")
         results[method], verdicts[method] = score(videos[method], prompts)
-        for i, (prompt, video) in enumerate(zip(prompts, videos[method])):
+        for i, (prompt, video) in enumerate(zip(prompts, videos[method], strict=True)):
             big = video.repeat_interleave(MP4_ZOOM, dim=1).repeat_interleave(MP4_ZOOM, dim=2)  # (T, 4H, 4W, 3)
             write_mp4(out / "videos" / method / f"{i:02d}_{_slug(prompt.text)}.mp4", big, fps=settings.fps)
         del model
@@ -100,13 +99,13 @@ def run_demo(out: str | Path = "outputs/demo", relation: str = DEMO_RELATION, n_
     write_results([{"method": m, **results[m]} for m in DEMO_METHODS], out, stem="table")
     per_video = [{"method": m, "prompt": p.text, "seed": p.seed, "relation": v.relation, "shapes": list(v.shapes),
                   "subjects_ok": v.subjects_ok, "leakage": v.leakage}
-                 for m in DEMO_METHODS for p, v in zip(prompts, verdicts[m])]
+                 for m in DEMO_METHODS for p, v in zip(prompts, verdicts[m], strict=True)]
     (out / "judgements.json").write_text(json.dumps(per_video, indent=2) + "\n", encoding="utf-8")
     shown = min(4, len(prompts))
     bands = [("exemplar", [(f"white circle {RELATIONS[relation]} white square", exemplar_frames(relation, i, seed))
                            for i in range(2)])]
     bands += [(m, [(f"{p.text} [judged: {v.relation}]", vid) for p, v, vid in
-                   zip(prompts[:shown], verdicts[m][:shown], videos[m][:shown])]) for m in DEMO_METHODS]
+                   zip(prompts[:shown], verdicts[m][:shown], videos[m][:shown], strict=True)]) for m in DEMO_METHODS]
     save_grid(out / "grid.png", bands)
 
     minutes = (time.time() - start) / 60

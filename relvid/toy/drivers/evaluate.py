@@ -57,7 +57,7 @@ def generate(transformer: nn.Module, prompts: list[TestPrompt], settings: Sample
     encoded = text.encode([p.text for p in prompts])
     transformer.eval()
     videos = []
-    for prompt, (embeds, mask) in tqdm(list(zip(prompts, encoded)), desc=desc, disable=not progress):
+    for prompt, (embeds, mask) in tqdm(list(zip(prompts, encoded, strict=True)), desc=desc, disable=not progress):
         videos.append(generate_video(transformer, codec, embeds, mask, negative, prompt.seed, settings, device=device))
     return videos
 
@@ -82,10 +82,10 @@ def score(videos: list[Tensor], prompts: list[TestPrompt]) -> tuple[dict[str, fl
     """The four metrics over a set of generated videos, and each video's judgement."""
     if len(videos) != len(prompts) or not videos:
         raise ValueError(f"score: {len(videos)} videos for {len(prompts)} prompts")
-    verdicts = [judge(v, p.s1, p.s2) for v, p in zip(videos, prompts)]
+    verdicts = [judge(v, p.s1, p.s2) for v, p in zip(videos, prompts, strict=True)]
     n = len(videos)
     metrics = {
-        "relation_accuracy": sum(j.relation == p.relation for j, p in zip(verdicts, prompts)) / n,
+        "relation_accuracy": sum(j.relation == p.relation for j, p in zip(verdicts, prompts, strict=True)) / n,
         "subject_fidelity": sum(j.subjects_ok for j in verdicts) / n,
         "appearance_leakage": sum(j.leakage for j in verdicts) / n,
         "temporal_consistency": sum(frame_similarity(v) for v in videos) / n,
@@ -104,7 +104,7 @@ def base_report(transformer: nn.Module, n_prompts: int = 10, seed: int = 0, devi
     prompts = [p for r in RELATIONS for p in test_prompts(r, n_prompts, seed=seed)]
     videos = generate(transformer, prompts, device=device, progress=progress, desc="base fidelity")
     metrics, verdicts = score(videos, prompts)
-    chance = {r: sum(v.relation == r for v, p in zip(verdicts, prompts) if p.relation == r) / n_prompts
+    chance = {r: sum(v.relation == r for v, p in zip(verdicts, prompts, strict=True) if p.relation == r) / n_prompts
               for r in RELATIONS}
     colours = sum(all(v.present) for v in verdicts) / len(verdicts)  # shape left out: a weaker bar
     return {"videos": len(prompts), **metrics, "both_colours_present": colours,

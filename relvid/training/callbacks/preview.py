@@ -107,8 +107,8 @@ class PreviewCallback(L.Callback):
             self.render(trainer, pl_module, step)
 
     def render(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> list[Path]:
-        from relvid.video_io import write_mp4
         from relvid.components import load_codec
+        from relvid.video_io import write_mp4
 
         if self._codec is None:
             self._codec = load_codec(self.codec_name, self.codec_path, device=str(pl_module.device))

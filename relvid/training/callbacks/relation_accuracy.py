@@ -14,8 +14,8 @@ from pathlib import Path
 import lightning as L
 from omegaconf import DictConfig
 
-from relvid.training.callbacks.preview import PreviewPromptError, select_prompts
 from relvid.inference.generate import SampleSettings, generate_video, inference_scope
+from relvid.training.callbacks.preview import PreviewPromptError, select_prompts
 
 
 class RelationAccuracyCallback(L.Callback):
@@ -90,8 +90,8 @@ class RelationAccuracyCallback(L.Callback):
             self.measure(trainer, pl_module, step)
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> dict:
-        from relvid.eval.judge import judge_videos
         from relvid.components import load_codec
+        from relvid.eval.judge import judge_videos
 
         if self._codec is None:
             model = self.cfg.model
