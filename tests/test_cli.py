@@ -4,16 +4,15 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, MochiPipeline
 
 from relvid.cli import main
-from relvid.data.random_cache import write_random_cache
 from relvid.models.backbone import tiny_transformer
 from relvid.models.lora import activate, inference_adapters, inject_triplet, load_adapter_state_dict, load_adapters
-from tests.models.test_lora_io import reference_state
+from tests.helpers.adapters import reference_state
 
 TINY_RUN = ["trainer.max_steps=3", "trainer.checkpoint_every=3", "trainer.progress_bar=false"]
 
 
-def train(tmp_path, repo_root, *extra):
-    write_random_cache(tmp_path / "cache", n_clips=3, relation="shaking_hands", seed=4)
+def train(tmp_path, repo_root, random_cache, *extra):
+    random_cache(tmp_path / "cache", n_clips=3, relation="shaking_hands", seed=4)
     args = ["train", str(repo_root / "configs" / "tiny.yaml"), "--relation", "handshake",
             "--configs-dir", str(repo_root / "configs"), f"data.cache_dir={tmp_path / 'cache'}",
             f"output_dir={tmp_path / 'run'}", *TINY_RUN, *extra]
@@ -30,8 +29,8 @@ def our_inference_output(adapter_file, inputs):
     return model(**inputs)
 
 
-def test_train_then_export_loads_in_diffusers_with_identical_output(tmp_path, repo_root):
-    run = train(tmp_path, repo_root)
+def test_train_then_export_loads_in_diffusers_with_identical_output(tmp_path, repo_root, random_cache):
+    run = train(tmp_path, repo_root, random_cache)
     assert (run / "config.yaml").read_text().count("relation: shaking_hands") == 1
     g = torch.Generator().manual_seed(0)
     inputs = dict(hidden_states=torch.randn(1, 4, 3, 8, 8, generator=g),
@@ -51,10 +50,10 @@ def test_train_then_export_loads_in_diffusers_with_identical_output(tmp_path, re
         assert (out / "relvid_adapters.safetensors").is_file()
 
 
-def test_train_reads_a_local_diffusers_folder_from_mochi_path(tmp_path, repo_root, monkeypatch):
+def test_train_reads_a_local_diffusers_folder_from_mochi_path(tmp_path, repo_root, monkeypatch, random_cache):
     tiny_transformer(seed=5).save_pretrained(tmp_path / "mochi" / "transformer")
     monkeypatch.setenv("MOCHI_PATH", str(tmp_path / "mochi"))
-    run = train(tmp_path, repo_root, "model.preset=mochi")
+    run = train(tmp_path, repo_root, random_cache, "model.preset=mochi")
     assert f"path: {tmp_path / 'mochi'}" in (run / "config.yaml").read_text()
 
 
@@ -69,8 +68,8 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, repo_root, capsys):
     assert "junk.lora.pt" in capsys.readouterr().err
 
 
-def test_missing_mochi_weights_are_reported_before_training(tmp_path, repo_root, capsys):
-    write_random_cache(tmp_path / "cache", n_clips=2, relation="shaking_hands", seed=4)
+def test_missing_mochi_weights_are_reported_before_training(tmp_path, repo_root, capsys, random_cache):
+    random_cache(n_clips=2, relation="shaking_hands", seed=4)
     code = main(["train", str(repo_root / "configs" / "tiny.yaml"), "model.preset=mochi",
                  f"model.path={tmp_path / 'nomochi'}", f"data.cache_dir={tmp_path / 'cache'}",
                  f"output_dir={tmp_path / 'r'}"])
@@ -87,8 +86,8 @@ def test_import_reference_command(tmp_path):
     assert {k.split("/")[0] for k in state} == {"relation", "subject1", "subject2", "ffn"}
 
 
-def test_validate_cache_names_the_bad_clip(tmp_path, capsys):
-    cache = write_random_cache(tmp_path / "cache", n_clips=3, seed=1)
+def test_validate_cache_names_the_bad_clip(tmp_path, capsys, random_cache):
+    cache = random_cache(n_clips=3, seed=1)
     bad = cache.path(cache.clip_ids()[1])
     bad.write_bytes(bad.read_bytes()[:100])
     assert main(["validate-cache", str(tmp_path / "cache")]) == 1

@@ -173,3 +173,38 @@ def test_the_repository_configs_are_the_shipped_ones(sub):
     names = sorted(p.relative_to(shipped) for p in shipped.rglob("*.yaml"))
     assert names and names == sorted(p.relative_to(repo) for p in repo.rglob("*.yaml"))
     assert all(filecmp.cmp(shipped / n, repo / n, shallow=False) for n in names)
+
+
+# --- the test suite's own shape ------------------------------------------------------------------
+
+TESTS = REPO / "tests"
+
+
+def imported_test_modules(path: Path) -> list[str]:
+    """The modules named ``test_*`` that a file imports (absolute or relative, wherever the import
+    stands): shared helpers belong in tests/helpers or a conftest.py, not in a test module."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names if alias.name.rpartition(".")[2].startswith("test_")]
+        elif isinstance(node, ast.ImportFrom):
+            if node.module and node.module.rpartition(".")[2].startswith("test_"):
+                found.append(node.module)
+            found += [alias.name for alias in node.names if alias.name.startswith("test_")]
+    return found
+
+
+def test_the_test_import_finder_sees_every_form(tmp_path):
+    probe = tmp_path / "test_probe.py"
+    probe.write_text("import tests.test_cli\nfrom tests.data.test_cache import make_record\n"
+                     "def f():\n    from .test_module import tiny_cfg\n    from tests.eval import test_api_judge\n"
+                     "from tests.helpers.configs import tiny_cfg\nimport pytest\n")
+    assert sorted(imported_test_modules(probe)) == ["test_api_judge", "test_module", "tests.data.test_cache",
+                                                     "tests.test_cli"]
+
+
+def test_no_test_module_imports_another():
+    files = sorted(TESTS.rglob("test_*.py"))
+    assert len(files) > 40 and TESTS / "test_layout.py" in files
+    offenders = {str(p.relative_to(REPO)): names for p in files if (names := imported_test_modules(p))}
+    assert offenders == {}

@@ -7,25 +7,7 @@ from safetensors.torch import save_file
 
 from relvid.data.cache import (FORMAT_VERSION, CacheError, ClipCache, ClipRecord, read_clip,
                                write_clip)
-from relvid.data.random_cache import write_random_cache
-
-
-def make_record(clip_id="clip_a", relation="hugging", c=2, f=3, h=4, w=6, n_tokens=3, dim=8,
-                relation_mask=True, dtype=torch.bfloat16) -> ClipRecord:
-    g = torch.Generator().manual_seed(0)
-    subjects = torch.zeros(2, f, h, w)
-    subjects[0, :, :2, :3] = 1.0
-    subjects[1, :, 2:, 3:] = 0.5
-    return ClipRecord(
-        latent_mean=torch.randn(c, f, h, w, generator=g).to(dtype),
-        latent_logvar=torch.full((c, f, h, w), -4.0).to(dtype),
-        text_embeds=torch.randn(n_tokens, dim, generator=g),
-        text_mask=torch.ones(n_tokens, dtype=torch.bool),
-        subject_masks=subjects,
-        relation_mask=subjects.amax(0) if relation_mask else None,
-        meta={"clip_id": clip_id, "relation": relation, "caption": "A person is hugging a person.",
-              "source": f"videos/{clip_id}.mp4", "frame_range": "0-12", "fps": "30", "codec": "toy",
-              "codec_factors": "6,8,8", "text_encoder": "toy-words"})
+from tests.helpers.cache import make_record
 
 
 def raw_tensors(record: ClipRecord) -> dict:
@@ -203,8 +185,8 @@ def test_clip_ids_must_be_file_names(tmp_path):
         cache.add(make_record(clip_id="../escape"))
 
 
-def test_validate_reports_every_bad_clip(tmp_path):
-    cache = write_random_cache(tmp_path, n_clips=4)
+def test_validate_reports_every_bad_clip(tmp_path, random_cache):
+    cache = random_cache(tmp_path, n_clips=4)
     ids = cache.clip_ids()
     truncated, nan = cache.path(ids[1]), cache.path(ids[3])
     truncated.write_bytes(truncated.read_bytes()[:100])
@@ -238,9 +220,9 @@ def test_missing_prompts_file_says_how_to_fix(tmp_path):
         ClipCache(tmp_path, create=True).read_prompts()
 
 
-def test_random_cache_is_valid_and_deterministic(tmp_path):
-    a = write_random_cache(tmp_path / "a", n_clips=3, seed=5)
-    b = write_random_cache(tmp_path / "b", n_clips=3, seed=5)
+def test_random_cache_is_valid_and_deterministic(random_cache):
+    a = random_cache("a", n_clips=3, seed=5)
+    b = random_cache("b", n_clips=3, seed=5)
     assert a.validate() == [] and a.clip_ids() == b.clip_ids()
     lengths = set()
     for clip_id in a.clip_ids():
@@ -252,5 +234,5 @@ def test_random_cache_is_valid_and_deterministic(tmp_path):
         assert ra.subject_masks.flatten(1).sum(1).min() > 0  # both subjects are visible
         lengths.add(ra.text_embeds.shape[0])
     assert set(a.read_prompts()) == {"A dog is shaking hands with a cat.", ""}
-    c = write_random_cache(tmp_path / "c", n_clips=3, seed=6)
+    c = random_cache("c", n_clips=3, seed=6)
     assert not torch.equal(c.read(c.clip_ids()[0]).latent_mean, a.read(a.clip_ids()[0]).latent_mean)

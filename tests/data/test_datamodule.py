@@ -5,14 +5,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from relvid.data.cache import CacheError, ClipCache
 from relvid.data.datamodule import RelationDataModule, RelationDataset, StepSampler, collate_clips
-from relvid.data.random_cache import write_random_cache
 from relvid.seeding import derive_seed
-from tests.data.test_cache import make_record
+from tests.helpers.cache import make_record
 
 
 @pytest.fixture
-def cache(tmp_path):
-    return write_random_cache(tmp_path / "cache", n_clips=4, seed=3)
+def cache(random_cache):
+    return random_cache(n_clips=4, seed=3)
 
 
 def test_derive_seed_is_stable_and_order_sensitive():
@@ -231,7 +230,7 @@ def test_trainer_resume_continues_the_stream(cache, tmp_path, accumulate):
         assert resumed == full[stop * accumulate:]
 
 
-def test_trainer_max_steps_must_match_the_stream(cache, tmp_path):
+def test_trainer_max_steps_must_match_the_stream(cache):
     dm = RelationDataModule(cache.root, batch_size=2, total_steps=3)
     trainer = L.Trainer(accelerator="cpu", max_steps=5, logger=False, enable_progress_bar=False,
                         enable_checkpointing=False, enable_model_summary=False, use_distributed_sampler=False)

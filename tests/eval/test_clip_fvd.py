@@ -7,7 +7,7 @@ from relvid.eval.clip_metrics import CLIPFeatures, CLIPWeightsError
 from relvid.eval.fvd import I3DFeatures, I3DWeightsError, fvd, list_videos
 from relvid.eval.metrics import frechet_distance
 from relvid.video_io import write_mp4
-from tests.eval.tiny_models import tiny_clip_folder, tiny_i3d_file
+from tests.helpers.tiny_models import tiny_clip_folder, tiny_i3d_file
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,8 @@ import torch
 
 from relvid.cli import main
 from relvid.video_io import write_mp4
-from tests.eval.test_api_judge import ChatServer
-from tests.eval.tiny_models import tiny_clip_folder, tiny_i3d_file
-from tests.test_generate import TINY, trained_adapters
+from tests.helpers.configs import TINY
+from tests.helpers.tiny_models import tiny_clip_folder, tiny_i3d_file
 
 PROMPTS = ["A cat is hugging a dog on a cozy sofa.", "A panda is hugging a koala in a green forest.",
            "A robot is hugging a plush rabbit in a bedroom."]
@@ -33,12 +32,12 @@ def evaluate(out, weights, url, *extra):
     return main(args)
 
 
-def test_sharded_resumable_evaluation_and_results_table(tmp_path, weights, monkeypatch):
-    adapters, _, _ = trained_adapters(tmp_path)
+def test_sharded_resumable_evaluation_and_results_table(tmp_path, weights, monkeypatch, trained_adapters, chat_server):
+    adapters, _, _ = trained_adapters
     out = tmp_path / "eval"
     videos = out / "DreamRelation" / "videos"
     answers = [("answer", a) for a in ["Yes", "no", "yes.", "Maybe.", "YES", "No."]]
-    with ChatServer(answers + [("answer", "yes")] * 12) as server:
+    with chat_server(answers + [("answer", "yes")] * 12) as server:
         # rank 1 of 2 renders prompts 1 (its share) and stops: no metrics off rank zero
         monkeypatch.setenv("RANK", "1")
         monkeypatch.setenv("WORLD_SIZE", "2")
@@ -84,8 +83,8 @@ def test_sharded_resumable_evaluation_and_results_table(tmp_path, weights, monke
     assert "| DreamRelation | 0.5000 ± 0.5000 |" in md and "| Mochi |" in md
 
 
-def test_settings_mismatch_is_refused(tmp_path, weights):
-    with ChatServer([]) as server:
+def test_settings_mismatch_is_refused(tmp_path, weights, chat_server):
+    with chat_server([]) as server:
         assert evaluate(tmp_path / "eval", weights, server.url, "--judge", "none", "--base") == 0
         assert evaluate(tmp_path / "eval", weights, server.url, "--judge", "none", "--base", "--steps", "3") == 2
 

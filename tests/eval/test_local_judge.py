@@ -5,7 +5,7 @@ import torch
 
 from relvid.eval.judge import judge_question, judge_videos
 from relvid.eval.local_judge import LocalVLMJudge, VLMWeightsError
-from tests.eval.tiny_models import tiny_qwen_vl_folder
+from tests.helpers.tiny_models import tiny_qwen_vl_folder
 
 
 @pytest.fixture(scope="module")

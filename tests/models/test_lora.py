@@ -5,12 +5,10 @@ import json
 import pytest
 import safetensors.torch
 import torch
-from diffusers import MochiTransformer3DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders.peft import PeftAdapterMixin
 from diffusers.models.modeling_utils import ModelMixin
 
-from relvid.models.backbone import TINY_CONFIG
 from relvid.models.lora import (
     LoRAConfigError,
     TripletSpec,
@@ -27,12 +25,8 @@ from relvid.models.lora import (
     save_adapters,
     target_modules,
 )
+from tests.helpers.adapters import tiny
 
-
-
-def tiny(seed: int = 0) -> MochiTransformer3DModel:
-    torch.manual_seed(seed)
-    return MochiTransformer3DModel(**TINY_CONFIG)
 
 
 def inputs(seed: int = 1, dtype=torch.float32) -> dict:

@@ -26,7 +26,7 @@ from relvid.models.lora_io import (
     export_diffusers,
     import_reference,
 )
-from tests.models.test_lora import tiny
+from tests.helpers.adapters import reference_state, tiny
 
 
 
@@ -122,50 +122,7 @@ def test_export_drops_subject_loras_and_describes_ranks():
     assert config["rank_pattern"] == {} and config["alpha_pattern"] == {}
 
 
-# ---- reference import ---------------------------------------------------------------------------
-
-# (reference layer, diffusers module, in, out) for the tiny model: vision width 32, text width 16.
-REF_QKV = {
-    "to_q_x": ("to_q", 32, 32),
-    "to_k_x": ("to_k", 32, 32),
-    "to_v_x": ("to_v", 32, 32),
-    "to_q_y": ("add_q_proj", 16, 32),
-    "to_k_y": ("add_k_proj", 16, 32),
-    "to_v_y": ("add_v_proj", 16, 32),
-}
-REF_OUT = {"proj_x": ("to_out.0", 32, 32), "proj_y": ("to_add_out", 32, 16)}
-
-
-def reference_state(relation="qk", subjects="v", rank=4, prefix="model.", seed=3) -> tuple[dict, dict]:
-    """A synthetic reference checkpoint for the 2-block model and where each tensor must land."""
-    g = torch.Generator().manual_seed(seed)
-    state, where = {}, {}
-
-    def add(ref_key, our_key, shape):
-        state[ref_key] = torch.randn(shape, generator=g)
-        where[ref_key] = our_key
-
-    for i in range(2):
-        for layer, (module, d_in, d_out) in REF_QKV.items():
-            proj = layer[3]
-            adapters = ["relation"] if proj in relation else ["subject1", "subject2"] if proj in subjects else []
-            for adapter in adapters:
-                for ab, shape in (("A", (rank, d_in)), ("B", (d_out, rank))):
-                    add(
-                        f"{prefix}blocks.{i}.attn.{layer}.lora_{ab}.{adapter}",
-                        f"{adapter}/transformer_blocks.{i}.attn1.{module}.lora_{ab}.weight",
-                        shape,
-                    )
-        for layer, (module, d_in, d_out) in REF_OUT.items():
-            if layer == "proj_y" and i == 1:
-                continue  # the last block has no proj_y
-            for ab, shape in (("A", (rank, d_in)), ("B", (d_out, rank))):
-                add(
-                    f"{prefix}blocks.{i}.attn.{layer}.lora_{ab}",
-                    f"ffn/transformer_blocks.{i}.attn1.{module}.lora_{ab}.weight",
-                    shape,
-                )
-    return state, where
+# ---- reference import (the synthetic checkpoint: tests/helpers/adapters.py) ----------------------
 
 
 @pytest.mark.parametrize(

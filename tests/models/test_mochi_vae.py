@@ -9,7 +9,7 @@ from relvid.models.backbone import WeightsNotFoundError
 from relvid.components import load_codec
 from relvid.models.codecs import Codec, CodecError
 from relvid.models.mochi_vae import MochiCodec
-from tests.preprocess_fixtures import TINY_LATENTS_MEAN, TINY_LATENTS_STD, save_tiny_vae, tiny_vae
+from tests.helpers.preprocess import TINY_LATENTS_MEAN, TINY_LATENTS_STD, save_tiny_vae, tiny_vae
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_decode_matches_mochi_pipeline_output(tmp_path):
     from diffusers import FlowMatchEulerDiscreteScheduler, MochiPipeline
 
     from relvid.models.backbone import tiny_transformer
-    from tests.preprocess_fixtures import tiny_t5, tiny_t5_tokenizer
+    from tests.helpers.preprocess import tiny_t5, tiny_t5_tokenizer
 
     vae = tiny_vae(latent_channels=12)
     pipe = MochiPipeline(

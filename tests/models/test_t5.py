@@ -9,7 +9,7 @@ from relvid.models.backbone import WeightsNotFoundError
 from relvid.models.t5 import T5TextEncoder
 from relvid.components import load_text_encoder
 from relvid.models.text_encoders import TextEncoder
-from tests.preprocess_fixtures import save_tiny_t5
+from tests.helpers.preprocess import save_tiny_t5
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_missing_parts_are_clear_errors(t5_root, tmp_path):
 
 
 def test_sentencepiece_only_tokenizer_like_genmos_download(tmp_path):
-    from tests.preprocess_fixtures import save_spiece_t5
+    from tests.helpers.preprocess import save_spiece_t5
 
     enc = T5TextEncoder.from_folder(save_spiece_t5(tmp_path))
     (embeds, mask), (neg, _) = enc.encode(["a person is shaking hands", ""])

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from relvid.toy import world
-from tests.toy.experiments import load_script
+from tests.helpers.scripts import load_script
 
 
 def test_changed_captions_name_other_subjects_and_keep_pairs_distinct():

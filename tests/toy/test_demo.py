@@ -17,7 +17,7 @@ from relvid.toy.codec import ToyCodec
 from relvid.toy.drivers.customize import load_customized
 from relvid.toy.drivers.datasets import build_exemplar_cache
 from relvid.toy.drivers.demo import run_demo
-from relvid.toy.drivers.evaluate import METRICS, TOY_SETTINGS
+from relvid.toy.drivers.evaluate import METRICS, TOY_SAMPLING
 from relvid.toy.text import ToyTextEncoder
 from relvid.toy.world import FRAMES, SIZE
 
@@ -62,7 +62,7 @@ def test_demo_end_to_end_on_a_tiny_base(tmp_path):
     out = tmp_path / "demo"
     results = run_demo(out, relation="orbiting", n_prompts=2, base_dir=base, progress=False,
                        overrides=["trainer.max_steps=2", "data.batch_size=2", "optim.warmup_steps=1"],
-                       settings=dataclasses.replace(TOY_SETTINGS, num_steps=3))
+                       settings=dataclasses.replace(TOY_SAMPLING, num_steps=3))
 
     saved = json.loads((out / "results.json").read_text())
     assert saved == results and set(saved) == {"base", "direct_lora", "dreamrelation"}
@@ -71,7 +71,7 @@ def test_demo_end_to_end_on_a_tiny_base(tmp_path):
     assert (out / "grid.png").stat().st_size > 0 and (out / "table.md").is_file()
     info = json.loads((out / "demo.json").read_text())  # what was run is saved with the results
     assert info["relation"] == "orbiting" and len(info["prompts"]) == 2 and info["overrides"][-1] == "optim.warmup_steps=1"
-    assert info["sampling"]["num_steps"] == 3 and info["sampling"]["guidance_scale"] == TOY_SETTINGS.guidance_scale
+    assert info["sampling"]["num_steps"] == 3 and info["sampling"]["guidance_scale"] == TOY_SAMPLING.guidance_scale
     videos = sorted((out / "videos" / "dreamrelation").glob("*.mp4"))
     assert len(videos) == 2 and read_video(videos[0]).shape == (FRAMES, 128, 128, 3)
     assert list((out / "runs" / "dreamrelation" / "tensorboard").rglob("events.out.tfevents.*"))

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from relvid.toy.drivers.datasets import build_exemplar_cache
-from tests.toy.experiments import load_script
+from tests.helpers.scripts import load_script
 
 
 def test_adapter_sets_cover_inference_and_hybrid_mask_steps():

@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from relvid.toy.drivers.customize import METHODS, method_config
-from tests.toy.experiments import load_script
+from tests.helpers.scripts import load_script
 
 
 def _resolved(method: str, tmp_path: Path) -> dict:
@@ -92,7 +92,7 @@ def test_finished_only_trains_nothing_and_reports_what_is_missing(tmp_path):
 
 def test_metrics_of_another_guidance_or_adapter_set_are_kept_apart():
     grid = load_script("run")
-    default = grid.TOY_SETTINGS.guidance_scale
+    default = grid.TOY_SAMPLING.guidance_scale
     names = {grid.metrics_name(default), grid.metrics_name(8.0), grid.metrics_name(default, "all"),
              grid.metrics_name(8.0, "all"), grid.metrics_name(default, "subjects")}
     assert names == {"metrics.json", "metrics_cfg8.json", "metrics_all.json", "metrics_all_cfg8.json",

@@ -1,4 +1,4 @@
-"""Run by tests/test_ddp.py: a tiny 2-process DDP training (gloo, CPU) through Lightning's own launcher.
+"""Run by tests/training/test_ddp.py: a tiny 2-process DDP training (gloo, CPU) through Lightning's own launcher.
 
 Lightning re-launches this script for rank 1; each rank then writes its adapters and selections.
 """
@@ -30,7 +30,7 @@ class DumpRankState(L.Callback):
 def main(workdir: str) -> None:
     work = Path(workdir)
     torch.set_num_threads(1)
-    cfg = load_config([Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"], [
+    cfg = load_config([Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"], [
         "trainer.strategy=ddp", "trainer.devices=2", "trainer.max_steps=4", "trainer.checkpoint_every=4",
         "trainer.progress_bar=false", f"data.cache_dir={work / 'cache'}", f"output_dir={work / 'run'}",
     ])

@@ -9,10 +9,10 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStr
 
 from relvid.config import load_config
 from relvid.data.datamodule import RelationDataModule
-from relvid.data.random_cache import write_random_cache
 from relvid.models.lora import adapter_state_dict, load_adapter_state_dict, load_adapters
 from relvid.training.module import RelationModule
 from relvid.training.strategies import SelectionGuard, StrategyConfigError, build_strategy, check_strategy, clean_name
+from tests.helpers import HELPERS_DIR
 
 
 def preset(repo_root, name, *overrides):
@@ -109,13 +109,13 @@ class GuardedSingleDevice(SelectionGuard, SingleDeviceStrategy):
     pass
 
 
-def _train(tmp_path, strategy):
+def _train(tmp_path, strategy, random_cache):
     cfg = load_config([], [
         "model.preset=tiny", "model.gradient_checkpointing=false", "lora.rank=4", "lora.alpha=4", "rcl.enabled=false",
         "data.num_workers=0", "optim.warmup_steps=0", "optim.weight_decay=0.1", "trainer.max_steps=5", "seed=4",
         f"data.cache_dir={tmp_path / 'cache'}",
     ])
-    write_random_cache(tmp_path / "cache", n_clips=2, seed=1)
+    random_cache(tmp_path / "cache", n_clips=2, seed=1)
     data = RelationDataModule(cfg.data.cache_dir, relation=cfg.relation, batch_size=1, num_workers=0, seed=4,
                               caption_dropout=0.0, total_steps=5, sample_posterior=False)
     moved = Moved()
@@ -126,27 +126,27 @@ def _train(tmp_path, strategy):
     return moved.records
 
 
-def test_selection_guard_keeps_unselected_adapters_still_under_zero_grads(tmp_path):
+def test_selection_guard_keeps_unselected_adapters_still_under_zero_grads(tmp_path, random_cache):
     expected = {"relation": {"relation", "subject1", "subject2", "ffn"}, "subject1": {"subject1", "ffn"},
                 "subject2": {"subject2", "ffn"}}
-    guarded = _train(tmp_path / "a", GuardedSingleDevice(torch.device("cpu")))
+    guarded = _train(tmp_path / "a", GuardedSingleDevice(torch.device("cpu")), random_cache)
     assert {s for s, _ in guarded} - {"relation"}  # some step selected a subject LoRA
     assert all(changed == expected[s] for s, changed in guarded), guarded
     # without the guard the same zero gradients let weight decay move unselected adapters
-    plain = _train(tmp_path / "b", SingleDeviceStrategy(torch.device("cpu")))
+    plain = _train(tmp_path / "b", SingleDeviceStrategy(torch.device("cpu")), random_cache)
     assert any(changed != expected[s] for s, changed in plain), plain
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP needs CUDA")
-def test_fsdp_on_one_gpu_keeps_unselected_adapters_still(tmp_path, repo_root):
+def test_fsdp_on_one_gpu_keeps_unselected_adapters_still(tmp_path, repo_root, random_cache):
     cfg = preset(repo_root, "fsdp", "trainer.devices=1", "rcl.enabled=false", "optim.weight_decay=0.1",
                  "optim.warmup_steps=0", "trainer.max_steps=4", "trainer.progress_bar=false",
                  f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'run'}")
-    write_random_cache(tmp_path / "cache", n_clips=2, seed=1)
+    random_cache(n_clips=2, seed=1)
     from relvid.training.run import run
 
-    from tests.strategy_worker import RecordSteps
+    from tests.helpers.strategy_worker import RecordSteps
 
     run(cfg, extra_callbacks=[RecordSteps(tmp_path)])  # reads the adapters under summon_full_params
     record = json.loads((tmp_path / "rank0.json").read_text())
@@ -171,14 +171,14 @@ SELECTED = {"relation": ["ffn", "relation", "subject1", "subject2"], "subject1":
 
 
 def launch(work, repo_root, strategy, *overrides):
-    """tests/strategy_worker.py in 2 CPU processes (gloo) through Lightning's own launcher."""
+    """tests/helpers/strategy_worker.py in 2 CPU processes (gloo) through Lightning's own launcher."""
     import os
     import signal
     import subprocess
     import sys
 
     env = dict(os.environ, PYTHONPATH=str(repo_root), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, str(repo_root / "tests" / "strategy_worker.py"), str(work), strategy,
+    proc = subprocess.Popen([sys.executable, str(HELPERS_DIR / "strategy_worker.py"), str(work), strategy,
                              *overrides], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=work, start_new_session=True)
     try:
@@ -195,8 +195,9 @@ def launch(work, repo_root, strategy, *overrides):
     return ranks[0], adapters[0]
 
 
-def test_fsdp_two_cpu_processes_keep_the_selection_rule_and_lora_only_checkpoints(tmp_path, repo_root):
-    write_random_cache(tmp_path / "cache", n_clips=4, relation="shaking_hands", seed=2)
+@pytest.mark.distributed
+def test_fsdp_two_cpu_processes_keep_the_selection_rule_and_lora_only_checkpoints(tmp_path, repo_root, random_cache):
+    random_cache(n_clips=4, relation="shaking_hands", seed=2)
     record, _ = launch(tmp_path, repo_root, "fsdp")
     assert record["strategy"] == "RelvidFSDPStrategy"
     assert set(record["selections"]) - {"relation"}  # subject LoRAs were selected at some step
@@ -213,12 +214,13 @@ def test_fsdp_two_cpu_processes_keep_the_selection_rule_and_lora_only_checkpoint
 
 
 @pytest.mark.slow
-def test_fsdp_matches_ddp_and_resumes_like_it(tmp_path, repo_root):
+@pytest.mark.distributed
+def test_fsdp_matches_ddp_and_resumes_like_it(tmp_path, repo_root, random_cache):
     results = {}
     for strategy in ("fsdp", "ddp"):
         work = tmp_path / strategy
         work.mkdir()
-        write_random_cache(work / "cache", n_clips=4, relation="shaking_hands", seed=2)
+        random_cache(work / "cache", n_clips=4, relation="shaking_hands", seed=2)
         launch(work, repo_root, strategy)
         _, results[strategy] = launch(work, repo_root, strategy, "resume=last", "trainer.max_steps=6")
     fsdp, ddp = results["fsdp"], results["ddp"]

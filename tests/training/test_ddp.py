@@ -5,15 +5,18 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from relvid.data.random_cache import write_random_cache
+from tests.helpers import HELPERS_DIR
+
+pytestmark = pytest.mark.distributed
 
 
-def test_two_process_ddp_ranks_stay_identical(tmp_path, repo_root):
-    write_random_cache(tmp_path / "cache", n_clips=4, relation="shaking_hands", seed=2)
+def test_two_process_ddp_ranks_stay_identical(tmp_path, repo_root, random_cache):
+    random_cache(n_clips=4, relation="shaking_hands", seed=2)
     env = dict(os.environ, PYTHONPATH=str(repo_root), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(repo_root / "tests" / "ddp_worker.py"), str(tmp_path)],
+    proc = subprocess.run([sys.executable, str(HELPERS_DIR / "ddp_worker.py"), str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r0 = json.loads((tmp_path / "rank0.json").read_text())

@@ -6,7 +6,7 @@ import torch
 from relvid.preprocess.ntu import parse_skeleton
 from relvid.preprocess.skeleton_masks import skeleton_masks
 from relvid.preprocess.video import ClipSkipped, centre_crop
-from tests.preprocess_fixtures import standing_body, two_people_frames, write_skeleton
+from tests.helpers.preprocess import standing_body, two_people_frames, write_skeleton
 
 H, W = 96, 160  # a small target of roughly 848:480
 CROP = centre_crop(1080, 1920, H, W)

@@ -11,7 +11,7 @@ from relvid.cli import main
 from relvid.data.cache import ClipCache
 from relvid.preprocess.pipeline import relation_name
 from relvid.prompts import eval_prompts
-from tests.preprocess_fixtures import (save_tiny_t5, save_tiny_vae, standing_body, two_people_frames, write_skeleton,
+from tests.helpers.preprocess import (save_tiny_t5, save_tiny_vae, standing_body, two_people_frames, write_skeleton,
                                        write_video)
 
 SIZE = ["--frames", "13", "--height", "64", "--width", "112"]  # latent (4, 3, 8, 14) with the tiny VAE

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from relvid.preprocess.video import ClipSkipped, ClipSpec, _read_pyav, centre_crop, load_clip, read_source_frames
-from tests.preprocess_fixtures import frame_index_video, write_video
+from tests.helpers.preprocess import frame_index_video, write_video
 
 
 def grey(frames: np.ndarray) -> np.ndarray:

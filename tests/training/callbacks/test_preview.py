@@ -5,37 +5,27 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from relvid.training.callbacks.preview import PreviewCallback, PreviewPromptError
-from relvid.data.random_cache import write_random_cache
 from relvid.video_io import read_video
 from relvid.models.lora import adapter_state_dict, load_adapters
-from relvid.toy.codec import ToyCodec
 from relvid.training.run import run
-from tests.test_module import tiny_cfg
+from tests.helpers.configs import TOY_CHANNELS
 
-TOY_CHANNELS = ToyCodec().latent_channels
 PROMPTS = ("A dog is shaking hands with a cat.", "A bear is shaking hands with a raccoon in a forest.")
 
 
-def toy_cfg(tmp_path, name, *overrides):
-    return tiny_cfg(tmp_path, "model.codec=toy", "model.text_encoder=toy", f"model.tiny.in_channels={TOY_CHANNELS}",
-                    "trainer.max_steps=4", "lora.dropout=0.1", "data.caption_dropout=0.3",
-                    f"output_dir={tmp_path / name}", *overrides)
-
-
 @pytest.fixture
-def cache(tmp_path):
-    write_random_cache(tmp_path / "cache", n_clips=3, relation="shaking_hands", latent_shape=(TOY_CHANNELS, 2, 4, 4),
-                       seed=1, prompts=PROMPTS)
-    return tmp_path / "cache"
+def cache(random_cache):
+    return random_cache(n_clips=3, relation="shaking_hands", latent_shape=(TOY_CHANNELS, 2, 4, 4), seed=1,
+                        prompts=PROMPTS).root
 
 
 PREVIEW = ("preview.every_n_steps=2", "preview.num_steps=2", "preview.frames=7", "preview.height=16",
            "preview.width=24", "preview.max_prompts=2")
 
 
-def test_previews_are_written_logged_and_leave_training_unchanged(tmp_path, cache):
-    plain = run(toy_cfg(tmp_path, "plain"))
-    with_previews = run(toy_cfg(tmp_path, "previews", *PREVIEW))
+def test_previews_are_written_logged_and_leave_training_unchanged(cache, toy_cfg):
+    plain = run(toy_cfg("plain"))
+    with_previews = run(toy_cfg("previews", *PREVIEW))
     _, a, _ = load_adapters(plain / "adapters" / "relvid_adapters.safetensors")
     _, b, _ = load_adapters(with_previews / "adapters" / "relvid_adapters.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "previews changed the training"
@@ -56,11 +46,11 @@ class _Trainer:
     logger = None
 
 
-def test_preview_restores_adapters_modes_and_grads(tmp_path, cache):
+def test_preview_restores_adapters_modes_and_grads(cache, toy_cfg):
     from relvid.models.lora import active_adapters, adapters_for_selection, activate
     from relvid.training.module import RelationModule
 
-    cfg = toy_cfg(tmp_path, "direct", *PREVIEW)
+    cfg = toy_cfg("direct", *PREVIEW)
     module = RelationModule(cfg)
     activate(module.transformer, adapters_for_selection("subject1", module.spec))
     module.transformer.train()
@@ -78,8 +68,8 @@ def test_preview_restores_adapters_modes_and_grads(tmp_path, cache):
     assert torch.equal(read_video(first[0]), read_video(again[0]))  # fixed noise: comparable across steps
 
 
-def test_unknown_preview_prompt_is_refused_before_training(tmp_path, cache):
-    cfg = toy_cfg(tmp_path, "bad", *PREVIEW, "preview.prompts=[A unicorn is hugging a whale.]")
+def test_unknown_preview_prompt_is_refused_before_training(cache, toy_cfg):
+    cfg = toy_cfg("bad", *PREVIEW, "preview.prompts=[A unicorn is hugging a whale.]")
     with pytest.raises(PreviewPromptError, match="unicorn.*relvid preprocess"):
         run(cfg)
 
@@ -87,8 +77,8 @@ def test_unknown_preview_prompt_is_refused_before_training(tmp_path, cache):
 @pytest.mark.parametrize("override,key", [("preview.num_steps=1", "preview.num_steps"),
                                           ("relation_accuracy.max_prompts=0", "relation_accuracy.max_prompts"),
                                           ("relation_accuracy.judge=gpt", "relation_accuracy.judge")])
-def test_bad_callback_settings_name_the_key(tmp_path, override, key):
+def test_bad_callback_settings_name_the_key(override, key, toy_cfg):
     from relvid.config import ConfigError
 
     with pytest.raises(ConfigError, match=key):
-        toy_cfg(tmp_path, "x", override)
+        toy_cfg("x", override)

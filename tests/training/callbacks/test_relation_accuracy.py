@@ -6,13 +6,11 @@ import pytest
 import torch
 
 from relvid.config import ConfigError
-from relvid.data.random_cache import write_random_cache
 from relvid.prompts import eval_prompts
 from relvid.models.lora import load_adapters
 from relvid.training.run import run
-from tests.callbacks.test_preview import TOY_CHANNELS, toy_cfg
-from tests.eval.test_api_judge import ChatServer
-from tests.test_train import scalars
+from tests.helpers.configs import TOY_CHANNELS
+from tests.helpers.logs import scalars
 
 RA = ("relation_accuracy.every_n_steps=2", "relation_accuracy.num_steps=2", "relation_accuracy.frames=7",
       "relation_accuracy.height=16", "relation_accuracy.width=16", "relation_accuracy.max_prompts=2",
@@ -20,15 +18,15 @@ RA = ("relation_accuracy.every_n_steps=2", "relation_accuracy.num_steps=2", "rel
       "relation_accuracy.timeout_s=5")
 
 
-def test_relation_accuracy_is_logged_and_leaves_training_unchanged(tmp_path):
-    write_random_cache(tmp_path / "cache", n_clips=3, relation="shaking_hands", latent_shape=(TOY_CHANNELS, 2, 4, 4),
-                       seed=1, prompts=eval_prompts("shaking_hands")[:3])
+def test_relation_accuracy_is_logged_and_leaves_training_unchanged(random_cache, chat_server, toy_cfg):
+    random_cache(n_clips=3, relation="shaking_hands", latent_shape=(TOY_CHANNELS, 2, 4, 4), seed=1,
+                 prompts=eval_prompts("shaking_hands")[:3])
     # step 2: video0 yes, no ; video1 yes, garbage-then-"unsure" -> 2 of 4 yes, 1 unparseable
     # step 4: all yes
     script = [("answer", "Yes"), ("answer", "no"), ("answer", "yes"), ("garbage", None), ("answer", "unsure")]
-    with ChatServer(script) as server:
-        out = run(toy_cfg(tmp_path, "judged", *RA, f"relation_accuracy.api_base_url={server.url}"))
-    plain = run(toy_cfg(tmp_path, "plain"))
+    with chat_server(script) as server:
+        out = run(toy_cfg("judged", *RA, f"relation_accuracy.api_base_url={server.url}"))
+    plain = run(toy_cfg("plain"))
     logs = scalars(out / "tensorboard")
     assert logs["val/relation_accuracy"] == [0.5, 1.0]  # repeat 0: 2/2 yes, repeat 1: 0/2 yes; then all yes
     assert logs["val/relation_accuracy_std"] == [0.5, 0.0]
@@ -41,8 +39,8 @@ def test_relation_accuracy_is_logged_and_leaves_training_unchanged(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), "judging changed the training"
 
 
-def test_api_judge_needs_url_and_model(tmp_path):
+def test_api_judge_needs_url_and_model(toy_cfg):
     with pytest.raises(ConfigError, match="api_base_url"):
-        toy_cfg(tmp_path, "x", "relation_accuracy.every_n_steps=2")
+        toy_cfg("x", "relation_accuracy.every_n_steps=2")
     with pytest.raises(ConfigError, match="vlm_path"):
-        toy_cfg(tmp_path, "x", "relation_accuracy.every_n_steps=2", "relation_accuracy.judge=local")
+        toy_cfg("x", "relation_accuracy.every_n_steps=2", "relation_accuracy.judge=local")

@@ -8,7 +8,7 @@ from relvid.preprocess.grounded_sam import GroundedSam, track_two
 from relvid.preprocess.sources import Source
 from relvid.preprocess.video import Clip, ClipSkipped, centre_crop
 from relvid.models.backbone import WeightsNotFoundError
-from tests.preprocess_fixtures import save_tiny_grounding_dino, save_tiny_sam
+from tests.helpers.preprocess import save_tiny_grounding_dino, save_tiny_sam
 
 
 def box(x, w=20.0):
@@ -79,7 +79,7 @@ def test_no_detections_is_a_skip_and_missing_weights_an_error(grounded_sam, tmp_
 def test_preprocess_own_videos_with_grounded_sam(folders, tmp_path):
     from relvid.cli import main
     from relvid.data.cache import ClipCache
-    from tests.preprocess_fixtures import save_tiny_t5, save_tiny_vae, write_video
+    from tests.helpers.preprocess import save_tiny_t5, save_tiny_vae, write_video
 
     mochi = save_tiny_t5(save_tiny_vae(tmp_path / "mochi"))
     frames = np.random.default_rng(0).integers(0, 255, (7, 32, 48, 3), dtype=np.uint8)

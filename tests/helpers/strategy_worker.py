@@ -1,4 +1,5 @@
-"""Run by tests/test_strategies.py and tests/test_multinode.py: a tiny 2-process CPU training (gloo).
+"""Run by tests/training/test_strategies.py and tests/training/test_multinode.py: a tiny 2-process
+CPU training (gloo).
 
 Launched either by Lightning's own launcher (`python strategy_worker.py WORKDIR STRATEGY`) or by
 torchrun (`python -m torch.distributed.run --nproc_per_node 2 strategy_worker.py WORKDIR STRATEGY`),
@@ -48,7 +49,7 @@ class RecordSteps(L.Callback):
 def main(workdir: str, strategy: str, *overrides: str) -> None:
     work = Path(workdir)
     torch.set_num_threads(1)
-    cfg = load_config([Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"], [
+    cfg = load_config([Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"], [
         f"trainer.strategy={strategy}", "trainer.devices=2", "trainer.max_steps=4", "trainer.checkpoint_every=4",
         "trainer.progress_bar=false", "optim.warmup_steps=0", "optim.weight_decay=0.1",
         f"data.cache_dir={work / 'cache'}", f"output_dir={work / 'run'}", *overrides,

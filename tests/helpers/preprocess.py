@@ -1,4 +1,4 @@
-"""Tiny random model folders and real media files for the preprocessing tests (no hub, no network).
+"""Tiny random model folders and real media files (no hub, no network): preprocessing, model and sampling tests.
 
 Every builder writes what a user would download (diffusers / transformers ``save_pretrained``
 layouts) into a folder and returns its path, so the code under test loads them exactly as it loads

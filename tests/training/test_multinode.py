@@ -6,19 +6,22 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from relvid.data.random_cache import write_random_cache
+from tests.helpers import HELPERS_DIR
+
+pytestmark = pytest.mark.distributed
 
 EXPECTED = {"relation": ["ffn", "relation", "subject1", "subject2"], "subject1": ["ffn", "subject1"],
             "subject2": ["ffn", "subject2"]}
 
 
-def test_torchrun_two_processes_train_in_step(tmp_path, repo_root):
-    write_random_cache(tmp_path / "cache", n_clips=4, relation="shaking_hands", seed=2)
+def test_torchrun_two_processes_train_in_step(tmp_path, repo_root, random_cache):
+    random_cache(n_clips=4, relation="shaking_hands", seed=2)
     env = dict(os.environ, PYTHONPATH=str(repo_root), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(repo_root / "tests" / "strategy_worker.py"), str(tmp_path), "ddp"]
+           str(HELPERS_DIR / "strategy_worker.py"), str(tmp_path), "ddp"]
     # own process group: a hung launch is killed whole (torchrun's workers included)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
                             start_new_session=True)

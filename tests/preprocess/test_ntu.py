@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from relvid.preprocess.ntu import NtuName, SkeletonError, choose, filter_samples, index_ntu, parse_skeleton
-from tests.preprocess_fixtures import standing_body, two_people_frames, write_skeleton
+from tests.helpers.preprocess import standing_body, two_people_frames, write_skeleton
 
 
 def test_names_parse_and_format():

@@ -6,7 +6,7 @@ from PIL import Image
 
 from relvid.preprocess.mask_files import MaskFileError, load_mask_files, natural_key, palette
 from relvid.preprocess.video import ClipSkipped, centre_crop
-from tests.preprocess_fixtures import write_video
+from tests.helpers.preprocess import write_video
 
 RED, GREEN = (255, 0, 0), (0, 255, 0)
 

@@ -7,29 +7,20 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from relvid.data.cache import ClipCache
-from relvid.data.random_cache import write_random_cache
 from relvid.models.lora import load_adapters
 from relvid.training.run import RunExistsError, build_trainer, progress_refresh_rate, run
-from tests.test_module import tiny_cfg
+from tests.helpers.logs import scalars
 
 
 @pytest.fixture
-def cache(tmp_path):
-    write_random_cache(tmp_path / "cache", n_clips=4, relation="shaking_hands", seed=1)
-    return tmp_path / "cache"
+def cache(random_cache):
+    return random_cache(n_clips=4, relation="shaking_hands", seed=1).root
 
 
-def scalars(logdir):
-    acc = EventAccumulator(str(logdir))
-    acc.Reload()
-    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
-def test_tiny_run_writes_config_checkpoints_logs_and_adapters(tmp_path, cache):
-    cfg = tiny_cfg(tmp_path, "trainer.max_steps=4", "trainer.checkpoint_every=2")
+def test_tiny_run_writes_config_checkpoints_logs_and_adapters(cache, tiny_cfg):
+    cfg = tiny_cfg("trainer.max_steps=4", "trainer.checkpoint_every=2")
     out = run(cfg)
     assert (out / "config.yaml").is_file() and "max_steps: 4" in (out / "config.yaml").read_text()
     ckpts = sorted(p.name for p in (out / "checkpoints").glob("*.ckpt"))
@@ -50,18 +41,18 @@ def test_tiny_run_writes_config_checkpoints_logs_and_adapters(tmp_path, cache):
     assert meta["relation"] == "shaking_hands"
 
 
-def test_a_finished_run_is_not_overwritten(tmp_path, cache):
-    cfg = tiny_cfg(tmp_path, "trainer.max_steps=2", "trainer.checkpoint_every=2")
+def test_a_finished_run_is_not_overwritten(cache, tiny_cfg):
+    cfg = tiny_cfg("trainer.max_steps=2", "trainer.checkpoint_every=2")
     run(cfg)
     with pytest.raises(RunExistsError, match="resume=last"):
         run(cfg)
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path, cache):
-    full = tiny_cfg(tmp_path, "trainer.max_steps=6", "trainer.checkpoint_every=3", "optim.warmup_steps=2",
+def test_resume_equals_an_uninterrupted_run(tmp_path, cache, tiny_cfg):
+    full = tiny_cfg("trainer.max_steps=6", "trainer.checkpoint_every=3", "optim.warmup_steps=2",
                     "data.caption_dropout=0.3", "lora.dropout=0.1")
     out = run(full)
-    resumed = tiny_cfg(tmp_path, "trainer.max_steps=6", "trainer.checkpoint_every=3", "optim.warmup_steps=2",
+    resumed = tiny_cfg("trainer.max_steps=6", "trainer.checkpoint_every=3", "optim.warmup_steps=2",
                        "data.caption_dropout=0.3", "lora.dropout=0.1", f"output_dir={tmp_path / 'resumed'}",
                        f"resume={out / 'checkpoints' / 'step000003.ckpt'}")
     out2 = run(resumed)
@@ -79,10 +70,10 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, cache):
         assert torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb
 
 
-def test_custom_relation_trains_only_its_own_clips(tmp_path):
+def test_custom_relation_trains_only_its_own_clips(tmp_path, tiny_cfg, random_cache):
     """A relation of the user's own, in a cache shared with others, trains on its clips alone."""
-    write_random_cache(tmp_path / "cache", n_clips=2, relation="shaking_hands", seed=1)
-    other = write_random_cache(tmp_path / "other", n_clips=2, relation="juggling_together", seed=2)
+    random_cache(n_clips=2, relation="shaking_hands", seed=1)
+    other = random_cache("other", n_clips=2, relation="juggling_together", seed=2)
     shared = ClipCache(tmp_path / "cache")
     for clip_id in other.clip_ids():
         record = other.read(clip_id)
@@ -96,27 +87,27 @@ def test_custom_relation_trains_only_its_own_clips(tmp_path):
             records = trainer.datamodule.dataset.records
             self.seen += [records[int(i)].meta["relation"] for i in batch["clip_index"]]
 
-    cfg = tiny_cfg(tmp_path, "relation=juggling_together", "custom_relation=true", "trainer.max_steps=4")
+    cfg = tiny_cfg("relation=juggling_together", "custom_relation=true", "trainer.max_steps=4")
     run(cfg, extra_callbacks=[SeenRelations()])
     assert SeenRelations.seen == ["juggling_together"] * 4
 
 
-def test_a_crash_leaves_a_resumable_checkpoint(tmp_path, cache):
+def test_a_crash_leaves_a_resumable_checkpoint(tmp_path, cache, tiny_cfg):
     class Boom(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if trainer.global_step == 3:
                 raise RuntimeError("simulated crash")
 
-    cfg = tiny_cfg(tmp_path, "trainer.max_steps=5", "trainer.checkpoint_every=100")
+    cfg = tiny_cfg("trainer.max_steps=5", "trainer.checkpoint_every=100")
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(cfg, extra_callbacks=[Boom()])
     crash = tmp_path / "run" / "checkpoints" / "on_exception.ckpt"
     assert torch.load(crash, weights_only=False)["global_step"] == 3
-    out = run(tiny_cfg(tmp_path, "trainer.max_steps=5", "trainer.checkpoint_every=100", f"resume={crash}"))
+    out = run(tiny_cfg("trainer.max_steps=5", "trainer.checkpoint_every=100", f"resume={crash}"))
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 5
 
 
-def test_the_progress_bar_redraws_every_step_on_a_terminal_and_about_50_times_in_a_log(tmp_path):
+def test_the_progress_bar_redraws_every_step_on_a_terminal_and_about_50_times_in_a_log(tiny_cfg):
     leader, follower = os.openpty()  # a real terminal
     with os.fdopen(follower, "w") as tty:
         assert progress_refresh_rate(0, 2400, tty) == 1
@@ -128,6 +119,6 @@ def test_the_progress_bar_redraws_every_step_on_a_terminal_and_about_50_times_in
     assert progress_refresh_rate(5, 2400, log) == 5
     # pytest captures stderr, so the trainer's bar writes to a log here
     for overrides, rate in ((["trainer.max_steps=500"], 10), (["trainer.max_steps=500", "trainer.progress_refresh=3"], 3)):
-        cfg = tiny_cfg(tmp_path, *overrides, "trainer.progress_bar=true")
+        cfg = tiny_cfg(*overrides, "trainer.progress_bar=true")
         bars = [c for c in build_trainer(cfg).callbacks if isinstance(c, TQDMProgressBar)]
         assert [b.refresh_rate for b in bars] == [rate]

@@ -59,24 +59,9 @@ import json  # noqa: E402
 
 from relvid.cli import main  # noqa: E402
 from relvid.video_io import read_video  # noqa: E402
-from relvid.models.lora import TripletSpec, adapter_state_dict, inject_triplet, lora_parameters, save_adapters  # noqa: E402
+from relvid.models.lora import adapter_state_dict, lora_parameters  # noqa: E402
 from relvid.models.lora_io import export_state_dict  # noqa: E402
-
-TINY = ["--set", "model.preset=tiny", "--set", "model.codec=toy", "--set", "model.text_encoder=toy",
-        "--set", f"model.tiny.in_channels={ToyCodec().latent_channels}", "--device", "cpu",
-        "--steps", "2", "--frames", "7", "--height", "16", "--width", "16"]
-
-
-def trained_adapters(tmp_path):
-    """A relvid adapter file with random (non-zero) LoRA weights for the tiny toy transformer."""
-    spec = TripletSpec(rank=4, alpha=4.0)
-    model = tiny_transformer(seed=0, in_channels=ToyCodec().latent_channels)
-    inject_triplet(model, spec)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in lora_parameters(model).values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return save_adapters(tmp_path / "run" / "adapters" / "relvid_adapters.safetensors", model, spec), model, spec
+from tests.helpers.configs import TINY  # noqa: E402
 
 
 def sample(tmp_path, name, *extra):
@@ -85,8 +70,8 @@ def sample(tmp_path, name, *extra):
     return sorted((tmp_path / name).glob("*.mp4"))
 
 
-def test_sample_writes_videos_and_sidecars_reproducibly(tmp_path):
-    adapters, model, spec = trained_adapters(tmp_path)
+def test_sample_writes_videos_and_sidecars_reproducibly(tmp_path, trained_adapters):
+    adapters, model, spec = trained_adapters
     a = sample(tmp_path, "a", "--adapters", str(adapters.parent), "--seeds", "0", "1")
     b = sample(tmp_path, "b", "--adapters", str(adapters), "--seed", "0")
     base = sample(tmp_path, "base", "--base", "--seeds", "0")
@@ -104,8 +89,8 @@ def test_sample_writes_videos_and_sidecars_reproducibly(tmp_path):
     assert json.loads(base[0].with_suffix(".json").read_text())["adapters_sha256"] is None
 
 
-def test_sample_accepts_diffusers_exports_and_checkpoints(tmp_path):
-    adapters, model, spec = trained_adapters(tmp_path)
+def test_sample_accepts_diffusers_exports_and_checkpoints(tmp_path, trained_adapters):
+    adapters, model, spec = trained_adapters
     ours = sample(tmp_path, "ours", "--adapters", str(adapters))
     export = export_state_dict(adapter_state_dict(model), spec, tmp_path / "export")
     via_diffusers = sample(tmp_path, "diffusers", "--adapters", str(export))
@@ -130,7 +115,7 @@ def test_sample_errors_are_one_line(tmp_path, capsys, monkeypatch):
 
 def test_sample_with_tiny_mochi_vae_and_t5_folders(tmp_path):
     """The real pipeline pieces (AutoencoderKLMochi, T5) read from a pipeline-root folder."""
-    from tests.preprocess_fixtures import save_tiny_t5, save_tiny_vae
+    from tests.helpers.preprocess import save_tiny_t5, save_tiny_vae
 
     root = tmp_path / "mochi"
     save_tiny_vae(root)
