@@ -61,6 +61,9 @@ class LoRAConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     branches: str = "both"  # both | vision | text
+    # Adapters kept at their initial (zero) update, the paper's Table 2 ablations "w/o relation /
+    # subject / FFN LoRA": they stay in the triplet and the selection schedule but never learn.
+    frozen: List[str] = field(default_factory=list)  # any of relation, subject1, subject2, ffn
 
 
 @dataclass
@@ -138,22 +141,64 @@ class SpeedConfig:
     compile: bool = False  # regional torch.compile of each transformer block
 
 
+# The clip size of the paper's exemplars and samples: 61 frames of 480x848 at 30 fps.
+PAPER_FRAMES, PAPER_HEIGHT, PAPER_WIDTH, PAPER_FPS = 61, 480, 848, 30
+
+
+@dataclass
+class SamplingConfig:
+    """How a video is sampled: Euler steps on Mochi's linear-quadratic schedule, classifier-free
+    guidance, video size and frame rate (``sampling`` of sample / evaluate; previews nest their own)."""
+
+    num_steps: int = 64
+    guidance_scale: float = 6.0  # 1 disables guidance
+    negative_prompt: str = ""
+    frames: int = PAPER_FRAMES  # the codec's time factor times k, plus 1 (Mochi: 6k+1)
+    height: int = PAPER_HEIGHT  # multiples of 16 for Mochi (even latent sides)
+    width: int = PAPER_WIDTH
+    fps: int = PAPER_FPS
+    threshold_noise: float = 0.025  # where the schedule's linear part ends
+
+    def __post_init__(self) -> None:  # settings built in code are checked like a config's
+        _check_sampling(self, "sampling")
+
+
+def _small_sampling() -> SamplingConfig:
+    """Previews and in-training relation accuracy: short, small videos."""
+    return SamplingConfig(num_steps=16, frames=25, height=240, width=432)
+
+
+@dataclass
+class JudgeConfig:
+    """The VLM that judges relation accuracy (``judge`` of evaluate; ``relation_accuracy.judge``)."""
+
+    kind: str = "none"  # none | api (OpenAI-compatible chat completions) | local (transformers VLM)
+    base_url: Optional[str] = None  # e.g. http://localhost:8000/v1 (vLLM) or DashScope's compatible-mode URL
+    model: Optional[str] = None  # e.g. qwen-vl-max, Qwen/Qwen2.5-VL-72B-Instruct
+    api_key_env: str = "RELVID_JUDGE_API_KEY"  # the environment variable holding the key (unset: no header)
+    timeout_s: float = 60.0
+    max_retries: int = 5
+    backoff_s: float = 1.0  # the first retry waits this long, then twice as long each time
+    max_backoff_s: float = 60.0
+    requests_per_minute: float = 60.0
+    temperature: float = 1.0  # > 0: the repeats are independent draws, as in the paper's 10 judgements
+    max_tokens: int = 32
+    repeats: int = 10  # judgements per video (the paper: 10)
+    cache_dir: Optional[str] = None  # answer cache; default: judge_cache/ in the command's output folder
+    vlm_path: Optional[str] = None  # local judge: a Qwen2.5-VL folder
+
+
 @dataclass
 class PreviewConfig:
     """Preview videos during training (rank zero only; never changes the training's random stream)."""
 
     every_n_steps: int = 0  # 0 disables previews
     # Prompts whose embeddings are in the cache's prompts.safetensors; empty: the cache's first
-    # max_prompts prompts. The negative prompt is the cache's "".
+    # max_prompts prompts. The negative prompt must be in the cache too ("" always is).
     prompts: List[str] = field(default_factory=list)
     max_prompts: int = 2
-    num_steps: int = 16
-    guidance_scale: float = 6.0
-    frames: int = 25  # a multiple of the codec's time factor + 1 (Mochi: 6k+1)
-    height: int = 240  # latent sides must be even: multiples of 16 for Mochi
-    width: int = 432
     seed: int = 0  # one fixed noise per prompt: previews at different steps are comparable
-    fps: int = 30
+    sampling: SamplingConfig = field(default_factory=_small_sampling)
 
 
 @dataclass
@@ -165,22 +210,76 @@ class RelationAccuracyConfig:
     # prompts (relvid.prompts) that the cache holds, at most max_prompts of them.
     prompts: List[str] = field(default_factory=list)
     max_prompts: int = 3
-    repeats: int = 3  # judge calls per video (the paper's protocol uses 10)
-    num_steps: int = 16
-    guidance_scale: float = 6.0
-    frames: int = 25
-    height: int = 240
-    width: int = 432
     seed: int = 0
-    judge: str = "api"  # api (OpenAI-compatible chat completions) | local (transformers VLM)
-    api_base_url: Optional[str] = None  # e.g. http://localhost:8000/v1 (vLLM) or DashScope's compatible-mode URL
-    api_model: Optional[str] = None  # e.g. qwen-vl-max, Qwen/Qwen2.5-VL-7B-Instruct
-    api_key_env: str = "RELVID_JUDGE_API_KEY"  # name of the environment variable holding the key
-    timeout_s: float = 60.0
-    max_retries: int = 5
-    requests_per_minute: float = 60.0
-    cache_dir: Optional[str] = None  # answer cache; default: <output_dir>/judge_cache
-    vlm_path: Optional[str] = None  # local judge: a transformers VLM folder (Qwen2.5-VL)
+    sampling: SamplingConfig = field(default_factory=_small_sampling)
+    judge: JudgeConfig = field(default_factory=lambda: JudgeConfig(kind="api", repeats=3))
+
+
+@dataclass
+class SampleConfig:
+    """`relvid sample`: what to render and with which adapters."""
+
+    prompts: List[str] = field(default_factory=list)  # empty: the relation's ten evaluation prompts
+    prompts_file: Optional[str] = None  # one prompt per line, after `prompts`
+    seeds: List[int] = field(default_factory=lambda: [0])
+    # A .ckpt, relvid_adapters.safetensors, a run's adapters/ folder or a diffusers LoRA file;
+    # default: <output_dir>/adapters, the relation's training run.
+    adapters: Optional[str] = None
+    base: bool = False  # the base model without adapters
+    out: str = "${output_dir}/samples"
+    device: Optional[str] = None  # default: cuda:LOCAL_RANK when a GPU is present, else cpu
+
+
+@dataclass
+class EvaluateConfig(SampleConfig):
+    """`relvid evaluate`: the test videos of one method, then the paper's metrics (a row of the table)."""
+
+    videos: Optional[str] = None  # evaluate this folder of videos (with sidecars) instead of rendering
+    method: Optional[str] = None  # the table row's name; default: Mochi for base, else the adapters' name
+    out: str = "outputs/eval/${relation}"  # one folder per relation, shared by its methods
+    clip_path: Optional[str] = None  # CLIP folder for CLIP-T and temporal consistency
+    i3d_path: Optional[str] = None  # I3D TorchScript file for FVD
+    reference_videos: Optional[str] = None  # reference videos for FVD (the paper: AnimalKingdom's test set)
+    fvd_frames: int = 16
+    wait_timeout_s: float = 4 * 3600.0  # rank 0 waits this long for the other ranks' videos
+
+
+@dataclass
+class PreprocessConfig:
+    """`relvid preprocess`: exemplar videos -> the clip cache at data.cache_dir (weights: model.*)."""
+
+    ntu_root: Optional[str] = None  # NTU RGB+D *_rgb.avi files, searched recursively
+    videos: Optional[str] = None  # your own videos, each with a caption (<stem>.txt or captions_csv)
+    skeletons: Optional[str] = None  # NTU .skeleton files (default: under ntu_root)
+    captions_csv: Optional[str] = None  # columns video,caption
+    masks: Optional[str] = None  # a PNG folder <video stem>/ or a mask video <video stem>.mp4 per video
+    mask_source: str = "skeleton"  # skeleton | grounded-sam | files
+    mask_fallback: str = "none"  # none | grounded-sam | files: for clips the main source cannot mask
+    mask_colors: Optional[List[List[int]]] = None  # subject colours in the mask files, subject 1 first
+    detect_prompt: str = "person"  # Grounding DINO's text prompt
+    box_threshold: float = 0.3
+    text_threshold: float = 0.25
+    gdino_path: Optional[str] = None  # a local Grounding DINO folder (transformers format)
+    sam_path: Optional[str] = None  # a local SAM folder (transformers format)
+    clips: int = 20  # NTU clips to pick (seeded); 0: every matching one
+    seed: int = 0
+    setups: Optional[List[int]] = None  # NTU setups, cameras, performers, replications to keep
+    cameras: Optional[List[int]] = None
+    performers: Optional[List[int]] = None
+    replications: Optional[List[int]] = None
+    frames: int = PAPER_FRAMES
+    height: int = PAPER_HEIGHT
+    width: int = PAPER_WIDTH
+    fps: float = float(PAPER_FPS)
+    allow_upscale: bool = False  # enlarge videos smaller than the target instead of skipping them
+    spatial_rule: str = "any"  # a latent cell is foreground if any pixel is (reference code) | area
+    latent_dtype: str = "bf16"  # bf16 | fp16 | fp32
+    device: str = "auto"  # auto (a GPU when present) | cpu | cuda | cuda:1 ...
+    vae_tile: int = 256  # spatial VAE tile in pixels (stride 3/4 of it); 0: no tiling (far more memory)
+    t5_path: Optional[str] = None  # default: $T5_PATH, else model.text_encoder_path, else model.path
+    prompts: List[str] = field(default_factory=list)  # extra preview prompts to embed
+    dry_run: bool = False  # list what would be processed and exit
+    progress: bool = True
 
 
 @dataclass
@@ -200,6 +299,11 @@ class RelvidConfig:
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
     relation_accuracy: RelationAccuracyConfig = field(default_factory=RelationAccuracyConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
 
 # Configs shipped inside the package, so an installed relvid finds them from any folder; the
@@ -210,6 +314,8 @@ SHIPPED_CONFIGS = Path(__file__).resolve().parent / "resources" / "configs"
 def relation_config_path(name: str, configs_dir: str | Path | None = None) -> Path | None:
     """<configs_dir>/relations/<canonical>.yaml for a relation name or alias, if that file exists
     (``configs_dir`` None: the configs shipped with the package)."""
+    if not relations.is_known(name):  # a relation of your own (custom_relation=true) has no file
+        return None
     folder = Path(configs_dir) if configs_dir is not None else SHIPPED_CONFIGS
     path = folder / "relations" / f"{relations.resolve(name).name}.yaml"
     return path if path.is_file() else None
@@ -234,18 +340,22 @@ def _short(err: Exception) -> str:
     return str(err).splitlines()[0]
 
 
-def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> DictConfig:
-    """Schema <- each YAML file in order <- `key=value` overrides; then validated and resolved."""
+def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = (),
+                values: dict | None = None) -> DictConfig:
+    """Schema <- each YAML file in order <- ``values`` (a nested dict, e.g. from command-line flags)
+    <- `key=value` overrides; then validated and resolved."""
     cfg = schema()
     for path in paths:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            values = OmegaConf.load(path)
+            loaded = OmegaConf.load(path)
         except Exception as err:  # yaml.YAMLError and friends: report which file
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        cfg = _merge(cfg, values, str(path))
+        cfg = _merge(cfg, loaded, str(path))
+    if values:
+        cfg = _merge(cfg, values, "command-line flags")
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-4)")
@@ -285,6 +395,12 @@ def _check(cfg: DictConfig) -> None:
     _require(cfg.lora.placement in PLACEMENTS, "lora.placement", f"must be one of {', '.join(PLACEMENTS)}")
     _require(cfg.lora.branches in ("both", "vision", "text"), "lora.branches", "must be both, vision or text")
     _require(cfg.lora.rank >= 1, "lora.rank", "must be >= 1")
+    frozen = list(cfg.lora.frozen)
+    _require(set(frozen) <= {"relation", "subject1", "subject2", "ffn"}, "lora.frozen",
+             f"must list adapters among relation, subject1, subject2, ffn; got {frozen}")
+    _require(not frozen or cfg.lora.placement != "direct", "lora.frozen",
+             "the direct LoRA is a single adapter: freezing it would train nothing")
+    _require(len(set(frozen)) < 4, "lora.frozen", "freezing all four adapters would train nothing")
     _require(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
     probs = list(cfg.hmt.probs)
     _require(len(probs) == 3 and all(p >= 0 for p in probs), "hmt.probs",
@@ -330,37 +446,67 @@ def _check_speed(cfg: DictConfig) -> None:
              "save_attention refines gradient checkpointing: set model.gradient_checkpointing=true")
 
 
+def _check_sampling(sec, key: str) -> None:
+    _require(sec.num_steps >= 2, f"{key}.num_steps", "must be >= 2 (the Mochi schedule needs two steps)")
+    _require(sec.guidance_scale >= 1.0, f"{key}.guidance_scale", "must be >= 1 (1 disables guidance)")
+    _require(min(sec.frames, sec.height, sec.width, sec.fps) >= 1, f"{key}.frames/height/width/fps", "must be >= 1")
+    _require(0.0 < sec.threshold_noise < 1.0, f"{key}.threshold_noise", "must lie in (0, 1)")
+
+
+def _check_judge(judge, key: str, active: bool) -> None:
+    """`active`: the judge will be asked (its kind is not none and its command or callback runs)."""
+    _require(judge.kind in ("none", "api", "local"), f"{key}.kind", "must be none, api or local")
+    _require(judge.repeats >= 1, f"{key}.repeats", "must be >= 1")
+    _require(judge.timeout_s > 0 and judge.requests_per_minute > 0 and judge.max_retries >= 0,
+             f"{key}.timeout_s/requests_per_minute/max_retries", "must be > 0, > 0 and >= 0")
+    if active and judge.kind == "api":
+        _require(bool(judge.base_url) and bool(judge.model), f"{key}.base_url/model",
+                 "the api judge needs both (e.g. http://localhost:8000/v1 and the served model name)")
+    if active and judge.kind == "local":
+        _require(bool(judge.vlm_path), f"{key}.vlm_path", "the local judge needs a VLM folder (Qwen2.5-VL)")
+
+
 def _check_callbacks(cfg: DictConfig) -> None:
-    _require(cfg.preview.every_n_steps >= 0, "preview.every_n_steps", "must be >= 0 (0 disables previews)")
-    _require(cfg.relation_accuracy.every_n_steps >= 0, "relation_accuracy.every_n_steps", "must be >= 0 (0 disables)")
     for name in ("preview", "relation_accuracy"):
         sec = cfg[name]
-        _require(sec.num_steps >= 2, f"{name}.num_steps", "must be >= 2 (the Mochi schedule needs two steps)")
+        _require(sec.every_n_steps >= 0, f"{name}.every_n_steps", "must be >= 0 (0 disables it)")
         _require(sec.max_prompts >= 1, f"{name}.max_prompts", "must be >= 1")
-        _require(min(sec.frames, sec.height, sec.width) >= 1, f"{name}.frames/height/width", "must be >= 1")
-        _require(sec.guidance_scale >= 1.0, f"{name}.guidance_scale", "must be >= 1 (1 disables guidance)")
-    _require(cfg.preview.fps >= 1, "preview.fps", "must be >= 1")
+        _check_sampling(sec.sampling, f"{name}.sampling")
     ra = cfg.relation_accuracy
-    _require(ra.repeats >= 1, "relation_accuracy.repeats", "must be >= 1")
-    _require(ra.judge in ("api", "local"), "relation_accuracy.judge", "must be api or local")
-    if ra.every_n_steps > 0 and ra.judge == "api":
-        _require(bool(ra.api_base_url) and bool(ra.api_model), "relation_accuracy.api_base_url/api_model",
-                 "the api judge needs both (e.g. http://localhost:8000/v1 and the served model name)")
-    if ra.every_n_steps > 0 and ra.judge == "local":
-        _require(bool(ra.vlm_path), "relation_accuracy.vlm_path", "the local judge needs a VLM folder (Qwen2.5-VL)")
-    _require(ra.timeout_s > 0 and ra.requests_per_minute > 0 and ra.max_retries >= 0,
-             "relation_accuracy.timeout_s/requests_per_minute/max_retries", "must be > 0, > 0 and >= 0")
+    _require(ra.judge.kind != "none" or ra.every_n_steps == 0, "relation_accuracy.judge.kind",
+             "must be api or local when relation_accuracy.every_n_steps > 0")
+    _check_judge(ra.judge, "relation_accuracy.judge", active=ra.every_n_steps > 0)
+    _check_sampling(cfg.sampling, "sampling")
+    _check_judge(cfg.judge, "judge", active=False)  # `relvid evaluate` checks its own judge before use
 
 
-def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)
+# The keys each command reads: what its --print-config shows and what it saves beside its outputs.
+COMMAND_KEYS = {
+    "train": ("relation", "custom_relation", "seed", "output_dir", "resume", "model", "lora", "hmt", "rcl", "data",
+              "optim", "trainer", "speed", "preview", "relation_accuracy"),
+    "sample": ("relation", "custom_relation", "output_dir", "model", "sampling", "sample"),
+    "evaluate": ("relation", "custom_relation", "output_dir", "model", "sampling", "judge", "evaluate"),
+    "preprocess": ("relation", "custom_relation", "model", "data", "preprocess"),
+}
 
 
-def save_config(cfg: DictConfig, path: str | Path) -> Path:
-    """Write the resolved config (interpolations expanded) atomically."""
+def command_view(cfg: DictConfig, command: str) -> DictConfig:
+    """The part of the config that ``command`` reads, interpolations resolved."""
+    view = OmegaConf.masked_copy(cfg, list(COMMAND_KEYS[command]))
+    OmegaConf.resolve(view)
+    return view
+
+
+def to_yaml(cfg: DictConfig, command: str | None = None) -> str:
+    """The resolved config as YAML; with ``command``, only the keys that command reads."""
+    return OmegaConf.to_yaml(command_view(cfg, command) if command else cfg, resolve=True)
+
+
+def save_config(cfg: DictConfig, path: str | Path, command: str | None = None) -> Path:
+    """Write the resolved config (interpolations expanded; with ``command``, the keys it reads) atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(to_yaml(cfg), encoding="utf-8")
+    tmp.write_text(to_yaml(cfg, command), encoding="utf-8")
     os.replace(tmp, path)
     return path

@@ -1,11 +1,13 @@
 """`relvid` commands end to end: train from a config, export, import, cache checks, errors."""
 
+import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, MochiPipeline
 
 from relvid.cli import main
 from relvid.models.backbone import tiny_transformer
-from relvid.models.lora import activate, inference_adapters, inject_triplet, load_adapter_state_dict, load_adapters
+from relvid.models.adapter_file import load_adapters
+from relvid.models.lora import activate, inference_adapters, inject_triplet, load_adapter_state_dict
 from tests.helpers.adapters import reference_state
 
 TINY_RUN = ["trainer.max_steps=3", "trainer.checkpoint_every=3", "trainer.progress_bar=false"]
@@ -98,3 +100,36 @@ def test_validate_cache_names_the_bad_clip(tmp_path, capsys, random_cache):
 def test_relations_resolve(capsys):
     assert main(["relations", "--resolve", "high-five"]) == 0
     assert capsys.readouterr().out.strip() == "high_five"
+
+
+@pytest.mark.parametrize("command", ["sample", "evaluate"])
+def test_sample_and_evaluate_read_the_one_schema(command, capsys):
+    assert main([command, "--relation", "handshake", "--print-config", "sampling.num_steps=7"]) == 0
+    out = capsys.readouterr().out
+    assert "  num_steps: 7\n" in out and "relation: shaking_hands" in out
+    assert "lora:" not in out and "optim:" not in out  # only the keys this command reads
+    assert main([command, "--relation", "handshake", "--print-config", "sampling.num_stepz=7"]) == 2
+    err = capsys.readouterr().err
+    assert "sampling.num_stepz" in err and "Did you mean: 'num_steps'" in err
+    # short flags are aliases of keys, and key=value overrides win over them
+    assert main([command, "--print-config", "--steps", "5", "--guidance", "3", "--seeds", "1", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "  num_steps: 5\n" in out and "  guidance_scale: 3.0\n" in out and "  - 2\n" in out
+    assert main([command, "--print-config", "--steps", "5", "sampling.num_steps=9"]) == 0
+    assert "  num_steps: 9\n" in capsys.readouterr().out
+
+
+def test_preprocess_prints_its_resolved_config_without_any_input(capsys):
+    assert main(["preprocess", "--relation", "handshake", "--print-config", "--frames", "25"]) == 0
+    out = capsys.readouterr().out
+    assert "cache_dir: data/cache/shaking_hands" in out and "  frames: 25\n" in out and "preprocess:" in out
+    assert main(["preprocess", "--relation", "my_own_relation", "--print-config"]) == 0  # new relations start here
+    assert "relation: my_own_relation" in capsys.readouterr().out
+    assert main(["preprocess", "--print-config"]) == 2
+    assert "--relation" in capsys.readouterr().err
+
+
+def test_train_finds_the_shipped_relation_configs_from_any_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the relation's file ships inside the package
+    assert main(["train", "--relation", "handshake", "--print-config"]) == 0
+    assert "cache_dir: data/cache/shaking_hands" in capsys.readouterr().out

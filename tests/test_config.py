@@ -39,7 +39,9 @@ def test_misspelt_key_in_a_yaml_file_names_the_file(tmp_path):
 @pytest.mark.parametrize("override,key", [("lora.placement=QQ", "lora.placement"), ("hmt.probs=[0.5,0.6,0]", "hmt.probs"),
                                           ("hmt.weighting=cubic", "hmt.weighting"), ("relation=dancing", "relation"),
                                           ("trainer.max_steps=0", "trainer.max_steps"), ("hmt.max_sigma=1.5", "hmt.max_sigma"),
-                                          ("trainer.progress_refresh=-1", "trainer.progress_refresh")])
+                                          ("trainer.progress_refresh=-1", "trainer.progress_refresh"),
+                                          ("lora.frozen=[relation,wings]", "lora.frozen"),
+                                          ("lora.frozen=[relation,subject1,subject2,ffn]", "lora.frozen")])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config([], [override])
@@ -72,3 +74,22 @@ def test_half_true_precision_and_masked_direct_lora_are_refused():
     with pytest.raises(ConfigError, match="hmt.enabled=false"):
         load_config([], ["lora.placement=direct"])
     assert load_config([], ["lora.placement=direct", "hmt.enabled=false"]).lora.placement == "direct"
+    with pytest.raises(ConfigError, match="lora.frozen: the direct LoRA is a single adapter"):
+        load_config([], ["lora.placement=direct", "hmt.enabled=false", "lora.frozen=[relation]"])
+
+
+def test_train_yaml_sets_only_what_differs_from_the_schema(repo_root):
+    """Every default lives once, in the schema: configs/train.yaml restates none of them."""
+    from relvid.config import schema
+
+    values = OmegaConf.to_container(OmegaConf.load(repo_root / "configs" / "train.yaml"))
+    defaults = OmegaConf.to_container(schema())
+
+    def restated(node, default, prefix=""):
+        for key, value in (node or {}).items():
+            if isinstance(value, dict):
+                yield from restated(value, default[key], f"{prefix}{key}.")
+            elif value == default[key]:
+                yield prefix + key
+
+    assert list(restated(values, defaults)) == []

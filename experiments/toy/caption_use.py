@@ -42,14 +42,14 @@ from relvid.seeding import derive_seed
 from relvid.toy.codec import ToyCodec
 from relvid.toy.drivers.base import BASE_DIR
 from relvid.toy.drivers.customize import load_base
-from relvid.toy.drivers.evaluate import TOY_SETTINGS, noise_levels
+from relvid.toy.drivers.evaluate import TOY_SAMPLING, noise_levels
 from relvid.toy.judge import judge
 from relvid.toy.render import render_clip
 from relvid.toy.text import ToyTextEncoder
 from relvid.toy.world import COLOURS, EXEMPLAR_COLOUR, FRAMES, SHAPES, Subject, generic_caption, test_pairs
 
 CAPTIONS = ("right", "shapes changed", "colours changed", "empty")
-GUIDANCE = TOY_SETTINGS.guidance_scale  # as the toy world samples
+GUIDANCE = TOY_SAMPLING.guidance_scale  # as the toy world samples
 _CLIP_STREAM, _NOISE_STREAM = 401, 402
 
 

@@ -30,8 +30,9 @@ import torch
 
 from relvid.data.cache import ClipCache
 from relvid.losses.flow_matching import model_timestep, noisy_latents, velocity_target
-from relvid.models.lora import activate, adapter_names, inference_adapters, load_adapters
-from relvid.toy.drivers.customize import ADAPTER_FILE, load_base, load_customized
+from relvid.models.adapter_file import RUN_ADAPTER_FILE, load_adapters
+from relvid.models.lora import activate, adapter_names, inference_adapters
+from relvid.toy.drivers.customize import load_base, load_customized
 from relvid.toy.drivers.evaluate import noise_levels
 
 DRAWS = 4
@@ -102,7 +103,7 @@ def main() -> None:
 
     models: list[tuple[str, torch.nn.Module, tuple[str, ...] | None]] = [("base", load_base(), None)]
     for run in args.runs:
-        adapter_file = run / ADAPTER_FILE
+        adapter_file = run / RUN_ADAPTER_FILE
         if not adapter_file.is_file():
             raise SystemExit(f"{adapter_file} not found: pass a run folder of relvid.toy.drivers.customize")
         spec, _, _ = load_adapters(adapter_file)

@@ -39,19 +39,18 @@ import torch
 
 from relvid.eval.metrics import mean_std
 from relvid.eval.report import markdown_table, write_results
+from relvid.models.adapter_file import RUN_ADAPTER_FILE
 from relvid.toy.drivers.base import BASE_DIR
 from relvid.toy.drivers.customize import (
-    ADAPTER_FILE,
     ADAPTER_SET_DESCRIPTIONS,
     ADAPTER_SETS,
-    METHODS,
     customize,
     load_base,
     load_customized,
     method_config,
 )
 from relvid.toy.drivers.datasets import build_exemplar_cache, exemplar_frames
-from relvid.toy.drivers.evaluate import METRICS, TOY_SETTINGS, generate, score, test_prompts
+from relvid.toy.drivers.evaluate import METRICS, TOY_SAMPLING, generate, score, test_prompts
 from relvid.toy.render import render_clip
 from relvid.toy.world import EXEMPLAR_SUBJECTS, GENERIC_MOTIONS, RELATIONS
 
@@ -71,7 +70,7 @@ def table_methods(tables: list[str]) -> list[str]:
 
 
 ALL_METHODS = table_methods(list(TABLES))
-# Rows that are another row's run: QK/V is DreamRelation's own placement (placements/qk_v.yaml only
+# Rows that are another row's run: QK/V is DreamRelation's own placement (methods/placement_qk_v.yaml only
 # restates the default), so Table 3's QK/V row reuses the DreamRelation run instead of training it again.
 SAME_RUN = {"placement_qk_v": "dreamrelation"}
 GRID_FILE = "grid.json"
@@ -113,7 +112,7 @@ def metrics_name(guidance: float, adapters: str = "inference") -> str:
     """metrics.json at the toy sampler's guidance with the method's inference adapters; otherwise
     metrics[_all|_subjects][_cfg<g>].json beside it."""
     parts = ["metrics"] + ([adapters] if adapters != "inference" else []) + (
-        [f"cfg{guidance:g}"] if guidance != TOY_SETTINGS.guidance_scale else [])
+        [f"cfg{guidance:g}"] if guidance != TOY_SAMPLING.guidance_scale else [])
     return "_".join(parts) + ".json"
 
 
@@ -123,7 +122,7 @@ def run_one(method: str, relation: str, seed: int, args: argparse.Namespace) -> 
     method = SAME_RUN.get(method, method)
     folder = Path(args.out) / "runs" / method / relation / f"seed{seed}"
     # the base has no adapters and a direct placement has one: "all" is their inference set
-    one_set = method == "base" or method_config(METHODS[method], relation, Path(args.out) / "cache",
+    one_set = method == "base" or method_config(method, relation, Path(args.out) / "cache",
                                                 folder / "train").lora.placement == "direct"
     adapter_set = "inference" if one_set else args.adapters
     done = folder / metrics_name(args.guidance, adapter_set)
@@ -132,16 +131,16 @@ def run_one(method: str, relation: str, seed: int, args: argparse.Namespace) -> 
     if method == "base":
         model = load_base()
     else:
-        adapters = folder / "train" / ADAPTER_FILE
+        adapters = folder / "train" / RUN_ADAPTER_FILE
         if not adapters.is_file():
             if args.finished_only:
                 return None
             shutil.rmtree(folder / "train", ignore_errors=True)  # an interrupted run starts again
-            customize(METHODS[method], relation, Path(args.out) / "cache", folder / "train", seed=seed,
+            customize(method, relation, Path(args.out) / "cache", folder / "train", seed=seed,
                       overrides=[f"trainer.max_steps={args.steps}", "trainer.progress_bar=false"])
         model = load_customized(adapters, adapters=adapter_set)
     prompts = test_prompts(relation, args.prompts, seed=seed)
-    settings = dataclasses.replace(TOY_SETTINGS, guidance_scale=args.guidance)
+    settings = dataclasses.replace(TOY_SAMPLING, guidance_scale=args.guidance)
     metrics, _ = score(generate(model, prompts, settings=settings, progress=False), prompts)
     folder.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(metrics, indent=2) + "\n")
@@ -199,7 +198,7 @@ def report(results: dict, args: argparse.Namespace, command: str, minutes: float
         f"- machine: {machine}",
         f"- grid asked: {len(args.relations)} relations x seeds {args.seeds} x {len(args.methods)} methods; "
         f"{args.steps} training steps per customization; {args.prompts} test prompts per relation; "
-        f"sampling: {TOY_SETTINGS.num_steps} Euler steps, guidance {args.guidance:g}, "
+        f"sampling: {TOY_SAMPLING.num_steps} Euler steps, guidance {args.guidance:g}, "
         + ADAPTER_SET_DESCRIPTIONS[args.adapters],
         f"- runs found: {len(results)} of {len(args.methods) * len(args.relations) * len(args.seeds)}"
         + (f"; methods with none: {', '.join(missing)}" if missing else ""),
@@ -235,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="only these rows (default: every row of --tables)")
     p.add_argument("--steps", type=int, default=800, help="training steps per customization")
     p.add_argument("--prompts", type=int, default=10, help="test prompts per relation (1-10)")
-    p.add_argument("--guidance", type=float, default=TOY_SETTINGS.guidance_scale,
+    p.add_argument("--guidance", type=float, default=TOY_SAMPLING.guidance_scale,
                    help="classifier-free guidance when sampling the test prompts (metrics at another "
                         "guidance than the default are kept beside the default's)")
     p.add_argument("--adapters", default="inference", choices=ADAPTER_SETS,

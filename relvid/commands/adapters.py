@@ -7,15 +7,14 @@ from pathlib import Path
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from relvid.inference.adapter_source import read_triplet
-    from relvid.models.lora import save_adapter_state
-    from relvid.models.lora_io import TRIPLET_WEIGHT_NAME, export_state_dict
+    from relvid.models.adapter_file import ADAPTER_FILE_NAME, read_triplet, save_adapter_state
+    from relvid.models.lora_io import export_state_dict
 
     spec, state = read_triplet(args.source)
     out = export_state_dict(state, spec, Path(args.out))
     print(f"wrote {out} (inference set: relation + ffn; load with MochiPipeline.load_lora_weights)")
     if args.triplet:
-        triplet = save_adapter_state(Path(args.out) / TRIPLET_WEIGHT_NAME, state, spec)
+        triplet = save_adapter_state(Path(args.out) / ADAPTER_FILE_NAME, state, spec)
         print(f"wrote {triplet} (full triplet, relvid format)")
     return 0
 

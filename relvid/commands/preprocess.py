@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from relvid.commands.options import add_config_arguments, alias, command_config, print_config
+
 
 def int_list(text: str) -> list[int]:
     """``"1,3,5-7"`` -> [1, 3, 5, 6, 7] (NTU setups, cameras, performers, replications)."""
@@ -17,21 +19,29 @@ def int_list(text: str) -> list[int]:
     return out
 
 
-def colour_list(text: str) -> list[tuple[int, int, int]]:
-    """``"255,0,0;0,255,0"`` -> [(255, 0, 0), (0, 255, 0)] (subject 1 first)."""
+def colour_list(text: str) -> list[list[int]]:
+    """``"255,0,0;0,255,0"`` -> [[255, 0, 0], [0, 255, 0]] (subject 1 first)."""
     try:
-        colours = [tuple(int(v) for v in c.split(",")) for c in text.split(";") if c.strip()]
+        colours = [[int(v) for v in c.split(",")] for c in text.split(";") if c.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: use R,G,B;R,G,B e.g. 255,0,0;0,255,0") from None
     if len(colours) != 2 or any(len(c) != 3 for c in colours):
         raise argparse.ArgumentTypeError(f"{text!r}: give two R,G,B colours separated by ';'")
-    return colours  # type: ignore[return-value]
+    return colours
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from relvid.preprocess.pipeline import preprocess
 
-    return preprocess(args)
+    if not args.relation and not any(c.startswith("relation=") for c in args.config):
+        raise ValueError("name the relation: --relation NAME (a known relation, an alias, or a new name for your "
+                         "own videos)")
+    # a relation of your own needs no registry entry here: preprocessing is where new relations start
+    cfg = command_config(args, implied=("custom_relation=true",))
+    if args.print_config:
+        print_config(cfg, "preprocess")
+        return 0
+    return preprocess(cfg)
 
 
 def cmd_mask_sheet(args: argparse.Namespace) -> int:
@@ -44,49 +54,59 @@ def cmd_mask_sheet(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("preprocess", help="cache exemplar videos (NTU RGB+D or your own) for training")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ntu-root", help="folder of NTU RGB+D *_rgb.avi files (searched recursively)")
-    src.add_argument("--videos", help="folder of your own videos, each with a caption (<stem>.txt or --captions-csv)")
-    p.add_argument("--relation", "-r", required=True, help="relation name or alias (or a new name for your own videos)")
-    p.add_argument("--skeletons", help="folder of NTU .skeleton files (default: under --ntu-root)")
-    p.add_argument("--captions-csv", help="CSV with columns video,caption (for --videos)")
-    p.add_argument("--mask-source", choices=("skeleton", "grounded-sam", "files"), default="skeleton")
-    p.add_argument("--mask-fallback", choices=("none", "grounded-sam", "files"), default="none",
-                   help="masks for clips the main source cannot mask (e.g. NTU samples without a skeleton)")
-    p.add_argument("--masks", help="folder with a PNG folder <video stem>/ or a mask video <video stem>.mp4 per video")
-    p.add_argument("--mask-colors", type=colour_list, help="subject colours in the mask files, e.g. '255,0,0;0,255,0'")
-    p.add_argument("--detect-prompt", default="person", help="Grounding DINO text prompt (default: person)")
-    p.add_argument("--box-threshold", type=float, default=0.3, help="Grounding DINO box score threshold")
-    p.add_argument("--text-threshold", type=float, default=0.25, help="Grounding DINO text score threshold")
-    p.add_argument("--mochi-path", help="Mochi pipeline folder (diffusers format); default $MOCHI_PATH")
-    p.add_argument("--vae-path", help="Mochi VAE folder (default: <mochi-path>/vae)")
-    p.add_argument("--t5-path", help="T5 folder (default: $T5_PATH, else <mochi-path> with text_encoder/ + tokenizer/)")
-    p.add_argument("--gdino-path", help="local Grounding DINO folder (transformers format)")
-    p.add_argument("--sam-path", help="local SAM folder (transformers format)")
-    p.add_argument("--codec", choices=("mochi", "toy"), default="mochi")
-    p.add_argument("--text-encoder", choices=("t5", "toy"), default="t5")
-    p.add_argument("--out", help="cache folder (default: data/cache/<relation>)")
-    p.add_argument("--clips", type=int, default=20, help="NTU clips to pick (seeded); 0 = all matching")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--frames", type=int, default=61, help="frames per clip, 6k+1 (default 61)")
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--width", type=int, default=848)
-    p.add_argument("--fps", type=float, default=30.0)
-    p.add_argument("--allow-upscale", action="store_true",
-                   help="enlarge videos smaller than the target instead of skipping")
+    add_config_arguments(p, relation_help="relation name or alias (or a new name for your own videos)")
+    src = p.add_argument_group("sources (give preprocess.ntu_root or preprocess.videos)")
+    alias(src, "--ntu-root", key="preprocess.ntu_root",
+          help="folder of NTU RGB+D *_rgb.avi files (searched recursively)")
+    alias(src, "--videos", key="preprocess.videos",
+          help="folder of your own videos, each with a caption (<stem>.txt or --captions-csv)")
+    alias(src, "--skeletons", key="preprocess.skeletons",
+          help="folder of NTU .skeleton files (default: under --ntu-root)")
+    alias(src, "--captions-csv", key="preprocess.captions_csv", help="CSV with columns video,caption (for --videos)")
+    alias(src, "--clips", key="preprocess.clips", type=int, help="NTU clips to pick (seeded); 0 = all matching")
+    alias(src, "--seed", key="preprocess.seed", type=int, help="the seed of the NTU pick")
     for name in ("setups", "cameras", "performers", "replications"):
-        p.add_argument(f"--{name}", type=int_list, help=f"NTU {name} to keep, e.g. 1,2,5-8")
-    p.add_argument("--spatial-rule", choices=("any", "area"), default="any",
-                   help="latent cell = any foreground pixel (reference code) or covered fraction")
-    p.add_argument("--latent-dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
-    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1 ...")
-    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                   help="VAE and T5 weights: auto = bf16 on a GPU, fp32 on the CPU (genmo runs both in fp32)")
-    p.add_argument("--vae-tile", type=int, default=256,
-                   help="spatial VAE tile in pixels (stride 3/4 of it); 0 = no tiling (needs far more GPU memory)")
-    p.add_argument("--prompt", action="append", default=[], help="extra preview prompt to embed (repeatable)")
-    p.add_argument("--dry-run", action="store_true", help="list what would be processed and exit")
-    p.add_argument("--no-progress", action="store_true")
+        alias(src, f"--{name}", key=f"preprocess.{name}", type=int_list, help=f"NTU {name} to keep, e.g. 1,2,5-8")
+    m = p.add_argument_group("subject masks")
+    alias(m, "--mask-source", key="preprocess.mask_source", choices=("skeleton", "grounded-sam", "files"))
+    alias(m, "--mask-fallback", key="preprocess.mask_fallback", choices=("none", "grounded-sam", "files"),
+          help="masks for clips the main source cannot mask (e.g. NTU samples without a skeleton)")
+    alias(m, "--masks", key="preprocess.masks",
+          help="folder with a PNG folder <video stem>/ or a mask video <video stem>.mp4 per video")
+    alias(m, "--mask-colors", key="preprocess.mask_colors", type=colour_list,
+          help="subject colours in the mask files, e.g. '255,0,0;0,255,0'")
+    alias(m, "--detect-prompt", key="preprocess.detect_prompt", help="Grounding DINO text prompt")
+    alias(m, "--box-threshold", key="preprocess.box_threshold", type=float, help="Grounding DINO box score threshold")
+    alias(m, "--text-threshold", key="preprocess.text_threshold", type=float,
+          help="Grounding DINO text score threshold")
+    alias(m, "--gdino-path", key="preprocess.gdino_path", help="local Grounding DINO folder (transformers format)")
+    alias(m, "--sam-path", key="preprocess.sam_path", help="local SAM folder (transformers format)")
+    alias(m, "--spatial-rule", key="preprocess.spatial_rule", choices=("any", "area"),
+          help="latent cell = any foreground pixel (reference code) or covered fraction")
+    e = p.add_argument_group("clips and encoding")
+    alias(e, "--frames", key="preprocess.frames", type=int, help="frames per clip, 6k+1")
+    alias(e, "--height", key="preprocess.height", type=int)
+    alias(e, "--width", key="preprocess.width", type=int)
+    alias(e, "--fps", key="preprocess.fps", type=float)
+    alias(e, "--allow-upscale", key="preprocess.allow_upscale", action="store_true",
+          help="enlarge videos smaller than the target instead of skipping")
+    alias(e, "--mochi-path", key="model.path", help="Mochi pipeline folder (diffusers format); default $MOCHI_PATH")
+    alias(e, "--vae-path", key="model.vae_path", help="Mochi VAE folder (default: <mochi-path>/vae)")
+    alias(e, "--t5-path", key="preprocess.t5_path",
+          help="T5 folder (default: $T5_PATH, else <mochi-path> with text_encoder/ + tokenizer/)")
+    alias(e, "--codec", key="model.codec", choices=("mochi", "toy"))
+    alias(e, "--text-encoder", key="model.text_encoder", choices=("t5", "toy"))
+    alias(e, "--latent-dtype", key="preprocess.latent_dtype", choices=("bf16", "fp16", "fp32"))
+    alias(e, "--device", key="preprocess.device", help="auto (GPU when present), cpu, cuda, cuda:1 ...")
+    alias(e, "--dtype", key="model.dtype", choices=("auto", "bf16", "fp16", "fp32"),
+          help="VAE and T5 weights: auto = bf16 on a GPU, fp32 on the CPU (genmo runs both in fp32)")
+    alias(e, "--vae-tile", key="preprocess.vae_tile", type=int,
+          help="spatial VAE tile in pixels (stride 3/4 of it); 0 = no tiling (needs far more GPU memory)")
+    alias(p, "--out", key="data.cache_dir", help="cache folder (default: data/cache/<relation>)")
+    alias(p, "--prompt", key="preprocess.prompts", action="append", help="extra preview prompt to embed (repeatable)")
+    alias(p, "--dry-run", key="preprocess.dry_run", action="store_true", help="list what would be processed and exit")
+    p.add_argument("--no-progress", dest="key:preprocess.progress", action="store_const", const=False,
+                   help="no progress bar (= preprocess.progress=false)")
     p.set_defaults(func=cmd_preprocess)
 
     p = subparsers.add_parser("mask-sheet", help="PNG contact sheet (and mp4) of a cached clip with its subject masks")

@@ -18,12 +18,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from relvid.toy.drivers.base import BASE_DIR
     from relvid.toy.drivers.demo import DEMO_RELATION, run_demo
-    from relvid.toy.drivers.evaluate import TOY_SETTINGS
+    from relvid.toy.drivers.evaluate import TOY_SAMPLING
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = (TOY_SETTINGS if args.guidance is None
-                else dataclasses.replace(TOY_SETTINGS, guidance_scale=args.guidance))
+    settings = (TOY_SAMPLING if args.guidance is None
+                else dataclasses.replace(TOY_SAMPLING, guidance_scale=args.guidance))
     run_demo(args.out, relation=args.relation or DEMO_RELATION, n_prompts=args.prompts, seed=args.seed,
              base_dir=args.base or BASE_DIR, overrides=list(args.set), progress=not args.quiet, settings=settings)
     return 0

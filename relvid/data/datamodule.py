@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from relvid.data.cache import CacheError, ClipCache, ClipRecord
+from relvid.losses.flow_matching import relation_mask
 from relvid.seeding import derive_seed
 
 # Stream tags (last argument of derive_seed) keep the seeds of different kinds of draws apart;
@@ -92,8 +93,8 @@ class RelationDataset(Dataset):
             embeds.zero_()
             mask.zero_()
         subjects = rec.subject_masks.to(torch.float32, copy=True)  # (2, f, h, w)
-        relation = (rec.relation_mask.to(torch.float32, copy=True) if rec.relation_mask is not None
-                    else subjects.amax(dim=0))  # (f, h, w)
+        stored = None if rec.relation_mask is None else rec.relation_mask.to(torch.float32, copy=True)[None]
+        relation = relation_mask(subjects[None], "union", stored=stored)[0]  # (f, h, w)
         return {"latents": latents, "text_embeds": embeds, "text_mask": mask,
                 "subject_masks": subjects, "relation_mask": relation, "clip_index": i, "index": k}
 

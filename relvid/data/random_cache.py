@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from relvid.data.cache import ClipCache, ClipRecord
+from relvid.losses.flow_matching import relation_mask
 
 
 def _moving_box(f: int, h: int, w: int, g: torch.Generator) -> Tensor:
@@ -56,7 +57,7 @@ def write_random_cache(root: str | Path, n_clips: int = 4, relation: str = "shak
             latent_mean=torch.randn(c, f, h, w, generator=g).bfloat16(),
             latent_logvar=(-4.0 + 0.1 * torch.randn(c, f, h, w, generator=g)).bfloat16(),
             text_embeds=embeds, text_mask=mask, subject_masks=subjects,
-            relation_mask=subjects.amax(dim=0),  # union of the subjects, (f, h, w)
+            relation_mask=relation_mask(subjects[None])[0],  # (f, h, w)
             meta={"clip_id": f"{relation}_{i:03d}", "relation": relation,
                   "caption": f"Random clip {i} of {relation}.", "source": f"random:{seed}:{i}",
                   "frame_range": f"0-{6 * (f - 1)}", "fps": "30", "codec": "random",

@@ -19,11 +19,11 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from torch import Tensor
 
+from relvid.config import JudgeConfig
 from relvid.eval.judge import jpeg_bytes
 
 _RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -33,25 +33,10 @@ class APIJudgeError(RuntimeError):
     """The judge API refused a request or kept failing after all retries."""
 
 
-@dataclass(frozen=True)
-class APIJudgeSettings:
-    base_url: str  # e.g. http://localhost:8000/v1 or https://dashscope.aliyuncs.com/compatible-mode/v1
-    model: str  # e.g. qwen-vl-max
-    api_key_env: str = "RELVID_JUDGE_API_KEY"  # unset variable: no Authorization header (local servers)
-    timeout_s: float = 60.0
-    max_retries: int = 5
-    backoff_s: float = 1.0  # first retry waits this long, then doubles
-    max_backoff_s: float = 60.0
-    requests_per_minute: float = 60.0
-    temperature: float = 1.0  # > 0: the repeats are independent draws, as in the paper's 10 judgements
-    max_tokens: int = 32
-    cache_dir: str | None = None  # None: no answer cache
-
-
 class APIJudge:
     """Judge.ask over HTTP with retries, a rate limit and an on-disk answer cache."""
 
-    def __init__(self, settings: APIJudgeSettings, sleep: Callable[[float], None] = time.sleep,
+    def __init__(self, settings: JudgeConfig, sleep: Callable[[float], None] = time.sleep,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not settings.base_url or not settings.model:
             raise ValueError("api judge: base_url and model are both required (e.g. --judge-url "

@@ -8,39 +8,22 @@ video on any device (up to the device's float arithmetic).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from relvid.config import SamplingConfig
 from relvid.inference.sampler import sample
 from relvid.models.codecs import Codec
 from relvid.models.lora import TripletSpec, activate, active_adapters, inference_adapters
 
 
-@dataclass(frozen=True)
-class SampleSettings:
-    """How a video is sampled: Euler steps, CFG scale, video size and frame rate."""
-
-    num_steps: int = 64
-    guidance_scale: float = 6.0
-    frames: int = 61
-    height: int = 480
-    width: int = 848
-    fps: int = 30
-    threshold_noise: float = 0.025
-
-    def __post_init__(self) -> None:
-        if self.num_steps < 2:
-            raise ValueError(f"num_steps={self.num_steps}: the Mochi schedule needs at least 2 steps")
-        if self.frames < 1 or self.height < 1 or self.width < 1 or self.fps < 1:
-            raise ValueError(f"frames/height/width/fps must be >= 1, got {self.frames}/{self.height}/"
-                             f"{self.width}/{self.fps}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+def sampling_record(settings: SamplingConfig) -> dict:
+    """What a video was sampled with, as its sidecar's "settings" (the negative prompt, a text, is
+    recorded beside it as "negative_prompt")."""
+    return {k: getattr(settings, k) for k in ("num_steps", "guidance_scale", "frames", "height", "width", "fps",
+                                              "threshold_noise")}
 
 
 def to_uint8_frames(video: Tensor) -> Tensor:
@@ -49,7 +32,7 @@ def to_uint8_frames(video: Tensor) -> Tensor:
     return frames.permute(1, 2, 3, 0).to("cpu", torch.uint8).contiguous()  # (T, H, W, 3)
 
 
-def initial_noise(codec: Codec, settings: SampleSettings, seed: int) -> Tensor:
+def initial_noise(codec: Codec, settings: SamplingConfig, seed: int) -> Tensor:
     """(1, C, f, h, w) float32 standard normal noise on the CPU, a pure function of the seed."""
     shape = codec.latent_shape(settings.frames, settings.height, settings.width)
     gen = torch.Generator().manual_seed(int(seed))
@@ -64,7 +47,7 @@ def generate_video(
     mask: Tensor,
     negative: tuple[Tensor, Tensor] | None,
     seed: int,
-    settings: SampleSettings = SampleSettings(),
+    settings: SamplingConfig | None = None,
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> Tensor:
@@ -77,6 +60,7 @@ def generate_video(
     if embeds.dim() != 2 or tuple(mask.shape) != (embeds.shape[0],):
         raise ValueError(f"generate_video: embeds must be (L, D) with an (L,) mask, got {tuple(embeds.shape)} "
                          f"and {tuple(mask.shape)}")
+    settings = settings if settings is not None else SamplingConfig()
     noise = initial_noise(codec, settings, seed).to(device)
     neg_e = neg_m = None
     if negative is not None:

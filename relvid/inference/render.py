@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from relvid.inference.generate import SampleSettings, generate_video
+from relvid.config import SamplingConfig
+from relvid.inference.generate import generate_video, sampling_record
 from relvid.models.codecs import Codec
 from relvid.models.text_encoders import TextEncoder
 
@@ -89,9 +90,9 @@ def is_done(video: Path, expected: dict) -> bool:
 
 
 def render_jobs(jobs: list[VideoJob], out_dir: str | os.PathLike, transformer: nn.Module, codec: Codec,
-                text_encoder: TextEncoder | None, settings: SampleSettings, negative: str = "",
-                device: str | torch.device = "cpu", meta: dict | None = None, progress: bool = True,
-                encoded: dict | None = None, info: dict | None = None) -> list[Path]:
+                text_encoder: TextEncoder | None, settings: SamplingConfig, device: str | torch.device = "cpu",
+                meta: dict | None = None, progress: bool = True, encoded: dict | None = None,
+                info: dict | None = None) -> list[Path]:
     """Render the jobs not done yet; returns every job's mp4 path (done before or now).
 
     `meta` (e.g. the adapter file's hash) goes into every sidecar and must match existing ones;
@@ -100,7 +101,8 @@ def render_jobs(jobs: list[VideoJob], out_dir: str | os.PathLike, transformer: n
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    expected = {"settings": settings.to_dict(), "negative_prompt": negative, **(meta or {})}
+    negative = settings.negative_prompt
+    expected = {"settings": sampling_record(settings), "negative_prompt": negative, **(meta or {})}
     expected = json.loads(json.dumps(expected))  # the form it takes in a sidecar (tuples -> lists)
     paths = [out / f"{job.stem}.mp4" for job in jobs]
     todo = [(job, path) for job, path in zip(jobs, paths, strict=True) if not is_done(path, expected)]
@@ -127,18 +129,21 @@ def render_jobs(jobs: list[VideoJob], out_dir: str | os.PathLike, transformer: n
     return paths
 
 
-def sample_videos(prompts: list[str], seeds: list[int], out_dir: str | os.PathLike, model_cfg,
-                  settings: SampleSettings, adapters: str | os.PathLike | None = None, negative: str = "",
-                  device: torch.device | None = None) -> list[Path]:
-    """`relvid sample`: load the model (and the adapters, if any) and render every prompt x seed."""
+def sample_videos(cfg) -> list[Path]:
+    """`relvid sample`: load the model (and the adapters, unless sample.base) and render every prompt x seed.
+
+    ``cfg`` is the resolved config (relation, output_dir, model, sampling, sample)."""
     from relvid.components import load_generation_parts
 
-    device = device or default_device()
-    transformer, codec, text = load_generation_parts(model_cfg, device)
+    opts = cfg.sample
+    adapters = choose_adapters(opts.base, opts.adapters, cfg.output_dir, cfg.relation)
+    prompts = read_prompts(opts.prompts, opts.prompts_file, cfg.relation)
+    device = torch.device(opts.device) if opts.device else default_device()
+    transformer, codec, text = load_generation_parts(cfg.model, device)
     meta: dict = {"adapters_sha256": None}
-    info: dict = {"model_path": model_cfg.path}
+    info: dict = {"model_path": cfg.model.path}
     if adapters:
-        from relvid.inference.adapter_source import apply_adapter_source
+        from relvid.models.adapter_file import apply_adapter_source
 
         source = apply_adapter_source(transformer, adapters)
         meta["adapters_sha256"] = source.sha256
@@ -146,8 +151,42 @@ def sample_videos(prompts: list[str], seeds: list[int], out_dir: str | os.PathLi
         print(f"adapters: {source.path} ({source.kind}, sha256 {source.sha256[:12]}); relation + ffn active")
     else:
         print("--base: sampling the base model without adapters")
-    return render_jobs(plan_jobs(prompts, seeds), out_dir, transformer, codec, text, settings, negative=negative,
+    from relvid.config import save_config
+
+    save_config(cfg, Path(opts.out) / "config.yaml", command="sample")
+    return render_jobs(plan_jobs(prompts, list(opts.seeds)), opts.out, transformer, codec, text, cfg.sampling,
                        device=device, meta=meta, info=info)
+
+
+def choose_adapters(base: bool, adapters: str | None, output_dir: str, relation: str) -> str | None:
+    """The adapters to load: ``adapters``, else the relation's run (<output_dir>/adapters); None for
+    the base model (``base``)."""
+    if base:
+        if adapters:
+            raise ValueError("--base (base=true) uses the model without adapters: drop --adapters or --base")
+        return None
+    if adapters:
+        return str(adapters)
+    default = Path(output_dir) / "adapters"
+    if not default.is_dir():
+        raise FileNotFoundError(f"no adapters given and {default} (the run of relation {relation}) does not "
+                                "exist: pass --adapters <.ckpt | adapters folder | LoRA file>, or --base")
+    return str(default)
+
+
+def read_prompts(prompts, prompts_file: str | None, relation: str) -> list[str]:
+    """The listed prompts, then the file's lines; neither: the relation's ten evaluation prompts."""
+    out = list(prompts or [])
+    if prompts_file:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts_file {path} not found")
+        out += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if out:
+        return out
+    from relvid.prompts import eval_prompts
+
+    return eval_prompts(relation)
 
 
 def wait_for(paths: list[Path], timeout_s: float, poll_s: float = 5.0) -> None:

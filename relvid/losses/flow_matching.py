@@ -47,16 +47,25 @@ def model_timestep(sigma: Tensor) -> Tensor:
     return (1 - sigma) * 1000
 
 
-def relation_mask(subject_masks: Tensor, mode: str = "union") -> Tensor:
-    """Relation mask M_R from the two subject masks, (B, 2, f, h, w) -> (B, f, h, w).
+def relation_mask(subject_masks: Tensor, mode: str = "union", stored: Tensor | None = None) -> Tensor:
+    """The relation mask M_R of hybrid mask training, (B, 2, f, h, w) subject masks -> (B, f, h, w).
 
-    union: max(M_S1, M_S2) (paper; stays in [0, 1]); sum: M_S1 + M_S2 (reference code; overlap counts twice).
+    The one definition of the rule: preprocessing calls it to write a clip's ``relation_mask`` into
+    the cache, the datamodule and the training step read the mask through it.
+    union (paper): the clip's stored relation mask where the cache holds one (``stored``, (B, f, h,
+    w)), else max(M_S1, M_S2), which stays in [0, 1]; sum (reference code): M_S1 + M_S2, where cells
+    both subjects cover count twice.
     """
     if subject_masks.dim() != 5 or subject_masks.shape[1] != 2:
         raise ValueError(
             f"relation_mask: subject_masks must have shape (B, 2, f, h, w), got {tuple(subject_masks.shape)}"
         )
     if mode == "union":
+        if stored is not None:
+            if stored.shape != subject_masks[:, 0].shape:
+                raise ValueError(f"relation_mask: the stored mask {tuple(stored.shape)} does not match the subject "
+                                 f"masks' grid {tuple(subject_masks[:, 0].shape)}")
+            return stored
         return subject_masks.amax(dim=1)
     if mode == "sum":
         return subject_masks.sum(dim=1)

@@ -8,17 +8,11 @@ the vision and the text branch of every MM-DiT block. Each training step selects
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-import safetensors
-import safetensors.torch
 import torch
 from torch import nn
 
@@ -26,9 +20,6 @@ ADAPTERS = ("relation", "subject1", "subject2", "ffn")
 PLACEMENTS = ("QK/V", "Q/KV", "KV/Q", "V/QK", "direct")
 BRANCHES = ("both", "vision", "text")
 SELECTIONS = ("relation", "subject1", "subject2")
-
-FORMAT_NAME = "relvid-adapters"
-FORMAT_VERSION = "1"
 
 # Projections (q, k, v) carried by the relation and the subject LoRAs for each placement.
 _PLACEMENT_PROJECTIONS: dict[str, tuple[str, str]] = {
@@ -46,7 +37,6 @@ _MODULES = {
 BLOCK_PATTERN = r"transformer_blocks\.\d+\.attn1\."
 # peft parameter names: "<module>.lora_A.<adapter>.weight".
 _LORA_PARAM = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.(?P<adapter>[^.]+)\.weight$")
-_STATE_KEY = re.compile(r"^(?P<adapter>[^/]+)/(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 
 
 class LoRAConfigError(ValueError):
@@ -319,85 +309,3 @@ def load_adapter_state_dict(transformer: nn.Module, state: dict[str, torch.Tenso
         for key, tensor in state.items():
             if key in params:
                 params[key].copy_(tensor)
-
-
-def save_adapter_state(
-    path: str | os.PathLike,
-    state: dict[str, torch.Tensor],
-    spec: TripletSpec,
-    metadata: dict[str, str] | None = None,
-) -> Path:
-    """Write adapter_state_dict-style tensors in our format (safetensors, atomic)."""
-    path = Path(path)
-    reserved = {"format", "version", "spec"} & set(metadata or {})
-    if reserved:
-        raise LoRAConfigError(f"metadata keys {sorted(reserved)} are reserved by the adapter format")
-    _check_state_keys(state, spec, where="adapter state to save")
-    header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "spec": json.dumps(spec.to_dict(), sort_keys=True)}
-    for k, v in (metadata or {}).items():
-        if not isinstance(v, str):
-            raise LoRAConfigError(f"metadata[{k!r}] must be a string, got {type(v).__name__}")
-        header[k] = v
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Temp file in the same folder + rename: a crash never leaves a half-written adapter file.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        safetensors.torch.save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def save_adapters(
-    path: str | os.PathLike,
-    transformer: nn.Module,
-    spec: TripletSpec,
-    metadata: dict[str, str] | None = None,
-) -> Path:
-    """Save the full triplet (all adapters of `spec`) in our format."""
-    return save_adapter_state(path, adapter_state_dict(transformer, adapter_names(spec)), spec, metadata)
-
-
-def load_adapters(path: str | os.PathLike) -> tuple[TripletSpec, dict[str, torch.Tensor], dict[str, str]]:
-    """Read an adapter file: (spec, adapter_state_dict-style tensors, the extra metadata given at save)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"adapter file not found: {path}")
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            header = dict(f.metadata() or {})
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except safetensors.SafetensorError as e:
-        raise LoRAConfigError(f"{path}: not a readable safetensors file ({e})") from e
-    if header.get("format") != FORMAT_NAME:
-        raise LoRAConfigError(
-            f"{path}: not a relvid adapter file (metadata format={header.get('format')!r}, "
-            f"expected {FORMAT_NAME!r}); diffusers LoRA files are loaded with MochiPipeline.load_lora_weights"
-        )
-    if header.get("version") != FORMAT_VERSION:
-        raise LoRAConfigError(
-            f"{path}: adapter format version {header.get('version')!r} is not supported (expected {FORMAT_VERSION!r})"
-        )
-    try:
-        spec = TripletSpec.from_dict(json.loads(header["spec"]))
-    except (KeyError, json.JSONDecodeError, TypeError, LoRAConfigError) as e:
-        raise LoRAConfigError(f"{path}: bad 'spec' metadata ({e})") from e
-    _check_state_keys(state, spec, where=str(path))
-    extra = {k: v for k, v in header.items() if k not in ("format", "version", "spec")}
-    return spec, state, extra
-
-
-def _check_state_keys(state: dict[str, torch.Tensor], spec: TripletSpec, where: str) -> None:
-    names = adapter_names(spec)
-    bad = sorted(k for k in state if not (m := _STATE_KEY.match(k)) or m["adapter"] not in names)
-    if bad:
-        raise LoRAConfigError(
-            f"{where}: keys {bad} are not '<adapter>/<module>.lora_A|B.weight' with an adapter of {names}"
-        )
-    absent = sorted(set(names) - {k.split("/", 1)[0] for k in state})
-    if absent:
-        raise LoRAConfigError(f"{where}: adapters {absent} of placement {spec.placement!r} have no weights")

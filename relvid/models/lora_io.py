@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from relvid.models.adapter_file import ADAPTER_FILE_NAME, DIFFUSERS_WEIGHT_NAME, save_adapter_state
 from relvid.models.lora import (
     BLOCK_PATTERN,
     SELECTIONS,
@@ -28,12 +29,8 @@ from relvid.models.lora import (
     adapter_state_dict,
     inference_adapters,
     module_suffixes,
-    save_adapter_state,
     target_modules,
 )
-
-DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-TRIPLET_WEIGHT_NAME = "relvid_adapters.safetensors"
 
 # Reference attention layer names -> diffusers Mochi `attn1` module names.
 _REF_QKV = {
@@ -297,5 +294,5 @@ def import_reference(file: str | os.PathLike, out_dir: str | os.PathLike, qkv_al
         state, spec = convert_reference_state_dict(tensors, qkv_alpha=qkv_alpha, out_alpha=out_alpha)
     except LoRAConfigError as e:
         raise LoRAConfigError(f"{file}: {e}") from e
-    save_adapter_state(out_dir / TRIPLET_WEIGHT_NAME, state, spec, metadata={"source": str(file)})
+    save_adapter_state(out_dir / ADAPTER_FILE_NAME, state, spec, metadata={"source": str(file)})
     return _write_diffusers(*_inference_state_to_diffusers(state, spec), out_dir)

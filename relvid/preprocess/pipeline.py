@@ -8,9 +8,11 @@ negative prompt) are written in the same pass, so training never loads the text 
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from relvid import relations
 from relvid.data.cache import ClipCache
 from relvid.models.codecs import Codec
 from relvid.models.text_encoders import TextEncoder
-from relvid.preprocess.encode import encode_clip
+from relvid.preprocess.encode import PreparedClip, encode_clip, prepare_video_clip
 from relvid.preprocess.masks import MaskMaker, make_masks
 from relvid.preprocess.sources import Source
 from relvid.preprocess.video import ClipSpec, load_clip
@@ -68,6 +70,59 @@ def plan(sources: list[Source], cache_root: str | Path) -> list[tuple[Source, st
     return [(s, "cached" if cache is not None and cache.is_done(s.clip_id) else "todo") for s in sources]
 
 
+@dataclass(frozen=True)
+class ClipJob:
+    """One clip to cache: its id, caption and relation, where it comes from, and how to prepare it."""
+
+    clip_id: str
+    caption: str
+    relation: str
+    origin: str  # the clip's "source" (a video path, toy:<seed>:<relation>:<index>); failures are keyed by it
+    prepare: Callable[[], PreparedClip]
+
+
+def write_clips(cache: ClipCache, jobs: list[ClipJob], codec: Codec, text_encoder: TextEncoder,
+                spatial_rule: str = "any", latent_dtype: str = "bf16", progress: bool = True,
+                desc: str = "preprocess") -> Summary:
+    """The one cache writer: every job not cached yet is prepared, encoded and added (atomically,
+    one clip at a time); a clip that fails is recorded in the manifest with its reason and the others
+    go on."""
+    start = time.perf_counter()
+    summary = Summary()
+    todo = [j for j in jobs if not cache.is_done(j.clip_id)]
+    summary.skipped_done = [j.clip_id for j in jobs if cache.is_done(j.clip_id)]
+    captions = sorted({j.caption for j in todo})
+    embedded = dict(zip(captions, text_encoder.encode(captions), strict=True)) if captions else {}
+    for job in tqdm(todo, desc=desc, unit="clip", disable=not progress):
+        try:
+            meta = {"clip_id": job.clip_id, "relation": job.relation, "caption": job.caption, "source": job.origin,
+                    "text_encoder": text_encoder.name}
+            record = encode_clip(job.prepare(), embedded[job.caption], codec, meta, spatial_rule, latent_dtype)
+        # One bad clip never stops the others: every error a clip can raise (decoding, parsing, masks,
+        # codec, out of memory) is a ValueError, OSError or RuntimeError subclass; it goes to the manifest.
+        except (ValueError, OSError, RuntimeError) as err:
+            reason = getattr(err, "reason", None) or f"{type(err).__name__}: {err}"
+            cache.record_failure(job.origin, reason)
+            summary.failed[job.origin] = reason
+            continue
+        cache.add(record)
+        summary.written.append(job.clip_id)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def write_prompt_embeddings(cache: ClipCache, text_encoder: TextEncoder, prompts: list[str]) -> None:
+    """The prompts previews and evaluation sample, and "" (the negative prompt), embedded once."""
+    texts = list(dict.fromkeys([*prompts, ""]))
+    cache.write_prompts(dict(zip(texts, text_encoder.encode(texts), strict=True)))
+
+
+def _prepare_file_source(source: Source, spec: ClipSpec, maker: MaskMaker, fallback: MaskMaker | None) -> PreparedClip:
+    clip = load_clip(source.video, spec)
+    masks, used = make_masks(source, clip, maker, fallback)
+    return prepare_video_clip(clip, spec, masks, used)
+
+
 def run_preprocess(
     sources: list[Source],
     cache_root: str | Path,
@@ -83,43 +138,18 @@ def run_preprocess(
     config: dict | None = None,
     progress: bool = True,
 ) -> Summary:
-    """Cache every source not cached yet; returns what was written, skipped and why clips failed."""
-    start = time.perf_counter()
+    """Cache every video source not cached yet; returns what was written, skipped and why clips failed."""
     relation = relation_name(relation)
     codec.latent_shape(spec.frames, spec.height, spec.width)  # a size the codec cannot take fails now, once
     cache = ClipCache(cache_root, create=True)
     cache.set_config({**(config or {}), "relation": relation, "spec": asdict(spec), "codec": codec.name,
                       "text_encoder": text_encoder.name, "mask_source": mask_maker.name,
                       "mask_fallback": fallback.name if fallback else None, "spatial_rule": spatial_rule})
-    summary = Summary()
-    todo = [s for s in sources if not cache.is_done(s.clip_id)]
-    summary.skipped_done = [s.clip_id for s in sources if cache.is_done(s.clip_id)]
-
-    captions = sorted({s.caption for s in todo})
-    embedded = dict(zip(captions, text_encoder.encode(captions), strict=True)) if captions else {}
     if prompts is not None:
-        texts = list(dict.fromkeys([*prompts, ""]))
-        cache.write_prompts(dict(zip(texts, text_encoder.encode(texts), strict=True)))
-
-    for source in tqdm(todo, desc="preprocess", unit="clip", disable=not progress):
-        try:
-            clip = load_clip(source.video, spec)
-            masks, used = make_masks(source, clip, mask_maker, fallback)
-            meta = {"clip_id": source.clip_id, "relation": relation, "caption": source.caption,
-                    "source": str(source.video), "text_encoder": text_encoder.name, "mask_source": used}
-            record = encode_clip(clip, masks, embedded[source.caption], codec, meta, spatial_rule, latent_dtype,
-                                 spec.fps)
-        # One bad clip never stops the others: every error a clip can raise (decoding, parsing, masks,
-        # codec, out of memory) is a ValueError, OSError or RuntimeError subclass; it goes to the manifest.
-        except (ValueError, OSError, RuntimeError) as err:
-            reason = getattr(err, "reason", None) or f"{type(err).__name__}: {err}"
-            cache.record_failure(str(source.video), reason)
-            summary.failed[str(source.video)] = reason
-            continue
-        cache.add(record)
-        summary.written.append(source.clip_id)
-    summary.seconds = time.perf_counter() - start
-    return summary
+        write_prompt_embeddings(cache, text_encoder, prompts)
+    jobs = [ClipJob(s.clip_id, s.caption, relation, str(s.video),
+                    functools.partial(_prepare_file_source, s, spec, mask_maker, fallback)) for s in sources]
+    return write_clips(cache, jobs, codec, text_encoder, spatial_rule, latent_dtype, progress)
 
 
 def _device(name: str) -> str:
@@ -142,36 +172,60 @@ def _mask_maker(kind: str, opts, device: str) -> MaskMaker:
     if kind == "skeleton":
         return SkeletonMaskMaker()
     if kind == "files":
-        return FileMaskMaker(opts.mask_colors)
+        colours = [tuple(c) for c in opts.mask_colors] if opts.mask_colors else None
+        return FileMaskMaker(colours)
     from relvid.preprocess.grounded_sam import GroundedSam
 
     return GroundedSam.from_folders(opts.gdino_path, opts.sam_path, prompt=opts.detect_prompt, device=device,
                                     box_threshold=opts.box_threshold, text_threshold=opts.text_threshold)
 
 
-def _sources(opts) -> list[Source]:
+def _sources(opts, relation: str) -> list[Source]:
     from relvid.preprocess.sources import folder_sources, ntu_sources
 
+    def ints(values):
+        return list(values) if values is not None else None
+
     if opts.ntu_root:
-        return ntu_sources(opts.ntu_root, opts.relation, opts.clips, opts.seed, opts.setups, opts.cameras,
-                           opts.performers, opts.replications, opts.skeletons, opts.masks)
+        return ntu_sources(opts.ntu_root, relation, opts.clips, opts.seed, ints(opts.setups), ints(opts.cameras),
+                           ints(opts.performers), ints(opts.replications), opts.skeletons, opts.masks)
     return folder_sources(opts.videos, opts.captions_csv, opts.masks)
 
 
-def preprocess(opts) -> int:
-    """`relvid preprocess` with its options (the attributes its parser defines); returns the exit code."""
-    from relvid.components import load_codec, load_text_encoder
-
+def _check(opts) -> None:
+    if bool(opts.ntu_root) == bool(opts.videos):
+        raise ValueError("give exactly one source: --ntu-root (preprocess.ntu_root) or --videos (preprocess.videos)")
+    for key, value, allowed in (("mask_source", opts.mask_source, ("skeleton", "grounded-sam", "files")),
+                                ("mask_fallback", opts.mask_fallback, ("none", "grounded-sam", "files")),
+                                ("spatial_rule", opts.spatial_rule, ("any", "area")),
+                                ("latent_dtype", opts.latent_dtype, ("bf16", "fp16", "fp32"))):
+        if value not in allowed:
+            raise ValueError(f"preprocess.{key}={value!r}: use one of {', '.join(allowed)}")
+    if opts.mask_colors is not None and (len(opts.mask_colors) != 2 or any(len(c) != 3 for c in opts.mask_colors)):
+        raise ValueError("preprocess.mask_colors: give two R,G,B colours, subject 1 first (e.g. --mask-colors "
+                         "'255,0,0;0,255,0')")
     if opts.mask_source == "files" and not opts.masks:
         raise ValueError("--mask-source files needs --masks DIR (a <video stem>/ PNG folder or <stem>.mp4 per video)")
     if opts.mask_source == "skeleton" and opts.videos and opts.mask_fallback == "none":
         raise ValueError("your own videos have no NTU skeletons: use --mask-source grounded-sam or files")
     if opts.vae_tile < 0 or opts.vae_tile % 8:
         raise ValueError(f"--vae-tile {opts.vae_tile}: use a multiple of 8 pixels (e.g. 256), or 0 for no tiling")
-    relation = relation_name(opts.relation)
+
+
+def preprocess(cfg) -> int:
+    """`relvid preprocess`: the sources of ``cfg.preprocess`` -> the clip cache at data.cache_dir (default
+    data/cache/<relation>), with the codec and text encoder of ``cfg.model``; returns the exit code."""
+    from omegaconf import OmegaConf
+
+    from relvid.components import load_codec, load_text_encoder
+    from relvid.config import command_view
+
+    opts = cfg.preprocess
+    _check(opts)
+    relation = relation_name(cfg.relation)
     spec = ClipSpec(opts.frames, opts.height, opts.width, opts.fps, opts.allow_upscale)
-    out = Path(opts.out or f"data/cache/{relation}")
-    sources = _sources(opts)
+    out = Path(cfg.data.cache_dir or f"data/cache/{relation}")
+    sources = _sources(opts, relation)
     if opts.dry_run:
         for source, state in plan(sources, out):
             extra = f"skeleton={source.skeleton.name if source.skeleton else 'MISSING'}" if opts.ntu_root else ""
@@ -179,20 +233,21 @@ def preprocess(opts) -> int:
         print(f"{len(sources)} sources for {relation} -> {out} (dry run: nothing written)")
         return 0
 
+    model = cfg.model
     device = _device(opts.device)
-    dtype = _dtype(opts.dtype)
-    mochi = opts.mochi_path or os.environ.get("MOCHI_PATH")
+    dtype = _dtype(model.dtype)
+    mochi = model.path  # MOCHI_PATH is already its fallback
     tiling = {"tiling": opts.vae_tile > 0, "tile": opts.vae_tile or 256,
-              "tile_stride": max(8, opts.vae_tile * 3 // 4 // 8 * 8)} if opts.codec == "mochi" else {}
-    codec = load_codec(opts.codec, opts.vae_path or mochi, device=device, dtype=dtype, **tiling)
-    text_encoder = load_text_encoder(opts.text_encoder, opts.t5_path or os.environ.get("T5_PATH") or mochi,
-                                     device=device, dtype=dtype)
+              "tile_stride": max(8, opts.vae_tile * 3 // 4 // 8 * 8)} if model.codec == "mochi" else {}
+    codec = load_codec(model.codec, model.vae_path or mochi, device=device, dtype=dtype, **tiling)
+    t5 = opts.t5_path or os.environ.get("T5_PATH") or model.text_encoder_path or mochi
+    text_encoder = load_text_encoder(model.text_encoder, t5, device=device, dtype=dtype)
     maker = _mask_maker(opts.mask_source, opts, device)
     fallback = None if opts.mask_fallback == "none" else _mask_maker(opts.mask_fallback, opts, device)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items() if k != "func"}
+    config = OmegaConf.to_container(command_view(cfg, "preprocess"))
     summary = run_preprocess(
         sources, out, relation, codec, text_encoder, maker, spec, fallback, opts.spatial_rule, opts.latent_dtype,
-        prompts=preview_prompts(relation, opts.prompt), config=config, progress=not opts.no_progress,
+        prompts=preview_prompts(relation, list(opts.prompts)), config=config, progress=opts.progress,
     )
     for source, reason in summary.failed.items():
         print(f"FAILED {source}: {reason}")

@@ -14,6 +14,7 @@ from relvid.losses.flow_matching import (
     masked_flow_loss,
     model_timestep,
     noisy_latents,
+    relation_mask,
     sample_sigmas,
     velocity_target,
 )
@@ -23,6 +24,7 @@ from relvid.models.lora import (
     SELECTIONS,
     TripletSpec,
     activate,
+    adapter_names,
     adapter_state_dict,
     adapters_for_selection,
     inference_adapters,
@@ -105,10 +107,8 @@ class RelationModule(L.LightningModule):
             mask = subjects[:, 0]
         elif selection == "subject2":
             mask = subjects[:, 1]
-        elif self.cfg.hmt.relation_mask == "sum":
-            mask = subjects.sum(dim=1)  # the reference code's relation mask: overlap counts twice
         else:
-            mask = batch["relation_mask"]  # (B, f, h, w) union
+            mask = relation_mask(subjects, self.cfg.hmt.relation_mask, stored=batch["relation_mask"])  # (B, f, h, w)
         max_sigma = float(self.cfg.hmt.max_sigma)
         if sigma is not None and max_sigma < 1.0:
             mask = mask * (sigma <= max_sigma).to(mask.dtype).view(-1, *([1] * (mask.dim() - 1)))
@@ -180,9 +180,11 @@ class RelationModule(L.LightningModule):
     # --- optimizer --------------------------------------------------------------------------
     def configure_optimizers(self):
         opt_cfg = self.cfg.optim
-        params = list(lora_parameters(self.transformer).values())
-        # grad None (an adapter outside this step's forward) makes AdamW skip the parameter
-        # entirely: no momentum and no weight decay for LoRAs that were not selected.
+        trained = [a for a in adapter_names(self.spec) if a not in set(self.cfg.lora.frozen)]
+        # Frozen adapters (lora.frozen) never reach the optimizer: they keep their initial weights
+        # under every strategy. grad None (an adapter outside this step's forward) makes AdamW skip
+        # the parameter entirely: no momentum and no weight decay for LoRAs that were not selected.
+        params = list(lora_parameters(self.transformer, trained).values())
         optimizer = torch.optim.AdamW(params, lr=float(opt_cfg.lr), betas=tuple(opt_cfg.betas),
                                       eps=float(opt_cfg.eps), weight_decay=float(opt_cfg.weight_decay))
         max_steps = int(self.cfg.trainer.max_steps)

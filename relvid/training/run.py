@@ -146,7 +146,7 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> Path:
     trainer = build_trainer(cfg, extra_callbacks)
     if trainer.is_global_zero:
         name = "config.yaml" if ckpt_path is None else f"config.resume-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
-        save_config(cfg, out / name)
+        save_config(cfg, out / name, command="train")
     module = RelationModule(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return out

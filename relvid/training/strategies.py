@@ -51,6 +51,11 @@ def check_strategy(cfg: DictConfig) -> None:
                 "partitions with its own optimizer, so adapters not selected in a step would still get weight "
                 "decay and momentum updates. Use trainer.strategy=ddp or fsdp for hybrid mask training, or set "
                 "hmt.enabled=false (every adapter trained every step)")
+        if cfg.lora.frozen:
+            raise StrategyConfigError(
+                f"trainer.strategy={name} with lora.frozen={list(cfg.lora.frozen)} would train wrong: ZeRO hands "
+                "every trainable tensor to its own optimizer, so frozen adapters would still move. Use "
+                "trainer.strategy=ddp or fsdp for the ablations")
         if str(cfg.trainer.accelerator) == "cpu":
             raise StrategyConfigError(f"trainer.strategy={name} needs CUDA GPUs (Lightning's DeepSpeed strategy); "
                                       "set trainer.accelerator=gpu or use trainer.strategy=ddp")

@@ -5,7 +5,8 @@ import base64
 import pytest
 import torch
 
-from relvid.eval.api_judge import APIJudge, APIJudgeError, APIJudgeSettings
+from relvid.config import JudgeConfig
+from relvid.eval.api_judge import APIJudge, APIJudgeError
 from relvid.eval.judge import judge_question, judge_videos
 
 
@@ -28,7 +29,7 @@ class FakeClock:
 def settings(url, tmp_path, **kw):
     base = dict(base_url=url, model="qwen-vl-max", api_key_env="RELVID_TEST_JUDGE_KEY", timeout_s=0.5,
                 max_retries=3, backoff_s=0.01, requests_per_minute=6000, cache_dir=str(tmp_path / "cache"))
-    return APIJudgeSettings(**{**base, **kw})
+    return JudgeConfig(kind="api", **{**base, **kw})
 
 
 IMAGES = torch.randint(0, 255, (5, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

@@ -9,7 +9,8 @@ import torch
 from diffusers import MochiTransformer3DModel
 
 from relvid.models.backbone import TINY_CONFIG, tiny_transformer
-from relvid.models.lora import TripletSpec, inject_triplet, lora_parameters, save_adapters
+from relvid.models.adapter_file import save_adapters
+from relvid.models.lora import TripletSpec, inject_triplet, lora_parameters
 from relvid.toy.codec import ToyCodec
 
 

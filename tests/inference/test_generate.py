@@ -3,12 +3,13 @@
 import pytest
 import torch
 
-from relvid.inference.generate import SampleSettings, generate_video, initial_noise
+from relvid.config import SamplingConfig
+from relvid.inference.generate import generate_video, initial_noise
 from relvid.models.backbone import tiny_transformer
 from relvid.toy.codec import ToyCodec
 from relvid.toy.text import ToyTextEncoder
 
-SETTINGS = SampleSettings(num_steps=3, guidance_scale=4.0, frames=7, height=16, width=16)
+SETTINGS = SamplingConfig(num_steps=3, guidance_scale=4.0, frames=7, height=16, width=16)
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +48,10 @@ def test_guidance_uses_the_negative_prompt(parts):
 
 def test_bad_settings_are_refused(parts):
     with pytest.raises(ValueError, match="num_steps"):
-        SampleSettings(num_steps=1)
+        SamplingConfig(num_steps=1)
     model, codec, (e, m), neg = parts
     with pytest.raises(ValueError, match="is not 3k\\+1"):
-        generate_video(model, codec, e, m, neg, seed=0, settings=SampleSettings(num_steps=2, frames=8, height=16, width=16))
+        generate_video(model, codec, e, m, neg, seed=0, settings=SamplingConfig(num_steps=2, frames=8, height=16, width=16))
 
 
 # --- relvid sample: adapters from every accepted source, sidecars, reproducibility ---------------
@@ -76,6 +77,8 @@ def test_sample_writes_videos_and_sidecars_reproducibly(tmp_path, trained_adapte
     b = sample(tmp_path, "b", "--adapters", str(adapters), "--seed", "0")
     base = sample(tmp_path, "base", "--base", "--seeds", "0")
     assert len(a) == 2 and len(b) == 1
+    saved = (tmp_path / "a" / "config.yaml").read_text()  # the resolved config, beside the videos
+    assert "  num_steps: 2\n" in saved and "adapters: " + str(adapters.parent) in saved
     assert torch.equal(read_video(a[0]), read_video(b[0]))  # same seed, same video
     assert not torch.equal(read_video(a[0]), read_video(a[1]))  # other seed
     assert not torch.equal(read_video(a[0]), read_video(base[0]))  # the adapters act
@@ -106,9 +109,9 @@ def test_sample_accepts_diffusers_exports_and_checkpoints(tmp_path, trained_adap
 def test_sample_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert main(["sample", "--prompt", "x", "--adapters", str(tmp_path / "nope"), "--out", str(tmp_path), *TINY]) == 2
     assert "adapter source not found" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)  # without --adapters: the relation's run, outputs/<relation>/adapters
     assert main(["sample", "--prompt", "x", "--out", str(tmp_path), *TINY]) == 2
     assert "--base" in capsys.readouterr().err
-    monkeypatch.chdir(tmp_path)  # --relation alone looks for outputs/<relation>/adapters
     assert main(["sample", "--relation", "handshake", *TINY]) == 2
     assert "outputs/shaking_hands/adapters" in capsys.readouterr().err
 

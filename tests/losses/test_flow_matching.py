@@ -72,6 +72,27 @@ def test_relation_mask_union_vs_sum_on_overlap():
     assert relation_mask(masks, "sum").flatten().tolist() == [1.0, 2.0, 0.5]
 
 
+def test_relation_mask_reads_the_cached_mask_through_the_same_rule():
+    """The cache's relation_mask (written at encode time by this function) is what union training uses;
+    sum, the reference code's rule, always adds the subject masks."""
+    masks = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 0.5]]).view(1, 2, 1, 1, 3)
+    stored = torch.tensor([0.9, 0.8, 0.7]).view(1, 1, 1, 3)
+    assert torch.equal(relation_mask(masks, "union", stored=stored), stored)
+    assert relation_mask(masks, "sum", stored=stored).flatten().tolist() == [1.0, 2.0, 0.5]
+    with pytest.raises(ValueError, match="does not match the subject masks' grid"):
+        relation_mask(masks, "union", stored=torch.zeros(1, 1, 3, 1))
+
+
+def test_preprocessing_and_the_datamodule_use_the_one_rule(tmp_path, random_cache):
+    from relvid.data.datamodule import RelationDataset
+
+    cache = random_cache(n_clips=2)
+    record = cache.read(cache.clip_ids()[0])
+    assert torch.equal(record.relation_mask, relation_mask(record.subject_masks[None].float())[0])
+    item = RelationDataset(cache)[0]
+    assert torch.equal(item["relation_mask"], relation_mask(item["subject_masks"][None])[0])
+
+
 def test_unknown_mode_or_form_names_the_accepted_values():
     with pytest.raises(ValueError, match="union"):
         relation_mask(torch.zeros(1, 2, 1, 2, 2), mode="intersection")

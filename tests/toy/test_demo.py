@@ -115,19 +115,19 @@ def test_committed_base_loads_and_fits_the_toy_codec_and_encoder():
 
 def _tiny_customization(tmp_path, method: str, steps: int, *overrides: str):
     """A few steps of a toy method on 'bouncing' (2 exemplars) over a tiny random base: (adapter file, base)."""
-    from relvid.toy.drivers.customize import METHODS, customize
+    from relvid.toy.drivers.customize import customize
 
     base = tmp_path / "base"
     tiny_base(base)
     build_exemplar_cache(tmp_path / "cache", ["bouncing"], clips=2, progress=False)
-    path = customize(METHODS[method], "bouncing", tmp_path / "cache", tmp_path / "run", base_dir=base,
+    path = customize(method, "bouncing", tmp_path / "cache", tmp_path / "run", base_dir=base,
                      overrides=[f"trainer.max_steps={steps}", "trainer.progress_bar=false", "data.batch_size=1",
                                 "optim.warmup_steps=1", *overrides])
     return path, base
 
 
 def test_ablation_keeps_the_removed_adapters_at_zero(tmp_path):
-    from relvid.models.lora import load_adapters
+    from relvid.models.adapter_file import load_adapters
 
     path, _ = _tiny_customization(tmp_path, "wo_subject_lora", 4, "hmt.probs=[0.5,0.5,0.0]")
     _, state, _ = load_adapters(path)

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from relvid.toy.drivers.customize import METHODS, method_config
+from relvid.toy.drivers.customize import method_config, method_names
 from tests.helpers.scripts import load_script
 
 
 def _resolved(method: str, tmp_path: Path) -> dict:
-    cfg = method_config(METHODS[method], "approaching", tmp_path / "cache", tmp_path / "out")
+    cfg = method_config(method, "approaching", tmp_path / "cache", tmp_path / "out")
     return OmegaConf.to_container(cfg, resolve=True)
 
 
@@ -20,8 +20,7 @@ def test_reused_rows_have_identical_configs(tmp_path):
     grid = load_script("run")
     assert grid.SAME_RUN  # QK/V is DreamRelation's default placement
     for row, source in grid.SAME_RUN.items():
-        assert METHODS[row].frozen == METHODS[source].frozen
-        assert _resolved(row, tmp_path) == _resolved(source, tmp_path)
+        assert _resolved(row, tmp_path) == _resolved(source, tmp_path)  # lora.frozen included
     # a row that differs is never reused
     assert _resolved("placement_q_kv", tmp_path) != _resolved("dreamrelation", tmp_path)
 
@@ -107,3 +106,14 @@ def test_methods_alone_report_in_the_tables_that_hold_them(tmp_path):
     assert code == 0  # used to fail writing an empty report: hmt_lambda_1 is in no default table
     text = (res / "RESULTS.md").read_text()
     assert "## Table 1" in text and "## Table 6" in text and "## Table 2" not in text
+
+
+def test_every_table_row_is_a_method_file_and_the_ablations_freeze_through_the_core_key(tmp_path):
+    grid = load_script("run")
+    assert set(grid.ALL_METHODS) - {"base"} == set(method_names())
+    frozen = {m: _resolved(m, tmp_path)["lora"]["frozen"] for m in method_names()}
+    assert frozen.pop("wo_relation_lora") == ["relation"] and frozen.pop("wo_ffn_lora") == ["ffn"]
+    assert frozen.pop("wo_subject_lora") == ["subject1", "subject2"]
+    assert all(v == [] for v in frozen.values())
+    with pytest.raises(ValueError, match="unknown toy method 'wo_everything'"):
+        method_config("wo_everything", "approaching", tmp_path / "cache", tmp_path / "out")

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from relvid.data.cache import ClipCache
-from relvid.models.lora import load_adapters
+from relvid.models.adapter_file import load_adapters
 from relvid.training.run import RunExistsError, build_trainer, progress_refresh_rate, run
 from tests.helpers.logs import scalars
 

@@ -9,7 +9,8 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStr
 
 from relvid.config import load_config
 from relvid.data.datamodule import RelationDataModule
-from relvid.models.lora import adapter_state_dict, load_adapter_state_dict, load_adapters
+from relvid.models.adapter_file import load_adapters
+from relvid.models.lora import adapter_state_dict, load_adapter_state_dict
 from relvid.training.module import RelationModule
 from relvid.training.strategies import SelectionGuard, StrategyConfigError, build_strategy, check_strategy, clean_name
 from tests.helpers import HELPERS_DIR
@@ -61,6 +62,11 @@ def test_rank_zero_sampling_callbacks_are_refused_with_sharded_models(repo_root,
             continue
         with pytest.raises(StrategyConfigError, match=f"trainer.strategy=fsdp with {key}.every_n_steps>0 would hang"):
             check_strategy(cfg)
+
+
+def test_deepspeed_refuses_frozen_adapters(repo_root):
+    with pytest.raises(StrategyConfigError, match=r"lora.frozen=\['ffn'\] would train wrong"):
+        check_strategy(preset(repo_root, "deepspeed_stage_2", "lora.frozen=[ffn]"))
 
 
 def test_deepspeed_on_cpu_and_unknown_names_are_refused(repo_root):
@@ -211,6 +217,18 @@ def test_fsdp_two_cpu_processes_keep_the_selection_rule_and_lora_only_checkpoint
     assert not any("_fsdp_wrapped_module" in k for k in state)
     fresh = RelationModule(load_config([repo_root / "configs" / "tiny.yaml"], []))
     load_adapter_state_dict(fresh.transformer, state)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_frozen_adapters_never_move_under_two_processes(tmp_path, repo_root, random_cache, strategy):
+    """lora.frozen (the Table 2 ablations) holds under data parallel and FSDP: the FFN LoRA is in every
+    step's forward and gets gradients, yet keeps its initial zero B; the selection rule holds for the rest."""
+    random_cache(n_clips=4, relation="shaking_hands", seed=2)
+    record, adapters = launch(tmp_path, repo_root, strategy, "lora.frozen=[ffn]")
+    assert [[a for a in SELECTED[s] if a != "ffn"] for s in record["selections"]] == record["moved"]
+    ffn_b = [v for k, v in adapters.items() if k.startswith("ffn/") and "lora_B" in k]
+    assert ffn_b and all(bool((v == 0).all()) for v in ffn_b)
 
 
 @pytest.mark.slow

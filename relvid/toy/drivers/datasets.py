@@ -11,15 +11,15 @@ file holds the relations' test prompts and "" (the negative prompt).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from relvid.data.cache import CacheError, ClipCache, ClipRecord
-from relvid.models.codecs import codec_factors
-from relvid.preprocess.latent_grid import masks_to_latent_grid
+from relvid.data.cache import CacheError, ClipCache
+from relvid.preprocess.encode import PreparedClip
+from relvid.preprocess.pipeline import ClipJob, write_clips, write_prompt_embeddings
 from relvid.seeding import derive_seed
 from relvid.toy.codec import ToyCodec
 from relvid.toy.render import EXEMPLAR_STAGING, render_clip
@@ -36,9 +36,24 @@ def exemplar_seed(seed: int, relation: str, index: int) -> int:
     return derive_seed(seed, list(RELATIONS).index(relation), index, _EXEMPLAR_STREAM)
 
 
+def _render_exemplar(relation: str, index: int, seed: int) -> PreparedClip:
+    """Exemplar ``index`` of ``relation`` from the renderer, with its exact subject masks."""
+    clip = render_clip(relation, *EXEMPLAR_SUBJECTS, exemplar_seed(seed, relation, index), EXEMPLAR_STAGING)
+    return PreparedClip(clip.video[None], clip.masks, f"0-{FRAMES - 1}", FPS, "renderer")
+
+
+def exemplar_jobs(relations: Iterable[str], clips: int = EXEMPLAR_CLIPS, seed: int = 0) -> list[ClipJob]:
+    """The toy world as a source of the preprocessing pipeline: `clips` rendered exemplars per relation."""
+    s1, s2 = EXEMPLAR_SUBJECTS
+    return [ClipJob(f"{r}_{i:03d}", relation_caption(r, s1, s2), r, f"toy:{seed}:{r}:{i}",
+                    functools.partial(_render_exemplar, r, i, seed))
+            for r in relations for i in range(clips)]
+
+
 def build_exemplar_cache(root: str | Path, relations: Iterable[str] | None = None, clips: int = EXEMPLAR_CLIPS,
                          seed: int = 0, progress: bool = True) -> ClipCache:
-    """Render, encode and cache `clips` exemplars per relation (default: all); finished clips are kept."""
+    """Render, encode and cache `clips` exemplars per relation (default: all) through the preprocessing
+    pipeline's writer; finished clips are kept."""
     relations = list(RELATIONS) if relations is None else list(relations)
     unknown = sorted(set(relations) - set(RELATIONS))
     if unknown:
@@ -56,22 +71,12 @@ def build_exemplar_cache(root: str | Path, relations: Iterable[str] | None = Non
     if found:  # the cache grows: keep every relation it already holds
         config["relations"] = list(dict.fromkeys([*found.get("relations", []), *relations]))
     cache.set_config(config)
-    s1, s2 = EXEMPLAR_SUBJECTS
-    jobs = [(r, i) for r in relations for i in range(clips) if not cache.is_done(f"{r}_{i:03d}")]
-    for relation, i in tqdm(jobs, desc="toy exemplars", disable=not progress or not jobs):
-        clip = render_clip(relation, s1, s2, exemplar_seed(seed, relation, i), EXEMPLAR_STAGING)
-        mean, logvar = codec.encode(clip.video[None])  # (1, C, f, h, w) each, normalized
-        subjects = masks_to_latent_grid(clip.masks, codec.time_factor, codec.space_factor)  # (2, f, h, w)
-        caption = relation_caption(relation, s1, s2)
-        embeds, mask = text.encode([caption])[0]
-        cache.add(ClipRecord(
-            latent_mean=mean[0], latent_logvar=logvar[0].bfloat16(),  # the toy posterior is a constant delta
-            text_embeds=embeds, text_mask=mask, subject_masks=subjects, relation_mask=subjects.amax(dim=0),
-            meta={"clip_id": f"{relation}_{i:03d}", "relation": relation, "caption": caption,
-                  "source": f"toy:{seed}:{relation}:{i}", "frame_range": f"0-{FRAMES - 1}", "fps": str(FPS),
-                  "codec": codec.name, "codec_factors": codec_factors(codec), "text_encoder": text.name}))
-    prompts = [relation_caption(r, a, b) for r in relations for a, b in test_pairs()] + [""]
-    cache.write_prompts(dict(zip(prompts, text.encode(prompts), strict=True)))
+    # The toy posterior is a delta (exact codec): latents are kept in full precision.
+    summary = write_clips(cache, exemplar_jobs(relations, clips, seed), codec, text, latent_dtype="fp32",
+                          progress=progress, desc="toy exemplars")
+    if summary.failed:
+        raise CacheError(f"{cache.root}: toy exemplars failed to render or encode: {summary.failed}")
+    write_prompt_embeddings(cache, text, [relation_caption(r, a, b) for r in relations for a, b in test_pairs()])
     return cache
 
 

@@ -16,14 +16,14 @@ import shutil
 import time
 from pathlib import Path
 
+from relvid.config import SamplingConfig
 from relvid.eval.report import write_results
-from relvid.inference.generate import SampleSettings
-from relvid.models.lora import load_adapters
+from relvid.models.adapter_file import RUN_ADAPTER_FILE, load_adapters
 from relvid.models.lora_io import export_state_dict
 from relvid.toy.drivers.base import BASE_DIR
-from relvid.toy.drivers.customize import ADAPTER_FILE, METHODS, customize, load_base, load_customized
+from relvid.toy.drivers.customize import customize, load_base, load_customized
 from relvid.toy.drivers.datasets import build_exemplar_cache, exemplar_frames
-from relvid.toy.drivers.evaluate import METRICS, TOY_SETTINGS, generate, score, test_prompts
+from relvid.toy.drivers.evaluate import METRICS, TOY_SAMPLING, generate, score, test_prompts
 from relvid.toy.drivers.figures import save_grid
 from relvid.toy.world import RELATIONS
 from relvid.video_io import write_mp4
@@ -43,14 +43,14 @@ def _slug(text: str) -> str:
 def _train(method: str, relation: str, cache: Path, out: Path, seed: int, base_dir: str | Path,
            overrides: list[str]) -> Path:
     run_dir = out / "runs" / method
-    adapters = run_dir / ADAPTER_FILE
+    adapters = run_dir / RUN_ADAPTER_FILE
     if adapters.is_file():
         print(f"[demo] {method}: reusing {adapters} (delete {run_dir} to retrain)", flush=True)
         return adapters
     if run_dir.exists():  # an interrupted run of the demo: start it again from scratch
         shutil.rmtree(run_dir)
     print(f"[demo] customizing with {method} ...", flush=True)
-    return customize(METHODS[method], relation, cache, run_dir, seed=seed, base_dir=base_dir, overrides=overrides)
+    return customize(method, relation, cache, run_dir, seed=seed, base_dir=base_dir, overrides=overrides)
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
@@ -63,7 +63,7 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
 
 def run_demo(out: str | Path = "outputs/demo", relation: str = DEMO_RELATION, n_prompts: int = 10,
              seed: int = 0, base_dir: str | Path = BASE_DIR, overrides: list[str] | None = None,
-             progress: bool = True, settings: SampleSettings = TOY_SETTINGS) -> dict[str, dict[str, float]]:
+             progress: bool = True, settings: SamplingConfig = TOY_SAMPLING) -> dict[str, dict[str, float]]:
     """Run the demo into `out`; returns {method: {metric: fraction}}."""
     if relation not in RELATIONS:
         raise ValueError(f"--relation {relation!r} is not a toy relation; use one of {sorted(RELATIONS)}")

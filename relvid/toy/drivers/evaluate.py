@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from relvid.config import SamplingConfig
 from relvid.eval.metrics import temporal_consistency
-from relvid.inference.generate import SampleSettings, generate_video
+from relvid.inference.generate import generate_video
 from relvid.seeding import derive_seed
 from relvid.toy.codec import ToyCodec
 from relvid.toy.judge import Judgement, judge
@@ -23,7 +24,7 @@ from relvid.toy.text import ToyTextEncoder
 from relvid.toy.world import FPS, FRAMES, RELATIONS, SIZE, Subject, relation_caption, test_pairs
 
 # The toy world's sampling: fewer Euler steps than Mochi's 64 (the toy base converges sooner).
-TOY_SETTINGS = SampleSettings(num_steps=24, guidance_scale=4.0, frames=FRAMES, height=SIZE, width=SIZE, fps=FPS)
+TOY_SAMPLING = SamplingConfig(num_steps=24, guidance_scale=4.0, frames=FRAMES, height=SIZE, width=SIZE, fps=FPS)
 METRICS = ("relation_accuracy", "subject_fidelity", "appearance_leakage", "temporal_consistency")
 _SAMPLE_STREAM = 301
 
@@ -49,11 +50,11 @@ def test_prompts(relation: str, n_prompts: int = 10, n_seeds: int = 1, seed: int
             for i, (a, b) in enumerate(pairs[:n_prompts]) for k in range(n_seeds)]
 
 
-def generate(transformer: nn.Module, prompts: list[TestPrompt], settings: SampleSettings = TOY_SETTINGS,
+def generate(transformer: nn.Module, prompts: list[TestPrompt], settings: SamplingConfig = TOY_SAMPLING,
              device: str = "cpu", progress: bool = True, desc: str = "sampling") -> list[Tensor]:
     """One uint8 (T, H, W, 3) video per prompt, with the transformer's adapters as they are set."""
     codec, text = ToyCodec(), ToyTextEncoder()
-    negative = text.encode([""])[0]
+    negative = text.encode([settings.negative_prompt])[0]
     encoded = text.encode([p.text for p in prompts])
     transformer.eval()
     videos = []

@@ -6,14 +6,12 @@ from pathlib import Path
 
 import lightning as L
 
-from relvid.models.lora import save_adapter_state
+from relvid.models.adapter_file import ADAPTER_FILE_NAME, save_adapter_state
 from relvid.training.strategies import full_adapter_state
 
 
 class FinalAdapters(L.Callback):
     """Saves `<dirpath>/relvid_adapters.safetensors` (all four adapters) on rank zero at the end of fit."""
-
-    FILENAME = "relvid_adapters.safetensors"
 
     def __init__(self, dirpath: str | Path) -> None:
         self.dirpath = Path(dirpath)
@@ -24,5 +22,5 @@ class FinalAdapters(L.Callback):
         state = full_adapter_state(trainer, pl_module)
         if trainer.is_global_zero:
             self.dirpath.mkdir(parents=True, exist_ok=True)
-            save_adapter_state(self.dirpath / self.FILENAME, state, pl_module.spec,
+            save_adapter_state(self.dirpath / ADAPTER_FILE_NAME, state, pl_module.spec,
                                metadata={"relation": str(pl_module.cfg.relation), "step": str(trainer.global_step)})

@@ -10,7 +10,8 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from relvid.inference.generate import SampleSettings, generate_video, inference_scope
+from relvid.config import SamplingConfig
+from relvid.inference.generate import generate_video, inference_scope
 
 
 class PreviewPromptError(ValueError):
@@ -61,7 +62,7 @@ def select_prompts(available: dict, wanted: list[str], max_prompts: int, where: 
 class PreviewCallback(L.Callback):
     """Every `every_n_steps` optimizer steps, rank zero samples the fixed prompts with the inference adapters."""
 
-    def __init__(self, every_n_steps: int, cache_dir: str, out_dir: str | Path, settings: SampleSettings,
+    def __init__(self, every_n_steps: int, cache_dir: str, out_dir: str | Path, settings: SamplingConfig,
                  prompts: list[str] | None = None, max_prompts: int = 2, seed: int = 0,
                  codec: str = "mochi", codec_path: str | None = None) -> None:
         if every_n_steps < 1:
@@ -81,9 +82,7 @@ class PreviewCallback(L.Callback):
     @classmethod
     def from_config(cls, cfg: DictConfig) -> PreviewCallback:
         p = cfg.preview
-        settings = SampleSettings(num_steps=int(p.num_steps), guidance_scale=float(p.guidance_scale),
-                                  frames=int(p.frames), height=int(p.height), width=int(p.width), fps=int(p.fps))
-        return cls(int(p.every_n_steps), cfg.data.cache_dir, Path(cfg.output_dir) / "previews", settings,
+        return cls(int(p.every_n_steps), cfg.data.cache_dir, Path(cfg.output_dir) / "previews", p.sampling,
                    prompts=list(p.prompts), max_prompts=int(p.max_prompts), seed=int(p.seed),
                    codec=cfg.model.codec, codec_path=cfg.model.vae_path or cfg.model.path)
 
@@ -95,10 +94,12 @@ class PreviewCallback(L.Callback):
         # Read and check the prompts before training starts, not at the first preview.
         available = ClipCache(self.cache_dir).read_prompts()
         texts = select_prompts(available, self.wanted, self.max_prompts, "preview.prompts")
-        if self.settings.guidance_scale != 1.0 and "" not in available:
-            raise PreviewPromptError("preview: the cache's prompts.safetensors lacks the negative prompt ''; re-run "
-                                     "`relvid preprocess` (it always embeds '') or set preview.guidance_scale=1")
-        self._prompts = {t: available[t] for t in [*texts, ""] if t in available}
+        negative = self.settings.negative_prompt
+        if self.settings.guidance_scale != 1.0 and negative not in available:
+            raise PreviewPromptError("preview: the cache's prompts.safetensors lacks the negative prompt "
+                                     f"{negative!r}; re-run `relvid preprocess` (it always embeds '') or set "
+                                     "preview.sampling.guidance_scale=1")
+        self._prompts = {t: available[t] for t in [*texts, negative] if t in available}
         self._texts = texts
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
@@ -112,7 +113,7 @@ class PreviewCallback(L.Callback):
 
         if self._codec is None:
             self._codec = load_codec(self.codec_name, self.codec_path, device=str(pl_module.device))
-        negative = self._prompts.get("") if self.settings.guidance_scale != 1.0 else None
+        negative = self._prompts.get(self.settings.negative_prompt) if self.settings.guidance_scale != 1.0 else None
         writer = getattr(trainer.logger, "experiment", None) if trainer.logger is not None else None
         paths = []
         with inference_scope(pl_module.transformer, pl_module.spec):

@@ -14,7 +14,7 @@ from pathlib import Path
 import lightning as L
 from omegaconf import DictConfig
 
-from relvid.inference.generate import SampleSettings, generate_video, inference_scope
+from relvid.inference.generate import generate_video, inference_scope
 from relvid.training.callbacks.preview import PreviewPromptError, select_prompts
 
 
@@ -25,9 +25,8 @@ class RelationAccuracyCallback(L.Callback):
         ra = cfg.relation_accuracy
         self.cfg = cfg
         self.every_n_steps = int(ra.every_n_steps)
-        self.settings = SampleSettings(num_steps=int(ra.num_steps), guidance_scale=float(ra.guidance_scale),
-                                       frames=int(ra.frames), height=int(ra.height), width=int(ra.width))
-        self.repeats = int(ra.repeats)
+        self.settings = ra.sampling
+        self.repeats = int(ra.judge.repeats)
         self.seed = int(ra.seed)
         self.out_dir = Path(cfg.output_dir)
         self._judge = None
@@ -68,21 +67,19 @@ class RelationAccuracyCallback(L.Callback):
                 "relation_accuracy.prompts")
         self._texts = select_prompts(available, wanted, int(self.cfg.relation_accuracy.max_prompts),
                                      "relation_accuracy.prompts")
-        if self.settings.guidance_scale != 1.0 and "" not in available:
-            raise PreviewPromptError("relation_accuracy: the cache's prompts.safetensors lacks the negative prompt ''")
-        self._prompts = {t: available[t] for t in [*self._texts, ""] if t in available}
+        negative = self.settings.negative_prompt
+        if self.settings.guidance_scale != 1.0 and negative not in available:
+            raise PreviewPromptError(f"relation_accuracy: the cache's prompts.safetensors lacks the negative prompt "
+                                     f"{negative!r}")
+        self._prompts = {t: available[t] for t in [*self._texts, negative] if t in available}
         self.question = judge_question(self.cfg.relation)
         self._judge = self._build_judge(pl_module)
 
     def _build_judge(self, pl_module: L.LightningModule):
-        from relvid.eval.evaluate import JudgeOptions, build_judge
+        from relvid.eval.evaluate import build_judge
 
-        ra = self.cfg.relation_accuracy
-        opts = JudgeOptions(kind=ra.judge, base_url=ra.api_base_url, model=ra.api_model, api_key_env=ra.api_key_env,
-                            timeout_s=float(ra.timeout_s), max_retries=int(ra.max_retries),
-                            requests_per_minute=float(ra.requests_per_minute),
-                            cache_dir=ra.cache_dir or str(self.out_dir / "judge_cache"), vlm_path=ra.vlm_path)
-        return build_judge(opts, pl_module.device)
+        return build_judge(self.cfg.relation_accuracy.judge, pl_module.device,
+                           default_cache=self.out_dir / "judge_cache")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -96,7 +93,7 @@ class RelationAccuracyCallback(L.Callback):
         if self._codec is None:
             model = self.cfg.model
             self._codec = load_codec(model.codec, model.vae_path or model.path, device=str(pl_module.device))
-        negative = self._prompts.get("") if self.settings.guidance_scale != 1.0 else None
+        negative = self._prompts.get(self.settings.negative_prompt) if self.settings.guidance_scale != 1.0 else None
         with inference_scope(pl_module.transformer, pl_module.spec):
             videos = [generate_video(pl_module.transformer, self._codec, *self._prompts[text], negative,
                                      seed=self.seed + i, settings=self.settings, device=pl_module.device)

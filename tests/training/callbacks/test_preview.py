@@ -6,7 +6,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from relvid.training.callbacks.preview import PreviewCallback, PreviewPromptError
 from relvid.video_io import read_video
-from relvid.models.lora import adapter_state_dict, load_adapters
+from relvid.models.adapter_file import load_adapters
+from relvid.models.lora import adapter_state_dict
 from relvid.training.run import run
 from tests.helpers.configs import TOY_CHANNELS
 
@@ -19,8 +20,8 @@ def cache(random_cache):
                         prompts=PROMPTS).root
 
 
-PREVIEW = ("preview.every_n_steps=2", "preview.num_steps=2", "preview.frames=7", "preview.height=16",
-           "preview.width=24", "preview.max_prompts=2")
+PREVIEW = ("preview.every_n_steps=2", "preview.sampling.num_steps=2", "preview.sampling.frames=7",
+           "preview.sampling.height=16", "preview.sampling.width=24", "preview.max_prompts=2")
 
 
 def test_previews_are_written_logged_and_leave_training_unchanged(cache, toy_cfg):
@@ -74,9 +75,11 @@ def test_unknown_preview_prompt_is_refused_before_training(cache, toy_cfg):
         run(cfg)
 
 
-@pytest.mark.parametrize("override,key", [("preview.num_steps=1", "preview.num_steps"),
+@pytest.mark.parametrize("override,key", [("preview.sampling.num_steps=1", "preview.sampling.num_steps"),
                                           ("relation_accuracy.max_prompts=0", "relation_accuracy.max_prompts"),
-                                          ("relation_accuracy.judge=gpt", "relation_accuracy.judge")])
+                                          ("relation_accuracy.judge.kind=gpt", "relation_accuracy.judge.kind"),
+                                          ("sampling.guidance_scale=0.5", "sampling.guidance_scale"),
+                                          ("judge.repeats=0", "judge.repeats")])
 def test_bad_callback_settings_name_the_key(override, key, toy_cfg):
     from relvid.config import ConfigError
 

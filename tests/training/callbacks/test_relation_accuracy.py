@@ -7,15 +7,16 @@ import torch
 
 from relvid.config import ConfigError
 from relvid.prompts import eval_prompts
-from relvid.models.lora import load_adapters
+from relvid.models.adapter_file import load_adapters
 from relvid.training.run import run
 from tests.helpers.configs import TOY_CHANNELS
 from tests.helpers.logs import scalars
 
-RA = ("relation_accuracy.every_n_steps=2", "relation_accuracy.num_steps=2", "relation_accuracy.frames=7",
-      "relation_accuracy.height=16", "relation_accuracy.width=16", "relation_accuracy.max_prompts=2",
-      "relation_accuracy.repeats=2", "relation_accuracy.judge=api", "relation_accuracy.api_model=tiny-judge",
-      "relation_accuracy.timeout_s=5")
+RA = ("relation_accuracy.every_n_steps=2", "relation_accuracy.sampling.num_steps=2",
+      "relation_accuracy.sampling.frames=7", "relation_accuracy.sampling.height=16",
+      "relation_accuracy.sampling.width=16", "relation_accuracy.max_prompts=2", "relation_accuracy.judge.repeats=2",
+      "relation_accuracy.judge.kind=api", "relation_accuracy.judge.model=tiny-judge",
+      "relation_accuracy.judge.timeout_s=5")
 
 
 def test_relation_accuracy_is_logged_and_leaves_training_unchanged(random_cache, chat_server, toy_cfg):
@@ -25,7 +26,7 @@ def test_relation_accuracy_is_logged_and_leaves_training_unchanged(random_cache,
     # step 4: all yes
     script = [("answer", "Yes"), ("answer", "no"), ("answer", "yes"), ("garbage", None), ("answer", "unsure")]
     with chat_server(script) as server:
-        out = run(toy_cfg("judged", *RA, f"relation_accuracy.api_base_url={server.url}"))
+        out = run(toy_cfg("judged", *RA, f"relation_accuracy.judge.base_url={server.url}"))
     plain = run(toy_cfg("plain"))
     logs = scalars(out / "tensorboard")
     assert logs["val/relation_accuracy"] == [0.5, 1.0]  # repeat 0: 2/2 yes, repeat 1: 0/2 yes; then all yes
@@ -40,7 +41,7 @@ def test_relation_accuracy_is_logged_and_leaves_training_unchanged(random_cache,
 
 
 def test_api_judge_needs_url_and_model(toy_cfg):
-    with pytest.raises(ConfigError, match="api_base_url"):
+    with pytest.raises(ConfigError, match="relation_accuracy.judge.base_url/model"):
         toy_cfg("x", "relation_accuracy.every_n_steps=2")
     with pytest.raises(ConfigError, match="vlm_path"):
-        toy_cfg("x", "relation_accuracy.every_n_steps=2", "relation_accuracy.judge=local")
+        toy_cfg("x", "relation_accuracy.every_n_steps=2", "relation_accuracy.judge.kind=local")
