@@ -5,8 +5,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, MochiPipeline
 
 from relvid.cli import main
-from relvid.models.backbone import tiny_transformer
 from relvid.models.adapter_file import load_adapters
+from relvid.models.backbone import tiny_transformer
 from relvid.models.lora import activate, inference_adapters, inject_triplet, load_adapter_state_dict
 from tests.helpers.adapters import reference_state
 
@@ -133,3 +133,11 @@ def test_train_finds_the_shipped_relation_configs_from_any_folder(tmp_path, monk
     monkeypatch.chdir(tmp_path)  # no configs/ here: the relation's file ships inside the package
     assert main(["train", "--relation", "handshake", "--print-config"]) == 0
     assert "cache_dir: data/cache/shaking_hands" in capsys.readouterr().out
+
+
+def test_your_files_win_over_the_relation_file(tmp_path, capsys):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("data:\n  cache_dir: /data/my_handshakes\n")
+    assert main(["train", str(mine), "--relation", "handshake", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "cache_dir: /data/my_handshakes" in out and "output_dir: outputs/shaking_hands" in out

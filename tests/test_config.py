@@ -36,12 +36,16 @@ def test_misspelt_key_in_a_yaml_file_names_the_file(tmp_path):
         load_config([bad])
 
 
-@pytest.mark.parametrize("override,key", [("lora.placement=QQ", "lora.placement"), ("hmt.probs=[0.5,0.6,0]", "hmt.probs"),
-                                          ("hmt.weighting=cubic", "hmt.weighting"), ("relation=dancing", "relation"),
-                                          ("trainer.max_steps=0", "trainer.max_steps"), ("hmt.max_sigma=1.5", "hmt.max_sigma"),
-                                          ("trainer.progress_refresh=-1", "trainer.progress_refresh"),
-                                          ("lora.frozen=[relation,wings]", "lora.frozen"),
-                                          ("lora.frozen=[relation,subject1,subject2,ffn]", "lora.frozen")])
+BAD_VALUES = [
+    ("lora.placement=QQ", "lora.placement"), ("hmt.probs=[0.5,0.6,0]", "hmt.probs"),
+    ("hmt.weighting=cubic", "hmt.weighting"), ("relation=dancing", "relation"),
+    ("trainer.max_steps=0", "trainer.max_steps"), ("hmt.max_sigma=1.5", "hmt.max_sigma"),
+    ("trainer.progress_refresh=-1", "trainer.progress_refresh"), ("lora.frozen=[relation,wings]", "lora.frozen"),
+    ("lora.frozen=[relation,subject1,subject2,ffn]", "lora.frozen"),
+]
+
+
+@pytest.mark.parametrize("override,key", BAD_VALUES)
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config([], [override])

@@ -116,7 +116,8 @@ def _package(module: str) -> str:
 def test_the_package_level_graph_is_acyclic():
     graph: dict[str, set[str]] = {}
     for module, targets in import_graph().items():
-        graph.setdefault(_package(module), set()).update(_package(t) for t in targets if _package(t) != _package(module))
+        source = _package(module)
+        graph.setdefault(source, set()).update(_package(t) for t in targets if _package(t) != source)
     cycle = find_cycle(graph)
     assert cycle is None, "package cycle: " + " -> ".join(cycle)
 

@@ -11,7 +11,8 @@ def test_registry_has_the_26_mutual_actions():
 
 
 @pytest.mark.parametrize("alias,name", [("handshake", "shaking_hands"), ("Shaking Hands", "shaking_hands"),
-                                        ("high-five", "high_five"), ("A055", "hugging"), ("rps", "rock_paper_scissors")])
+                                        ("high-five", "high_five"), ("A055", "hugging"),
+                                        ("rps", "rock_paper_scissors")])
 def test_aliases_resolve(alias, name):
     assert relations.resolve(alias).name == name
 

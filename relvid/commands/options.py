@@ -48,14 +48,16 @@ def flag_values(args: argparse.Namespace) -> dict:
 
 
 def command_config(args: argparse.Namespace, implied: tuple[str, ...] = ()) -> DictConfig:
-    """Schema <- YAML files <- the relation's config file <- flags <- ``implied`` <- key=value overrides."""
+    """Schema <- the relation's config file <- YAML files <- flags <- ``implied`` <- key=value overrides.
+
+    The relation's file (its cache and output folders) comes first: anything you write wins over it."""
     from relvid.config import load_config, relation_config_path
 
     paths, overrides = split_config_args(list(args.config))
     if args.relation:
         rel_cfg = relation_config_path(args.relation, args.configs_dir)
         if rel_cfg is not None:
-            paths.append(str(rel_cfg))
+            paths.insert(0, str(rel_cfg))
         overrides.insert(0, f"relation={args.relation}")
     return load_config(paths, [*implied, *overrides], values=flag_values(args))
 

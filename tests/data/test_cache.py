@@ -5,8 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from relvid.data.cache import (FORMAT_VERSION, CacheError, ClipCache, ClipRecord, read_clip,
-                               write_clip)
+from relvid.data.cache import FORMAT_VERSION, CacheError, ClipCache, ClipRecord, read_clip, write_clip
 from tests.helpers.cache import make_record
 
 
@@ -210,7 +209,7 @@ def test_prompt_embeddings_round_trip(tmp_path):
     cache.write_prompts(prompts)
     back = ClipCache(tmp_path).read_prompts()
     assert list(back) == list(prompts)
-    for text, (embeds, mask) in prompts.items():
+    for text, (embeds, _mask) in prompts.items():
         assert torch.equal(back[text][0], embeds) and back[text][0].dtype == embeds.dtype
         assert back[text][1].dtype == torch.bool and back[text][1].all()
 

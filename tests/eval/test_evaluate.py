@@ -26,7 +26,8 @@ def weights(tmp_path_factory):
 
 def evaluate(out, weights, url, *extra):
     args = ["evaluate", "--relation", "hug", "--out", str(out), "--judge", "api", "--judge-url", url,
-            "--judge-model", "tiny-judge", "--judge-rpm", "60000", "--repeats", "2", "--clip-path", str(weights["clip"]),
+            "--judge-model", "tiny-judge", "--judge-rpm", "60000", "--repeats", "2",
+            "--clip-path", str(weights["clip"]),
             "--i3d-path", str(weights["i3d"]), "--reference-videos", str(weights["reference"]), "--fvd-frames", "4",
             *[a for p in PROMPTS for a in ("--prompt", p)], *TINY, *extra]
     return main(args)
@@ -48,7 +49,8 @@ def test_sharded_resumable_evaluation_and_results_table(tmp_path, weights, monke
 
         # rank 0 renders prompts 0 and 2 (an "interrupted" half-written one is redone), then measures all three
         monkeypatch.setenv("RANK", "0")
-        write_mp4(videos / "p000_s0_a_cat_is_hugging_a_dog_on_a_cozy_sofa.mp4", torch.zeros(7, 16, 16, 3, dtype=torch.uint8))
+        write_mp4(videos / "p000_s0_a_cat_is_hugging_a_dog_on_a_cozy_sofa.mp4",
+                  torch.zeros(7, 16, 16, 3, dtype=torch.uint8))
         assert evaluate(out, weights, server.url, "--adapters", str(adapters), "--method", "DreamRelation") == 0
         assert sorted(p.name[:7] for p in videos.glob("*.mp4")) == ["p000_s0", "p001_s0", "p002_s0"]
         assert all(p.stat().st_mtime_ns == first[p.name] for p in videos.glob("p001*"))  # rank 1's video kept

@@ -23,4 +23,5 @@ def test_results_table_files(tmp_path):
     assert table[1]["relation_accuracy_mean"] == "0.4452" and table[0]["clip_t"] == "0.3237"
     assert table[1]["clip_t"] == "" and table[1]["unparseable"] == "3"
     data = json.loads(paths["json"].read_text())
-    assert data["rows"] == rows and data["columns"][:4] == ["relation_accuracy", "clip_t", "temporal_consistency", "fvd"]
+    assert data["rows"] == rows
+    assert data["columns"][:4] == ["relation_accuracy", "clip_t", "temporal_consistency", "fvd"]

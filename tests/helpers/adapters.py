@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from diffusers import MochiTransformer3DModel
 
-from relvid.models.backbone import TINY_CONFIG, tiny_transformer
 from relvid.models.adapter_file import save_adapters
+from relvid.models.backbone import TINY_CONFIG, tiny_transformer
 from relvid.models.lora import TripletSpec, inject_triplet, lora_parameters
 from relvid.toy.codec import ToyCodec
 

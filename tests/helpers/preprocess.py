@@ -79,8 +79,9 @@ def save_tiny_t5(root: Path, pipeline_layout: bool = True, d_model: int = 32) ->
 
 def write_video(path: Path, frames: np.ndarray, fps: float = 30.0, codec: str = "libx264") -> Path:
     """Encode uint8 (T, H, W, 3) frames with PyAV (H.264, yuv420p) into .mp4 or .avi."""
-    import av
     from fractions import Fraction
+
+    import av
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,7 +127,7 @@ def write_skeleton(path: Path, frames: list[list[tuple[int, np.ndarray]]], frame
         for body_id, joints in bodies:
             lines.append(f"{body_id} 0 1 2 1 2 0 0.1 0.2 2")
             lines.append("25")
-            for j, (cx, cy) in enumerate(joints):
+            for _j, (cx, cy) in enumerate(joints):
                 lines.append(f"0.1 0.2 3.0 {cx / 3.75:.4f} {cy / 2.55:.4f} {cx:.4f} {cy:.4f} 0.5 0.5 0.5 0.5 2")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("\n".join(lines) + "\n")
@@ -141,8 +142,15 @@ def two_people_frames(count: int, ids: tuple[int, int] = (72057594037931691, 720
 
 def save_tiny_grounding_dino(folder: Path, seed: int = 0) -> Path:
     """A random GroundingDinoForObjectDetection (Swin + BERT, 32-wide) with its processor, saved to ``folder``."""
-    from transformers import (BertConfig, BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection,
-                              GroundingDinoImageProcessor, GroundingDinoProcessor, SwinConfig)
+    from transformers import (
+        BertConfig,
+        BertTokenizer,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessor,
+        GroundingDinoProcessor,
+        SwinConfig,
+    )
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -153,7 +161,8 @@ def save_tiny_grounding_dino(folder: Path, seed: int = 0) -> Path:
         tokenizer=BertTokenizer(vocab_file=str(folder / "vocab.txt")),
     )
     cfg = GroundingDinoConfig(
-        backbone_config=SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
+        backbone_config=SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1],
+                                   num_heads=[1, 1, 2, 2],
                                    window_size=4, out_features=["stage2", "stage3", "stage4"]),
         text_config=BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                intermediate_size=32, max_position_embeddings=64),
@@ -170,14 +179,22 @@ def save_tiny_grounding_dino(folder: Path, seed: int = 0) -> Path:
 
 def save_tiny_sam(folder: Path, seed: int = 0) -> Path:
     """A random SamModel (16-wide ViT, 64-pixel input) with its processor, saved to ``folder``."""
-    from transformers import (SamConfig, SamImageProcessor, SamMaskDecoderConfig, SamModel, SamProcessor,
-                              SamPromptEncoderConfig, SamVisionConfig)
+    from transformers import (
+        SamConfig,
+        SamImageProcessor,
+        SamMaskDecoderConfig,
+        SamModel,
+        SamProcessor,
+        SamPromptEncoderConfig,
+        SamVisionConfig,
+    )
 
     cfg = SamConfig(
         vision_config=SamVisionConfig(hidden_size=16, output_channels=16, num_hidden_layers=1, num_attention_heads=2,
                                       image_size=64, patch_size=8, global_attn_indexes=[0], window_size=4, mlp_dim=32,
                                       num_pos_feats=8),
-        prompt_encoder_config=SamPromptEncoderConfig(hidden_size=16, image_size=64, patch_size=8, mask_input_channels=4),
+        prompt_encoder_config=SamPromptEncoderConfig(hidden_size=16, image_size=64, patch_size=8,
+                                                     mask_input_channels=4),
         mask_decoder_config=SamMaskDecoderConfig(hidden_size=16, mlp_dim=32, num_hidden_layers=1, num_attention_heads=2,
                                                  iou_head_hidden_dim=16),
     )
@@ -201,7 +218,8 @@ def save_spiece_t5(root: Path, d_model: int = 32) -> Path:
     text = ["a person is shaking hands with a person", "a dog is hugging a cat", "two people walking towards",
             "the robot is kicking a bear"] * 20
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=model, vocab_size=30, model_type="unigram",
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=model, vocab_size=30,
+                                   model_type="unigram",
                                    pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2)
     (root / "tokenizer" / "spiece.model").write_bytes(model.getvalue())
     (root / "tokenizer" / "tokenizer_config.json").write_text(

@@ -10,7 +10,7 @@ from torch import nn
 
 def _bytes_to_unicode() -> list[str]:
     """GPT-2/CLIP's reversible byte -> printable character table (public algorithm)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars, extra = [], 0
     for b in range(256):
         if b in keep:
@@ -86,8 +86,12 @@ CHAT_TEMPLATE = (
 
 def tiny_qwen_vl_folder(root: Path) -> Path:
     """A random 2-layer Qwen2.5-VL with a byte-level tokenizer (no merges) and its processor."""
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2TokenizerFast,
-                              Qwen2VLImageProcessor)
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2TokenizerFast,
+        Qwen2VLImageProcessor,
+    )
 
     root.mkdir(parents=True, exist_ok=True)
     chars = _bytes_to_unicode()

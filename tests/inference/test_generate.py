@@ -36,7 +36,8 @@ def test_noise_is_a_function_of_the_seed_only(parts):
     n1 = initial_noise(codec, SETTINGS, 5)
     torch.manual_seed(999)
     n2 = initial_noise(codec, SETTINGS, 5)
-    assert n1.shape == (1, *codec.latent_shape(SETTINGS.frames, SETTINGS.height, SETTINGS.width)) and torch.equal(n1, n2)
+    assert n1.shape == (1, *codec.latent_shape(SETTINGS.frames, SETTINGS.height, SETTINGS.width))
+    assert torch.equal(n1, n2)
 
 
 def test_guidance_uses_the_negative_prompt(parts):
@@ -51,7 +52,8 @@ def test_bad_settings_are_refused(parts):
         SamplingConfig(num_steps=1)
     model, codec, (e, m), neg = parts
     with pytest.raises(ValueError, match="is not 3k\\+1"):
-        generate_video(model, codec, e, m, neg, seed=0, settings=SamplingConfig(num_steps=2, frames=8, height=16, width=16))
+        generate_video(model, codec, e, m, neg, seed=0,
+                       settings=SamplingConfig(num_steps=2, frames=8, height=16, width=16))
 
 
 # --- relvid sample: adapters from every accepted source, sidecars, reproducibility ---------------
@@ -59,9 +61,9 @@ def test_bad_settings_are_refused(parts):
 import json  # noqa: E402
 
 from relvid.cli import main  # noqa: E402
-from relvid.video_io import read_video  # noqa: E402
 from relvid.models.lora import adapter_state_dict, lora_parameters  # noqa: E402
 from relvid.models.lora_io import export_state_dict  # noqa: E402
+from relvid.video_io import read_video  # noqa: E402
 from tests.helpers.configs import TINY  # noqa: E402
 
 

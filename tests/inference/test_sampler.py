@@ -11,8 +11,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTrans
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.pipelines.mochi.pipeline_mochi import linear_quadratic_schedule
 
-from relvid.models.backbone import TINY_CONFIG
 from relvid.inference.sampler import linear_quadratic_sigmas, sample
+from relvid.models.backbone import TINY_CONFIG
 
 SHAPE = (1, 4, 3, 4, 6)  # (B, C, F, H, W)
 
@@ -112,7 +112,7 @@ def test_sampler_finishes_a_partly_noised_latent_from_given_sigmas():
 
 def _assert_timesteps_rise_from_zero(timesteps, num_steps):
     assert len(timesteps) == num_steps and timesteps[0] == 0.0
-    assert all(a < b for a, b in zip(timesteps, timesteps[1:])) and timesteps[-1] < 1000.0
+    assert all(a < b for a, b in zip(timesteps, timesteps[1:], strict=False)) and timesteps[-1] < 1000.0
 
 
 def test_sampler_with_cfg_lands_on_the_guided_target():

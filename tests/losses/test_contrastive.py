@@ -20,7 +20,7 @@ def _direct_loss(anchors, positives, negatives, tau):
         return [float(x) / norm for x in v]
 
     def cos(u, v):
-        return sum(a * b for a, b in zip(unit(u), unit(v)))
+        return sum(a * b for a, b in zip(unit(u), unit(v), strict=True))
 
     total = 0.0
     for n in range(anchors.shape[0]):

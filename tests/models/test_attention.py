@@ -32,7 +32,7 @@ def lora_model(dtype=torch.float32, checkpointing=False):
     inject_triplet(model, spec)
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():  # B = 0 after injection would make every LoRA gradient of A vanish
-        for name, p in lora_parameters(model).items():
+        for _name, p in lora_parameters(model).items():
             p.copy_(0.2 * torch.randn(p.shape, generator=gen))
     if dtype != torch.float32:
         model.to(dtype)

@@ -15,7 +15,7 @@ def _model_cfg(**kw):
 def test_tiny_preset_is_seeded_and_frozen():
     a = load_transformer(_model_cfg(preset="tiny"))
     b = load_transformer(_model_cfg(preset="tiny"))
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     assert not any(p.requires_grad for p in a.parameters())
     assert a.gradient_checkpointing
 

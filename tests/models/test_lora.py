@@ -10,9 +10,21 @@ from diffusers.loaders.peft import PeftAdapterMixin
 from diffusers.models.modeling_utils import ModelMixin
 
 from relvid.models.adapter_file import load_adapters, save_adapters
-from relvid.models.lora import LoRAConfigError, TripletSpec, activate, active_adapters, adapter_names, adapter_state_dict, adapters_for_selection, inference_adapters, inject_triplet, load_adapter_state_dict, lora_parameters, target_modules
+from relvid.models.lora import (
+    LoRAConfigError,
+    TripletSpec,
+    activate,
+    active_adapters,
+    adapter_names,
+    adapter_state_dict,
+    adapters_for_selection,
+    inference_adapters,
+    inject_triplet,
+    load_adapter_state_dict,
+    lora_parameters,
+    target_modules,
+)
 from tests.helpers.adapters import tiny
-
 
 
 def inputs(seed: int = 1, dtype=torch.float32) -> dict:

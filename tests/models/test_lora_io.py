@@ -7,9 +7,18 @@ import safetensors
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTransformer3DModel
 
-from relvid.models.backbone import TINY_CONFIG
 from relvid.models.adapter_file import load_adapters
-from relvid.models.lora import LoRAConfigError, TripletSpec, activate, adapter_state_dict, inference_adapters, inject_triplet, load_adapter_state_dict, lora_parameters
+from relvid.models.backbone import TINY_CONFIG
+from relvid.models.lora import (
+    LoRAConfigError,
+    TripletSpec,
+    activate,
+    adapter_state_dict,
+    inference_adapters,
+    inject_triplet,
+    load_adapter_state_dict,
+    lora_parameters,
+)
 from relvid.models.lora_io import (
     DIFFUSERS_WEIGHT_NAME,
     convert_reference_state_dict,
@@ -18,8 +27,6 @@ from relvid.models.lora_io import (
     import_reference,
 )
 from tests.helpers.adapters import reference_state, tiny
-
-
 
 
 def inputs() -> dict:

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from relvid.models.backbone import WeightsNotFoundError
 from relvid.components import load_codec
+from relvid.models.backbone import WeightsNotFoundError
 from relvid.models.codecs import Codec, CodecError
 from relvid.models.mochi_vae import MochiCodec
 from tests.helpers.preprocess import TINY_LATENTS_MEAN, TINY_LATENTS_STD, save_tiny_vae, tiny_vae
@@ -69,7 +69,8 @@ def test_decode_matches_mochi_pipeline_output(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     kwargs = dict(prompt="a dog", num_frames=7, height=32, width=48, num_inference_steps=2, max_sequence_length=16)
     latents = pipe(**kwargs, generator=torch.Generator().manual_seed(0), output_type="latent").frames
-    video = pipe(**kwargs, generator=torch.Generator().manual_seed(0), output_type="pt").frames  # (B, T, 3, H, W) in [0, 1]
+    video = pipe(**kwargs, generator=torch.Generator().manual_seed(0),
+                 output_type="pt").frames  # (B, T, 3, H, W) in [0, 1]
     ours = MochiCodec(vae, tiling=False).decode(latents)  # (B, 3, T, H, W) in [-1, 1]
     torch.testing.assert_close(ours.permute(0, 2, 1, 3, 4) / 2 + 0.5, video.float(), rtol=1e-4, atol=1e-4)
 

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
+from relvid.components import load_text_encoder
 from relvid.models.backbone import WeightsNotFoundError
 from relvid.models.t5 import T5TextEncoder
-from relvid.components import load_text_encoder
 from relvid.models.text_encoders import TextEncoder
 from tests.helpers.preprocess import save_tiny_t5
 
@@ -36,7 +36,7 @@ def test_trimmed_embeddings_equal_mochi_pipeline_embeddings(t5_root):
     ours = enc.encode(texts)
     embeds, mask = pipe._get_t5_prompt_embeds(texts, max_sequence_length=256, device=torch.device("cpu"))
     assert embeds.shape[1] == 256
-    for (e, m), full, valid in zip(ours, embeds, mask):
+    for (e, m), full, valid in zip(ours, embeds, mask, strict=True):
         assert e.shape == (int(valid.sum()), 32) and m.dtype == torch.bool and m.all()
         torch.testing.assert_close(e, full[valid].float(), rtol=1e-5, atol=1e-5)
     assert [e.shape[0] for e, _ in ours] == [9, 3, 1]  # the empty negative keeps its </s>
@@ -48,7 +48,7 @@ def test_batching_does_not_change_embeddings(t5_root):
     together = enc.encode(texts)
     enc.batch_size = 1
     alone = enc.encode(texts)
-    for (a, _), (b, _) in zip(together, alone):
+    for (a, _), (b, _) in zip(together, alone, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 

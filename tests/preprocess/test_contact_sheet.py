@@ -4,7 +4,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from relvid.preprocess.contact_sheet import SUBJECT_COLOURS, contact_sheet, latent_masks_to_pixels, overlay, write_contact_sheet
+from relvid.preprocess.contact_sheet import (
+    SUBJECT_COLOURS,
+    contact_sheet,
+    latent_masks_to_pixels,
+    overlay,
+    write_contact_sheet,
+)
 
 
 def test_latent_frame_i_covers_video_frames_6i_minus_5_to_6i():

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from relvid.models.backbone import WeightsNotFoundError
 from relvid.preprocess.grounded_sam import GroundedSam, track_two
 from relvid.preprocess.sources import Source
 from relvid.preprocess.video import Clip, ClipSkipped, centre_crop
-from relvid.models.backbone import WeightsNotFoundError
 from tests.helpers.preprocess import save_tiny_grounding_dino, save_tiny_sam
 
 

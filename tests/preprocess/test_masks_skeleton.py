@@ -51,7 +51,8 @@ def test_joints_outside_the_frame_and_untracked_joints_do_not_crash(tmp_path):
     far = standing_body(2500, y=-2000)  # entirely outside the 1920x1080 frame
     frames = [[(1, standing_body(400)), (2, far)] for _ in range(7)]
     path = write_skeleton(tmp_path / "s.skeleton", frames)
-    text = path.read_text().replace(" 0.5 0.5 0.5 0.5 2\n", " 0.5 0.5 0.5 0.5 0\n", 25)  # first body untracked in frame 0
+    # the first body untracked in frame 0
+    text = path.read_text().replace(" 0.5 0.5 0.5 0.5 2\n", " 0.5 0.5 0.5 0.5 0\n", 25)
     path.write_text(text)
     masks = skeleton_masks(parse_skeleton(path), list(range(7)), CROP, H, W)
     assert masks[1].sum() == 0  # off-screen person: empty but present

@@ -16,7 +16,8 @@ def test_names_parse_and_format():
 
 
 def test_index_pairs_videos_with_skeletons_filters_and_chooses_with_a_seed(tmp_path):
-    names = [f"S{s:03d}C{c:03d}P{p:03d}R001A{a:03d}" for s in (1, 2) for c in (1, 2, 3) for p in (1, 8) for a in (50, 58)]
+    names = [f"S{s:03d}C{c:03d}P{p:03d}R001A{a:03d}"
+             for s in (1, 2) for c in (1, 2, 3) for p in (1, 8) for a in (50, 58)]
     for n in names:
         (tmp_path / "rgb" / f"{n}_rgb.avi").parent.mkdir(exist_ok=True)
         (tmp_path / "rgb" / f"{n}_rgb.avi").write_bytes(b"")

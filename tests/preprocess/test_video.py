@@ -52,7 +52,8 @@ def test_too_short_too_small_unreadable_and_missing_are_skips_with_reasons(tmp_p
     small = write_video(tmp_path / "small.mp4", frame_index_video(13, 32, 48))
     with pytest.raises(ClipSkipped, match="too small"):
         load_clip(small, ClipSpec(frames=13, height=48, width=80))
-    assert load_clip(small, ClipSpec(frames=13, height=48, width=80, allow_upscale=True)).frames.shape == (13, 48, 80, 3)
+    upscaled = load_clip(small, ClipSpec(frames=13, height=48, width=80, allow_upscale=True))
+    assert upscaled.frames.shape == (13, 48, 80, 3)
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"not a video" * 50)
     with pytest.raises(ClipSkipped, match="unreadable video"):

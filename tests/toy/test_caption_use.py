@@ -30,7 +30,8 @@ def test_base_restores_shown_subjects_from_low_noise_whatever_the_caption(tmp_pa
     that names other subjects is not obeyed."""
     m = load_script("caption_use")
     out = tmp_path / "caption_use.json"
-    monkeypatch.setattr(sys, "argv", ["caption_use.py", "--clips", "3", "--sigmas", "0.3", "--frames", "1", "--steps", "3",
+    monkeypatch.setattr(sys, "argv",
+                        ["caption_use.py", "--clips", "3", "--sigmas", "0.3", "--frames", "1", "--steps", "3",
                                       "--json", str(out)])
     m.main()
     assert "| 0.3 |" in capsys.readouterr().out
@@ -66,7 +67,8 @@ def test_one_step_mode_finds_the_committed_base_reading_colour_words(tmp_path, m
     better than with the others), so the one-step figures must show it; written as JSON too."""
     m = load_script("caption_use")
     out = tmp_path / "one_step.json"
-    monkeypatch.setattr(sys, "argv", ["caption_use.py", "--one-step", "--clips", "6", "--sigmas", "0.9", "--frames", "1",
+    monkeypatch.setattr(sys, "argv",
+                        ["caption_use.py", "--one-step", "--clips", "6", "--sigmas", "0.9", "--frames", "1",
                                       "--json", str(out)])
     m.main()
     assert "colour words: right lowest" in capsys.readouterr().out

@@ -10,16 +10,16 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTransformer3DModel
 
 from relvid.data.cache import CacheError, ClipCache
-from relvid.video_io import read_video
 from relvid.models.backbone import find_transformer_folder
-from relvid.toy.drivers.base import BASE_CONFIG, BASE_DIR
 from relvid.toy.codec import ToyCodec
+from relvid.toy.drivers.base import BASE_CONFIG, BASE_DIR
 from relvid.toy.drivers.customize import load_customized
 from relvid.toy.drivers.datasets import build_exemplar_cache
 from relvid.toy.drivers.demo import run_demo
 from relvid.toy.drivers.evaluate import METRICS, TOY_SAMPLING
 from relvid.toy.text import ToyTextEncoder
 from relvid.toy.world import FRAMES, SIZE
+from relvid.video_io import read_video
 
 TINY_BASE = {**BASE_CONFIG, "num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16,
              "pooled_projection_dim": 16, "time_embed_dim": 16}
@@ -70,7 +70,8 @@ def test_demo_end_to_end_on_a_tiny_base(tmp_path):
         assert set(row) == set(METRICS) and all(0.0 <= v <= 1.0 for v in row.values())
     assert (out / "grid.png").stat().st_size > 0 and (out / "table.md").is_file()
     info = json.loads((out / "demo.json").read_text())  # what was run is saved with the results
-    assert info["relation"] == "orbiting" and len(info["prompts"]) == 2 and info["overrides"][-1] == "optim.warmup_steps=1"
+    assert info["relation"] == "orbiting" and len(info["prompts"]) == 2
+    assert info["overrides"][-1] == "optim.warmup_steps=1"
     assert info["sampling"]["num_steps"] == 3 and info["sampling"]["guidance_scale"] == TOY_SAMPLING.guidance_scale
     videos = sorted((out / "videos" / "dreamrelation").glob("*.mp4"))
     assert len(videos) == 2 and read_video(videos[0]).shape == (FRAMES, 128, 128, 3)
@@ -83,7 +84,8 @@ def test_demo_end_to_end_on_a_tiny_base(tmp_path):
                          transformer=MochiTransformer3DModel.from_pretrained(base))
     pipe.load_lora_weights(out / "dreamrelation_lora")
     embeds, mask = ToyTextEncoder().encode(["A red circle is orbiting a green square."])[0]
-    x = dict(hidden_states=torch.randn(1, *ToyCodec().latent_shape(FRAMES, SIZE, SIZE), generator=torch.Generator().manual_seed(0)),
+    x = dict(hidden_states=torch.randn(1, *ToyCodec().latent_shape(FRAMES, SIZE, SIZE),
+                                       generator=torch.Generator().manual_seed(0)),
              encoder_hidden_states=embeds[None], timestep=torch.tensor([500.0]), encoder_attention_mask=mask[None],
              return_dict=False)
     with torch.no_grad():

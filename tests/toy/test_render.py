@@ -64,7 +64,8 @@ def test_exemplars_are_staged_in_mid_frame_and_vary_a_little(relation):
         middle = (both.min(dim=0).values + both.max(dim=0).values) / 2
         assert float((middle - (SIZE - 1) / 2).abs().max()) <= EXEMPLAR_STAGING.centre + 1e-4, f"seed {seed}"
         assert float(both.min()) >= 0 and float(both.max()) <= SIZE - 1
-    spread = lambda clips: float(torch.stack(clips).std(dim=0).mean())  # across takes, per frame and axis
+    def spread(clips):
+        return float(torch.stack(clips).std(dim=0).mean())  # across takes, per frame and axis
     assert spread(staged) < 0.5 * spread(free)
     assert spread(staged) > 0  # still 20 different takes
 

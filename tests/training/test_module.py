@@ -90,7 +90,8 @@ def test_direct_lora_baseline_config_trains(repo_root, tiny_cfg, fit):
     watcher = StepWatcher()
     module, _ = fit(cfg, [watcher])
     assert module.selections == ["direct"] * 3
-    assert [(sel, changed, base_same) for sel, changed, base_same in watcher.records] == [("direct", {"direct"}, True)] * 3
+    records = [(sel, changed, base_same) for sel, changed, base_same in watcher.records]
+    assert records == [("direct", {"direct"}, True)] * 3
 
 
 def test_hybrid_mask_follows_the_selection(tiny_cfg):
@@ -155,5 +156,6 @@ def test_bf16_base_with_mixed_precision_keeps_fp32_loras(tiny_cfg, fit):
     watcher = StepWatcher()
     module, _ = fit(cfg, [watcher])
     assert all(p.dtype == torch.float32 for p in lora_parameters(module.transformer).values())
-    assert all(changed == set(adapters_for_selection(sel, module.spec)) and base for sel, changed, base in watcher.records)
+    assert all(changed == set(adapters_for_selection(sel, module.spec)) and base
+               for sel, changed, base in watcher.records)
     assert all(torch.isfinite(v).all() for v in module.adapter_state().values())

@@ -118,7 +118,8 @@ def test_the_progress_bar_redraws_every_step_on_a_terminal_and_about_50_times_in
     assert progress_refresh_rate(0, 30, log) == 1
     assert progress_refresh_rate(5, 2400, log) == 5
     # pytest captures stderr, so the trainer's bar writes to a log here
-    for overrides, rate in ((["trainer.max_steps=500"], 10), (["trainer.max_steps=500", "trainer.progress_refresh=3"], 3)):
+    for overrides, rate in ((["trainer.max_steps=500"], 10),
+                            (["trainer.max_steps=500", "trainer.progress_refresh=3"], 3)):
         cfg = tiny_cfg(*overrides, "trainer.progress_bar=true")
         bars = [c for c in build_trainer(cfg).callbacks if isinstance(c, TQDMProgressBar)]
         assert [b.refresh_rate for b in bars] == [rate]

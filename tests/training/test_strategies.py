@@ -85,7 +85,8 @@ def test_state_key_matches_adapter_state_dict(repo_root):
 
 
 def test_clean_name_drops_wrapper_pieces():
-    name = "transformer.transformer_blocks.0._fsdp_wrapped_module._checkpoint_wrapped_module.attn1.to_q.lora_A.relation.weight"
+    name = ("transformer.transformer_blocks.0._fsdp_wrapped_module._checkpoint_wrapped_module"
+            ".attn1.to_q.lora_A.relation.weight")
     assert clean_name(name) == "transformer.transformer_blocks.0.attn1.to_q.lora_A.relation.weight"
 
 
@@ -151,7 +152,6 @@ def test_fsdp_on_one_gpu_keeps_unselected_adapters_still(tmp_path, repo_root, ra
                  f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'run'}")
     random_cache(n_clips=2, seed=1)
     from relvid.training.run import run
-
     from tests.helpers.strategy_worker import RecordSteps
 
     run(cfg, extra_callbacks=[RecordSteps(tmp_path)])  # reads the adapters under summon_full_params

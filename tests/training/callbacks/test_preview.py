@@ -4,11 +4,11 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from relvid.training.callbacks.preview import PreviewCallback, PreviewPromptError
-from relvid.video_io import read_video
 from relvid.models.adapter_file import load_adapters
 from relvid.models.lora import adapter_state_dict
+from relvid.training.callbacks.preview import PreviewCallback, PreviewPromptError
 from relvid.training.run import run
+from relvid.video_io import read_video
 from tests.helpers.configs import TOY_CHANNELS
 
 PROMPTS = ("A dog is shaking hands with a cat.", "A bear is shaking hands with a raccoon in a forest.")
@@ -48,7 +48,7 @@ class _Trainer:
 
 
 def test_preview_restores_adapters_modes_and_grads(cache, toy_cfg):
-    from relvid.models.lora import active_adapters, adapters_for_selection, activate
+    from relvid.models.lora import activate, active_adapters, adapters_for_selection
     from relvid.training.module import RelationModule
 
     cfg = toy_cfg("direct", *PREVIEW)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from relvid.config import ConfigError
-from relvid.prompts import eval_prompts
 from relvid.models.adapter_file import load_adapters
+from relvid.prompts import eval_prompts
 from relvid.training.run import run
 from tests.helpers.configs import TOY_CHANNELS
 from tests.helpers.logs import scalars
