@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from relvid.commands.options import add_config_arguments, alias, command_config, print_config
+from relvid.commands.options import add_config_arguments, alias, config_for
 
 RELATION_HELP = "relation or alias: its run's adapters (<output_dir>/adapters) and evaluation prompts are the defaults"
 
@@ -45,17 +45,11 @@ def _add_what_flags(p: argparse.ArgumentParser, section: str) -> None:
     alias(p, "--prompts-file", key=f"{section}.prompts_file", help="one prompt per line")
 
 
-def _config(args: argparse.Namespace):
-    args.config = [*args.config, *args.set]
-    return command_config(args)
-
-
 def cmd_sample(args: argparse.Namespace) -> int:
     from relvid.inference.render import sample_videos
 
-    cfg = _config(args)
-    if args.print_config:
-        print_config(cfg, "sample")
+    cfg = config_for(args, "sample")
+    if cfg is None:
         return 0
     for path in sample_videos(cfg):
         print(path)
@@ -65,9 +59,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from relvid.eval.evaluate import evaluate
 
-    cfg = _config(args)
-    if args.print_config:
-        print_config(cfg, "evaluate")
+    cfg = config_for(args, "evaluate")
+    if cfg is None:
         return 0
     paths = evaluate(cfg)
     if paths is not None:

@@ -53,7 +53,7 @@ def command_config(args: argparse.Namespace, implied: tuple[str, ...] = ()) -> D
     The relation's file (its cache and output folders) comes first: anything you write wins over it."""
     from relvid.config import load_config, relation_config_path
 
-    paths, overrides = split_config_args(list(args.config))
+    paths, overrides = split_config_args([*args.config, *getattr(args, "set", [])])
     if args.relation:
         rel_cfg = relation_config_path(args.relation, args.configs_dir)
         if rel_cfg is not None:
@@ -62,7 +62,12 @@ def command_config(args: argparse.Namespace, implied: tuple[str, ...] = ()) -> D
     return load_config(paths, [*implied, *overrides], values=flag_values(args))
 
 
-def print_config(cfg: DictConfig, command: str) -> None:
+def config_for(args: argparse.Namespace, command: str, implied: tuple[str, ...] = ()) -> DictConfig | None:
+    """The command's resolved config; None when --print-config asked for it to be printed instead."""
     from relvid.config import to_yaml
 
-    print(to_yaml(cfg, command), end="")
+    cfg = command_config(args, implied)
+    if args.print_config:
+        print(to_yaml(cfg, command), end="")
+        return None
+    return cfg

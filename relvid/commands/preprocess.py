@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from relvid.commands.options import add_config_arguments, alias, command_config, print_config
+from relvid.commands.options import add_config_arguments, alias, config_for
 
 
 def int_list(text: str) -> list[int]:
@@ -37,11 +37,8 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         raise ValueError("name the relation: --relation NAME (a known relation, an alias, or a new name for your "
                          "own videos)")
     # a relation of your own needs no registry entry here: preprocessing is where new relations start
-    cfg = command_config(args, implied=("custom_relation=true",))
-    if args.print_config:
-        print_config(cfg, "preprocess")
-        return 0
-    return preprocess(cfg)
+    cfg = config_for(args, "preprocess", implied=("custom_relation=true",))
+    return 0 if cfg is None else preprocess(cfg)
 
 
 def cmd_mask_sheet(args: argparse.Namespace) -> int:

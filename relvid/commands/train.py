@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from relvid.commands.options import add_config_arguments, command_config, print_config
+from relvid.commands.options import add_config_arguments, config_for
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from relvid.training.run import run
 
-    cfg = command_config(args)
-    if args.print_config:
-        print_config(cfg, "train")
+    cfg = config_for(args, "train")
+    if cfg is None:
         return 0
     out = run(cfg)
     print(f"done: {out} (adapters in {out / 'adapters'}, logs: tensorboard --logdir {out / 'tensorboard'})")

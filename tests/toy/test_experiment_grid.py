@@ -117,3 +117,16 @@ def test_every_table_row_is_a_method_file_and_the_ablations_freeze_through_the_c
     assert all(v == [] for v in frozen.values())
     with pytest.raises(ValueError, match="unknown toy method 'wo_everything'"):
         method_config("wo_everything", "approaching", tmp_path / "cache", tmp_path / "out")
+
+
+def test_the_report_keeps_the_hand_written_summary_and_links_the_notes(tmp_path):
+    grid = load_script("run")
+    results = tmp_path / "RESULTS.md"
+    grid.write_report(results, "| table |\n")  # no file yet: a title, the marker, the tables
+    assert results.read_text() == f"# Toy-world experiment grid\n\n{grid.GENERATED_MARKER}\n| table |\n"
+    results.write_text(f"# Grid\n\nWhat the grid shows today.\n\n{grid.GENERATED_MARKER}\nold tables\n")
+    grid.write_report(results, "| new table |\n")
+    assert results.read_text() == f"# Grid\n\nWhat the grid shows today.\n\n{grid.GENERATED_MARKER}\n| new table |\n"
+    committed = (Path(grid.__file__).parent / "RESULTS.md").read_text()
+    assert grid.GENERATED_MARKER in committed and "## Notes" not in committed  # NOTES.md is linked, not copied
+    assert "[NOTES.md](NOTES.md)" in committed
