@@ -16,7 +16,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from relvid import relations
 
+# The LoRA triplet's vocabulary, shared by the schema's checks and relvid.models.lora.
+ADAPTERS = ("relation", "subject1", "subject2", "ffn")
 PLACEMENTS = ("QK/V", "Q/KV", "KV/Q", "V/QK", "direct")
+BRANCHES = ("both", "vision", "text")
 
 
 class ConfigError(ValueError):
@@ -393,14 +396,14 @@ def _check(cfg: DictConfig) -> None:
     _require(cfg.model.preset in ("mochi", "tiny"), "model.preset", "must be 'mochi' or 'tiny'")
     _require(cfg.model.dtype in ("auto", "bf16", "fp16", "fp32"), "model.dtype", "must be auto, bf16, fp16 or fp32")
     _require(cfg.lora.placement in PLACEMENTS, "lora.placement", f"must be one of {', '.join(PLACEMENTS)}")
-    _require(cfg.lora.branches in ("both", "vision", "text"), "lora.branches", "must be both, vision or text")
+    _require(cfg.lora.branches in BRANCHES, "lora.branches", f"must be one of {', '.join(BRANCHES)}")
     _require(cfg.lora.rank >= 1, "lora.rank", "must be >= 1")
     frozen = list(cfg.lora.frozen)
-    _require(set(frozen) <= {"relation", "subject1", "subject2", "ffn"}, "lora.frozen",
-             f"must list adapters among relation, subject1, subject2, ffn; got {frozen}")
+    _require(set(frozen) <= set(ADAPTERS), "lora.frozen",
+             f"must list adapters among {', '.join(ADAPTERS)}; got {frozen}")
     _require(not frozen or cfg.lora.placement != "direct", "lora.frozen",
              "the direct LoRA is a single adapter: freezing it would train nothing")
-    _require(len(set(frozen)) < 4, "lora.frozen", "freezing all four adapters would train nothing")
+    _require(len(set(frozen)) < len(ADAPTERS), "lora.frozen", "freezing all four adapters would train nothing")
     _require(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
     probs = list(cfg.hmt.probs)
     _require(len(probs) == 3 and all(p >= 0 for p in probs), "hmt.probs",

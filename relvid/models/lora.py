@@ -16,9 +16,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-ADAPTERS = ("relation", "subject1", "subject2", "ffn")
-PLACEMENTS = ("QK/V", "Q/KV", "KV/Q", "V/QK", "direct")
-BRANCHES = ("both", "vision", "text")
+from relvid.config import ADAPTERS, BRANCHES, PLACEMENTS
+
 SELECTIONS = ("relation", "subject1", "subject2")
 
 # Projections (q, k, v) carried by the relation and the subject LoRAs for each placement.
