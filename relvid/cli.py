@@ -27,8 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from relvid.config import ConfigError
-    from relvid.relations import UnknownRelationError
+    from relvid.errors import UserError
 
     parser = build_parser()
     # Overrides may come after options (`train configs/train.yaml --relation hug optim.lr=1e-4`),
@@ -40,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         args.config = [*args.config, *rest]
     try:
         return args.func(args)
-    except (ConfigError, UnknownRelationError, FileNotFoundError, FileExistsError, ValueError) as err:
-        # Expected user errors: one clear line, no traceback.
+    # A user's mistake: one clear line, exit code 2. Plain ValueError / FileNotFoundError /
+    # FileExistsError are still read as user errors while commands move to the UserError family.
+    except (UserError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"relvid {args.command}: error: {err}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `relvid ... | head`: the reader left; not an error of ours

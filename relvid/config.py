@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from relvid import relations
+from relvid.errors import UserError
 
 # The LoRA triplet's vocabulary, shared by the schema's checks and relvid.models.lora.
 ADAPTERS = ("relation", "subject1", "subject2", "ffn")
@@ -22,7 +23,7 @@ PLACEMENTS = ("QK/V", "Q/KV", "KV/Q", "V/QK", "direct")
 BRANCHES = ("both", "vision", "text")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration file or override that does not fit the schema."""
 
 
@@ -507,9 +508,6 @@ def to_yaml(cfg: DictConfig, command: str | None = None) -> str:
 
 def save_config(cfg: DictConfig, path: str | Path, command: str | None = None) -> Path:
     """Write the resolved config (interpolations expanded; with ``command``, the keys it reads) atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(to_yaml(cfg, command), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    from relvid.files import atomic_write
+
+    return atomic_write(path, to_yaml(cfg, command))

@@ -11,11 +11,12 @@ from functools import lru_cache
 from importlib import resources
 
 from relvid import relations
+from relvid.errors import UserError
 
 PROMPTS_PER_RELATION = 10
 
 
-class PromptFileError(ValueError):
+class PromptFileError(UserError, ValueError):
     """The packaged prompt file is malformed (a packaging bug, not a user error)."""
 
 

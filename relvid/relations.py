@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
+from relvid.errors import UserError
 
-class UnknownRelationError(KeyError):
+
+class UnknownRelationError(UserError, KeyError):
     """A relation name or alias that the registry does not know."""
 
     def __str__(self) -> str:  # KeyError quotes its message; show it plainly

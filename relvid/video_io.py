@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from fractions import Fraction
 from pathlib import Path
 
@@ -16,10 +15,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from relvid.errors import UserError
+from relvid.files import atomic_path
+
 _SIZE_TAG = re.compile(r"relvid-size=(\d+)x(\d+)")
 
 
-class VideoFileError(ValueError):
+class VideoFileError(UserError, ValueError):
     """A video file that cannot be written or read as asked."""
 
 
@@ -43,11 +45,8 @@ def write_mp4(path: str | os.PathLike, frames: Tensor | np.ndarray, fps: int = 3
     pad_h, pad_w = h % 2, w % 2
     if pad_h or pad_w:
         array = np.pad(array, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")  # (T, H', W', 3), even
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".mp4", dir=path.parent)
-    os.close(fd)
-    try:
-        with av.open(tmp, mode="w", format="mp4") as container:
+    with atomic_path(path, suffix=".mp4") as tmp:  # the muxer reads the container from the suffix
+        with av.open(str(tmp), mode="w", format="mp4") as container:
             container.metadata["comment"] = f"relvid-size={w}x{h}"
             stream = container.add_stream("libx264", rate=Fraction(int(fps), 1))
             stream.width, stream.height = array.shape[2], array.shape[1]
@@ -58,10 +57,6 @@ def write_mp4(path: str | os.PathLike, frames: Tensor | np.ndarray, fps: int = 3
                     container.mux(packet)
             for packet in stream.encode():  # flush the encoder's delayed frames
                 container.mux(packet)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,6 +21,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
+
+from relvid.errors import UserError
+from relvid.files import atomic_write
 
 FORMAT_VERSION: int = 1
 MANIFEST_NAME = "manifest.json"
@@ -35,7 +36,7 @@ _CLIP_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _REBUILD = "delete the file and rerun `relvid preprocess` (finished clips are skipped)"
 
 
-class CacheError(ValueError):
+class CacheError(UserError, ValueError):
     """A clip cache (folder, manifest, clip or prompt file) that is missing or invalid."""
 
 
@@ -77,21 +78,6 @@ def check_clip_id(clip_id: str) -> None:
     if not isinstance(clip_id, str) or not _CLIP_ID.match(clip_id):
         raise CacheError(f"clip id {clip_id!r} is not a valid file name: use letters, digits and "
                          "'._+-' only, starting with a letter or digit")
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # Also on KeyboardInterrupt: never leave the temp file behind.
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _to_cpu(t: Tensor) -> Tensor:
@@ -179,7 +165,7 @@ def write_clip(path: str | Path, record: ClipRecord) -> Path:
     validate_record(record, path)
     tensors = {k: _to_cpu(v) for k, v in record.tensors().items()}
     tensors["text_mask"] = tensors["text_mask"].bool()
-    _atomic_write_bytes(path, save_safetensors(tensors, metadata=dict(record.meta)))
+    atomic_write(path, save_safetensors(tensors, metadata=dict(record.meta)))
     return path
 
 
@@ -259,7 +245,7 @@ class ClipCache:
 
     def _save_manifest(self) -> None:
         data = json.dumps(self.manifest, indent=2, ensure_ascii=False) + "\n"
-        _atomic_write_bytes(self.manifest_path, data.encode("utf-8"))
+        atomic_write(self.manifest_path, data.encode("utf-8"))
 
     def path(self, clip_id: str) -> Path:
         check_clip_id(clip_id)
@@ -342,7 +328,7 @@ class ClipCache:
             meta[f"prompt.{i}"] = text
             tensors[f"embeds.{i}"] = _to_cpu(embeds)
             tensors[f"mask.{i}"] = _to_cpu(mask).bool()
-        _atomic_write_bytes(path, save_safetensors(tensors, metadata=meta))
+        atomic_write(path, save_safetensors(tensors, metadata=meta))
 
     def read_prompts(self) -> dict[str, tuple[Tensor, Tensor]]:
         path = self.root / PROMPTS_NAME

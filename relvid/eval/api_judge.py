@@ -14,7 +14,6 @@ import base64
 import hashlib
 import json
 import os
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -24,12 +23,14 @@ from pathlib import Path
 from torch import Tensor
 
 from relvid.config import JudgeConfig
+from relvid.errors import UserError
 from relvid.eval.judge import jpeg_bytes
+from relvid.files import atomic_write
 
 _RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
 
-class APIJudgeError(RuntimeError):
+class APIJudgeError(UserError, RuntimeError):
     """The judge API refused a request or kept failing after all retries."""
 
 
@@ -59,11 +60,7 @@ class APIJudge:
         return None if self.settings.cache_dir is None else Path(self.settings.cache_dir) / key[:2] / f"{key}.json"
 
     def _cache_put(self, path: Path, answer: str) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".answer.", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"model": self.settings.model, "answer": answer}, f)
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps({"model": self.settings.model, "answer": answer}))
 
     # --- HTTP ---------------------------------------------------------------------------------
     def _headers(self) -> dict[str, str]:

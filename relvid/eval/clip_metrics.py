@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from relvid.errors import UserError
 from relvid.eval.metrics import cosine_similarity, temporal_consistency
 
 
-class CLIPWeightsError(FileNotFoundError):
+class CLIPWeightsError(UserError, FileNotFoundError):
     """No usable CLIP model folder."""
 
 

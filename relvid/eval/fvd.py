@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from relvid.errors import UserError
 from relvid.eval.metrics import frechet_distance
 
 
-class I3DWeightsError(FileNotFoundError):
+class I3DWeightsError(UserError, FileNotFoundError):
     """No usable I3D TorchScript file."""
 
 

@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from relvid.errors import UserError
 from relvid.seeding import derive_seed
 
 _JUDGE_STREAM = 11
 
 
-class VLMWeightsError(FileNotFoundError):
+class VLMWeightsError(UserError, FileNotFoundError):
     """No usable local VLM folder."""
 
 

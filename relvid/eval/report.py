@@ -10,8 +10,9 @@ import csv
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from relvid.files import atomic_write
 
 # metric key -> (column title, higher is better)
 PAPER_COLUMNS = {
@@ -49,13 +50,6 @@ def _cell(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"
     return str(value)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -98,7 +92,7 @@ def write_results(rows: list[dict], out_dir: str | os.PathLike, stem: str = "res
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / f"{stem}.md", "csv": out / f"{stem}.csv", "json": out / f"{stem}.json"}
-    _atomic_write(paths["md"], markdown_table(rows))
-    _atomic_write(paths["csv"], csv_table(rows))
-    _atomic_write(paths["json"], json.dumps({"columns": _columns(rows), "rows": rows}, indent=2) + "\n")
+    atomic_write(paths["md"], markdown_table(rows))
+    atomic_write(paths["csv"], csv_table(rows))
+    atomic_write(paths["json"], json.dumps({"columns": _columns(rows), "rows": rows}, indent=2) + "\n")
     return paths

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +19,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from relvid.config import SamplingConfig
+from relvid.errors import UserError
+from relvid.files import atomic_write
 from relvid.inference.generate import generate_video, sampling_record
 from relvid.models.codecs import Codec
 from relvid.models.text_encoders import TextEncoder
 
 
-class RenderMismatchError(ValueError):
+class RenderMismatchError(UserError, ValueError):
     """Existing videos in the output folder were made with different settings or adapters."""
 
 
@@ -66,13 +67,6 @@ def shard(jobs: list, rank: int, world: int) -> list:
 
 def sidecar_path(video: Path) -> Path:
     return video.with_suffix(".json")
-
-
-def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
 
 
 def is_done(video: Path, expected: dict) -> bool:
@@ -123,9 +117,9 @@ def render_jobs(jobs: list[VideoJob], out_dir: str | os.PathLike, transformer: n
         from relvid.video_io import write_mp4
 
         write_mp4(path, frames, fps=settings.fps)
-        _write_json(sidecar_path(path), {**expected, **(info or {}), "prompt": job.prompt, "prompt_index": job.index,
-                                         "seed": job.seed, "seconds": round(time.time() - t0, 2),
-                                         "device": str(device)})
+        sidecar = {**expected, **(info or {}), "prompt": job.prompt, "prompt_index": job.index, "seed": job.seed,
+                   "seconds": round(time.time() - t0, 2), "device": str(device)}
+        atomic_write(sidecar_path(path), json.dumps(sidecar, indent=2))
     return paths
 
 

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from relvid.errors import UserError
+from relvid.files import atomic_path
 from relvid.models.lora import (
     LoRAConfigError,
     TripletSpec,
@@ -60,16 +61,8 @@ def save_adapter_state(
             raise LoRAConfigError(f"metadata[{k!r}] must be a string, got {type(v).__name__}")
         header[k] = v
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Temp file in the same folder + rename: a crash never leaves a half-written adapter file.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        safetensors.torch.save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:  # a crash never leaves a half-written adapter file
+        safetensors.torch.save_file(tensors, str(tmp), metadata=header)
     return path
 
 
@@ -128,7 +121,7 @@ def _check_state_keys(state: dict[str, torch.Tensor], spec: TripletSpec, where: 
 _LORA_KEY = re.compile(r"^transformer\.(?P<module>.+)\.(?P<ab>lora_[AB])\.(?P<adapter>[A-Za-z0-9_]+)\.weight$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A file that is not a readable relvid checkpoint."""
 
 

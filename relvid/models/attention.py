@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from relvid.errors import UserError
+
 ATTENTION_PATHS = ("auto", "diffusers", "packed")
 SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 CHECKPOINT_POLICIES = ("full", "save_attention")
@@ -32,7 +34,7 @@ _PLAN_ATTR = "_relvid_text_plan"
 _HOOK_ATTR = "_relvid_text_plan_hook"
 
 
-class SpeedConfigError(ValueError):
+class SpeedConfigError(UserError, ValueError):
     """A speed.* setting that cannot work on this device or model."""
 
 

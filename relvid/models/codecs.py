@@ -20,8 +20,10 @@ from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
+from relvid.errors import UserError
 
-class CodecError(ValueError):
+
+class CodecError(UserError, ValueError):
     """A video or latent whose shape the codec cannot take, or a codec that cannot be loaded."""
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from relvid.config import ADAPTERS, BRANCHES, PLACEMENTS
+from relvid.errors import UserError
 
 SELECTIONS = ("relation", "subject1", "subject2")
 
@@ -38,7 +39,7 @@ BLOCK_PATTERN = r"transformer_blocks\.\d+\.attn1\."
 _LORA_PARAM = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.(?P<adapter>[^.]+)\.weight$")
 
 
-class LoRAConfigError(ValueError):
+class LoRAConfigError(UserError, ValueError):
     """A LoRA spec, adapter selection or adapter file that cannot be used as asked."""
 
 

@@ -11,8 +11,10 @@ from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
+from relvid.errors import UserError
 
-class TextEncoderError(ValueError):
+
+class TextEncoderError(UserError, ValueError):
     """A text encoder that cannot be loaded or a text it cannot take."""
 
 

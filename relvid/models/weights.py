@@ -6,8 +6,10 @@ import json
 import os
 from pathlib import Path
 
+from relvid.errors import UserError
 
-class WeightsNotFoundError(FileNotFoundError):
+
+class WeightsNotFoundError(UserError, FileNotFoundError):
     """Model weights missing or incomplete at the configured local path."""
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from relvid.errors import UserError
 from relvid.preprocess.video import ClipSkipped, Crop
 
 IMAGE_SUFFIXES = (".png",)
@@ -24,7 +25,7 @@ BLACK_LEVEL = 40  # a pixel whose channels are all at or below this is backgroun
 _DIGITS = re.compile(r"(\d+)")
 
 
-class MaskFileError(ValueError):
+class MaskFileError(UserError, ValueError):
     """Mask files that cannot give two subject masks for a clip."""
 
 

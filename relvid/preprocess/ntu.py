@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from relvid.errors import UserError
+
 NUM_JOINTS = 25
 # Kinect v2 bones as joint pairs (see the joint order in the module docstring of skeleton_masks).
 BONES = (
@@ -23,7 +25,7 @@ BONES = (
 _NAME = re.compile(r"S(\d{3})C(\d{3})P(\d{3})R(\d{3})A(\d{3})")
 
 
-class SkeletonError(ValueError):
+class SkeletonError(UserError, ValueError):
     """A .skeleton file that cannot be parsed (truncated, non-numeric, wrong joint count)."""
 
 

@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from relvid.errors import UserError
+
 TIME_FACTOR = 6  # Mochi: frame counts are 6k + 1
 
 
-class ClipSkipped(ValueError):
+class ClipSkipped(UserError, ValueError):
     """A source that cannot give a clip (too short, too small, unreadable); ``reason`` goes to the manifest."""
 
     def __init__(self, reason: str) -> None:

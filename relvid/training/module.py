@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from relvid.errors import UserError
 from relvid.losses.contrastive import rcl_loss_for_batch
 from relvid.losses.flow_matching import (
     masked_flow_loss,
@@ -43,7 +44,7 @@ _RCL_STREAM = 3
 _GLOBAL_STREAM = 4
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointMismatchError(UserError, RuntimeError):
     """A checkpoint whose adapters do not fit the configured LoRA triplet."""
 
 

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from relvid.config import ConfigError, save_config
 from relvid.data.datamodule import RelationDataModule
+from relvid.errors import OutputExistsError
 from relvid.training.callbacks.adapter_export import FinalAdapters
 from relvid.training.callbacks.crash_checkpoint import CrashCheckpoint
 from relvid.training.callbacks.memory_bank import MemoryBankCallback
@@ -23,7 +24,7 @@ from relvid.training.module import RelationModule, wants_gpu
 from relvid.training.strategies import build_strategy
 
 
-class RunExistsError(FileExistsError):
+class RunExistsError(OutputExistsError):
     """The output folder already holds a run and no resume was asked for."""
 
 

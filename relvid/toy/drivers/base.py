@@ -22,6 +22,7 @@ import torch
 from diffusers import MochiTransformer3DModel
 from tqdm.auto import tqdm
 
+from relvid.files import atomic_path
 from relvid.losses.flow_matching import model_timestep, noisy_latents, sample_sigmas, velocity_target
 from relvid.seeding import derive_seed
 from relvid.toy.codec import ToyCodec
@@ -203,12 +204,10 @@ def pretrain(out_dir: str | Path = BASE_DIR, steps: int = 2000, batch_size: int 
         loss_ema = value if loss_ema is None else 0.98 * loss_ema + 0.02 * value
         bar.set_postfix(loss=f"{loss_ema:.4f}")
         if (save_every and (step + 1) % save_every == 0 or step + 1 == last) and step + 1 < steps:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            tmp = state_path.with_suffix(".tmp")
-            torch.save({"settings": settings, "step": step + 1, "seconds": time.time() - start,
-                        "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict()}, tmp)
-            tmp.replace(state_path)  # atomic: a crash mid-save keeps the previous state
+            with atomic_path(state_path) as tmp:  # a crash mid-save keeps the previous state
+                torch.save({"settings": settings, "step": step + 1, "seconds": time.time() - start,
+                            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                            "scheduler": sched.state_dict()}, tmp)
     if last < steps:
         return None
     info = {**settings, "device": device, "seconds": round(time.time() - start, 1),

@@ -11,10 +11,11 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from relvid.config import SamplingConfig
+from relvid.errors import UserError
 from relvid.inference.generate import generate_video, inference_scope
 
 
-class PreviewPromptError(ValueError):
+class PreviewPromptError(UserError, ValueError):
     """A preview prompt whose embedding is not in the clip cache."""
 
 

@@ -1,0 +1,42 @@
+"""Files written whole or not at all: every file relvid writes (checkpoints, adapters, cache clips,
+videos, tables, configs) goes to a temporary file in its own folder and is renamed onto its name,
+so a crash, a full disk or an interrupt leaves the old file or the new one, never half of one."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """A fresh temporary path beside ``path`` for a writer that takes a file name (torch.save, a
+    video muxer, safetensors): when the block ends without error the file is flushed to disk and
+    renamed onto ``path``; on any error, KeyboardInterrupt included, it is removed.
+
+    The temporary file lives in the target's folder, so the rename never turns into a copy across
+    file systems (a system temp folder on another disk would)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix if suffix is None else suffix,
+                               dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str, encoding: str = "utf-8") -> Path:
+    """Write ``data`` (text is encoded with ``encoding``) to ``path`` whole or not at all."""
+    payload = data.encode(encoding) if isinstance(data, str) else data
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(payload)
+    return Path(path)
