@@ -45,7 +45,7 @@ resume: $(VENV)/.installed ## resume the last checkpoint of a run: make resume R
 	$(MAKE) train REL=$(REL) ARGS="resume=last $(ARGS)"
 
 smoke: $(VENV)/.installed ## train the tiny random model for a few CPU steps on a random cache
-	$(RELVID) random-cache outputs/smoke/cache --relation $(REL)
+	$(RELVID) random-cache outputs/smoke/cache --relation $(REL) --overwrite
 	$(RELVID) train configs/tiny.yaml --relation $(REL) data.cache_dir=outputs/smoke/cache \
 		output_dir=outputs/smoke/run-$$(date +%Y%m%d-%H%M%S) $(ARGS)
 

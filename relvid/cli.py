@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     # FileExistsError are still read as user errors while commands move to the UserError family.
     except (UserError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"relvid {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return getattr(err, "exit_code", 2)
     except BrokenPipeError:  # `relvid ... | head`: the reader left; not an error of ours
         sys.stdout = open(os.devnull, "w")  # so the interpreter's final flush does not fail again
         return 0

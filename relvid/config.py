@@ -6,12 +6,14 @@ errors that name the key, and every run saves the resolved config next to its ou
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from relvid import relations
@@ -21,6 +23,13 @@ from relvid.errors import UserError
 ADAPTERS = ("relation", "subject1", "subject2", "ffn")
 PLACEMENTS = ("QK/V", "Q/KV", "KV/Q", "V/QK", "direct")
 BRANCHES = ("both", "vision", "text")
+
+# The run seed goes to Lightning's seed_everything, which (like numpy) takes [0, 2**32 - 1]; other seeds
+# only feed torch generators and relvid.seeding, which take any 63-bit non-negative integer.
+RUN_SEED_MAX = 2**32 - 1
+SEED_MAX = 2**63 - 1
+# A custom relation name becomes a folder name (outputs/<relation>, data/cache/<relation>).
+_RELATION_NAME = re.compile(r"[A-Za-z0-9_.+-]+")
 
 
 class ConfigError(UserError, ValueError):
@@ -191,6 +200,9 @@ class JudgeConfig:
     cache_dir: Optional[str] = None  # answer cache; default: judge_cache/ in the command's output folder
     vlm_path: Optional[str] = None  # local judge: a Qwen2.5-VL folder
 
+    def __post_init__(self) -> None:  # settings built in code (APIJudge(JudgeConfig(...))) are checked too
+        _check_judge(self, "judge", active=False)
+
 
 @dataclass
 class PreviewConfig:
@@ -292,7 +304,8 @@ class RelvidConfig:
     custom_relation: bool = False  # allow a relation name that is not in the registry
     seed: int = 0
     output_dir: str = "outputs/${relation}"
-    resume: Optional[str] = None  # a checkpoint path, or "last" for output_dir/checkpoints/last.ckpt
+    resume: Optional[str] = None  # a checkpoint path, or "last": the newest consistent checkpoint of output_dir
+    overwrite: bool = False  # start afresh in an output_dir that holds another run's config, adapters or checkpoints
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     hmt: HMTConfig = field(default_factory=HMTConfig)
@@ -380,6 +393,8 @@ def finalize(cfg: DictConfig) -> DictConfig:
             relations.resolve(cfg.relation)
         except relations.UnknownRelationError as err:
             raise ConfigError(f"relation: {err}; for a relation of your own set custom_relation=true") from None
+    else:
+        _check_relation_name(str(cfg.relation))
     if cfg.model.path is None and os.environ.get("MOCHI_PATH"):
         cfg.model.path = os.environ["MOCHI_PATH"]
     if cfg.data.cache_dir is None and os.environ.get("RELVID_CACHE"):
@@ -391,6 +406,57 @@ def finalize(cfg: DictConfig) -> DictConfig:
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
+
+
+def _finite(value: Any) -> bool:
+    """A real number that is neither NaN nor infinite. Range checks written as ``_finite(x) and x >= 0``
+    refuse NaN too, where ``not x < 0`` would let it through."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_relation_name(name: str) -> None:
+    """A custom relation's name is used as a folder name, so it must be one: no separators, no '..'."""
+    _require(bool(_RELATION_NAME.fullmatch(name)) and ".." not in name and name.strip(".") != "", "relation",
+             f"{name!r} is used as a folder name (outputs/<relation>, the cache's <relation>/): use letters, "
+             "digits and _ . + - only, without '..' (e.g. relation=high_five)")
+
+
+def _devices_ok(devices: Any) -> bool:
+    """What Lightning's ``devices`` takes: auto, a count (>= 1, or -1 for all), or device indices."""
+    if isinstance(devices, bool):
+        return False
+    if isinstance(devices, int):
+        return devices >= 1 or devices == -1
+    if isinstance(devices, str):
+        text = devices.strip()
+        return (text in ("auto", "-1") or (text.isdigit() and int(text) >= 1)
+                or re.fullmatch(r"\d+(\s*,\s*\d+)*\s*,\s*(\d+)?", text) is not None)
+    if isinstance(devices, (list, tuple, ListConfig)):
+        items = list(devices)
+        return (bool(items) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items)
+                and len(set(items)) == len(items))
+    return False
+
+
+def _check_seed(value: Any, key: str, high: int = SEED_MAX) -> None:
+    _require(isinstance(value, int) and 0 <= value <= high, key,
+             f"must be an integer in [0, {high}], got {value!r}")
+
+
+def check_accelerator(cfg: DictConfig) -> None:
+    """Refuse a GPU accelerator on a machine that shows none, before any model is built.
+
+    Not part of load_config: a config that names GPUs is still loaded, printed and saved where none is
+    visible (a login node, a laptop preparing a Slurm job); the command that trains on it calls this.
+    """
+    accel = str(cfg.trainer.accelerator)
+    if accel in ("gpu", "cuda"):
+        import torch
+
+        _require(torch.cuda.is_available(), "trainer.accelerator",
+                 f"{accel} needs a CUDA GPU, but no GPU is visible here (torch.cuda.is_available() is False: "
+                 "no driver, an empty CUDA_VISIBLE_DEVICES or a CPU-only torch build); set "
+                 "trainer.accelerator=cpu or auto, or run on a machine with a GPU")
 
 
 def _check(cfg: DictConfig) -> None:
@@ -406,22 +472,36 @@ def _check(cfg: DictConfig) -> None:
              "the direct LoRA is a single adapter: freezing it would train nothing")
     _require(len(set(frozen)) < len(ADAPTERS), "lora.frozen", "freezing all four adapters would train nothing")
     _require(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+    _require(_finite(cfg.lora.alpha) and cfg.lora.alpha > 0, "lora.alpha",
+             f"must be a finite number > 0 (the LoRA scale is alpha / rank), got {cfg.lora.alpha}")
     probs = list(cfg.hmt.probs)
     _require(len(probs) == 3 and all(p >= 0 for p in probs), "hmt.probs",
              "must be three non-negative numbers (relation, subject1, subject2)")
     _require(abs(sum(probs) - 1.0) < 1e-6, "hmt.probs", f"must sum to 1, got {sum(probs):.6f}")
     _require(cfg.hmt.weighting in ("linear", "squared"), "hmt.weighting", "must be linear or squared")
     _require(cfg.hmt.relation_mask in ("union", "sum"), "hmt.relation_mask", "must be union or sum")
-    _require(cfg.hmt.lambda_m >= 0, "hmt.lambda_m", "must be >= 0")
+    _require(_finite(cfg.hmt.lambda_m) and cfg.hmt.lambda_m >= 0, "hmt.lambda_m",
+             f"must be a finite number >= 0, got {cfg.hmt.lambda_m}")
     _require(0 <= cfg.hmt.max_sigma <= 1, "hmt.max_sigma", f"must lie in [0, 1], got {cfg.hmt.max_sigma}")
     _require(cfg.rcl.n_pos >= 1 and cfg.rcl.n_neg >= 1, "rcl.n_pos/rcl.n_neg", "must be >= 1")
     _require(cfg.rcl.bank_size >= 1, "rcl.bank_size", "must be >= 1")
-    _require(cfg.rcl.tau > 0, "rcl.tau", "must be > 0")
+    _require(_finite(cfg.rcl.tau) and cfg.rcl.tau > 0, "rcl.tau", f"must be a finite number > 0, got {cfg.rcl.tau}")
+    _require(_finite(cfg.rcl.lambda_1) and cfg.rcl.lambda_1 >= 0, "rcl.lambda_1",
+             f"must be a finite number >= 0 (0 turns the contrastive loss's weight off), got {cfg.rcl.lambda_1}")
     _require(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
+    _require(cfg.data.num_workers >= 0, "data.num_workers",
+             f"must be >= 0 (0 loads in the main process), got {cfg.data.num_workers}")
     _require(0.0 <= cfg.data.caption_dropout <= 1.0, "data.caption_dropout", "must be in [0, 1]")
-    _require(cfg.optim.lr > 0, "optim.lr", "must be > 0")
-    _require(cfg.optim.schedule in ("cosine", "constant"), "optim.schedule", "must be cosine or constant")
-    _require(len(cfg.optim.betas) == 2, "optim.betas", "must be two numbers")
+    _check_optim(cfg.optim)
+    _check_seed(cfg.seed, "seed", RUN_SEED_MAX)
+    for key in ("preview.seed", "relation_accuracy.seed", "preprocess.seed", "model.tiny.seed"):
+        _check_seed(OmegaConf.select(cfg, key), key)
+    for key in ("sample.seeds", "evaluate.seeds"):
+        for seed in OmegaConf.select(cfg, key):
+            _check_seed(seed, key)
+    _require(_devices_ok(cfg.trainer.devices), "trainer.devices",
+             f"must be auto, a device count >= 1 (-1: all), or a list of distinct device indices >= 0 "
+             f"(e.g. [0,1]); got {cfg.trainer.devices!r}")
     _require(not str(cfg.trainer.precision).endswith("-true") or str(cfg.trainer.precision) in ("32-true", "64-true"),
              "trainer.precision", "a '-true' half precision would cast the LoRA weights too; use bf16-mixed "
              "(the base is already bf16 via model.dtype) or auto")
@@ -438,6 +518,23 @@ def _check(cfg: DictConfig) -> None:
     _check_callbacks(cfg)
 
 
+def _check_optim(optim) -> None:
+    _require(_finite(optim.lr) and optim.lr > 0, "optim.lr", f"must be a finite number > 0, got {optim.lr}")
+    _require(optim.schedule in ("cosine", "constant"), "optim.schedule", "must be cosine or constant")
+    betas = list(optim.betas)
+    _require(len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas), "optim.betas",
+             f"must be two numbers in [0, 1) (AdamW's moment decays, e.g. [0.9, 0.999]), got {betas}")
+    _require(_finite(optim.weight_decay) and optim.weight_decay >= 0, "optim.weight_decay",
+             f"must be a finite number >= 0, got {optim.weight_decay}")
+    _require(_finite(optim.eps) and optim.eps > 0, "optim.eps",
+             f"must be a finite number > 0 (AdamW divides by sqrt(v) + eps), got {optim.eps}")
+    _require(optim.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0 (0: no warm-up), got {optim.warmup_steps}")
+    _require(0.0 <= optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio",
+             f"must lie in [0, 1] (a fraction of optim.lr), got {optim.min_lr_ratio}")
+    _require(_finite(optim.grad_clip) and optim.grad_clip >= 0, "optim.grad_clip",
+             f"must be a finite number >= 0 (0 disables clipping), got {optim.grad_clip}")
+
+
 def _check_speed(cfg: DictConfig) -> None:
     speed = cfg.speed
     _require(speed.attention in ("auto", "diffusers", "packed"), "speed.attention", "must be auto, diffusers or packed")
@@ -452,7 +549,8 @@ def _check_speed(cfg: DictConfig) -> None:
 
 def _check_sampling(sec, key: str) -> None:
     _require(sec.num_steps >= 2, f"{key}.num_steps", "must be >= 2 (the Mochi schedule needs two steps)")
-    _require(sec.guidance_scale >= 1.0, f"{key}.guidance_scale", "must be >= 1 (1 disables guidance)")
+    _require(_finite(sec.guidance_scale) and sec.guidance_scale >= 1.0, f"{key}.guidance_scale",
+             f"must be a finite number >= 1 (1 disables guidance), got {sec.guidance_scale}")
     _require(min(sec.frames, sec.height, sec.width, sec.fps) >= 1, f"{key}.frames/height/width/fps", "must be >= 1")
     _require(0.0 < sec.threshold_noise < 1.0, f"{key}.threshold_noise", "must lie in (0, 1)")
 
@@ -461,8 +559,16 @@ def _check_judge(judge, key: str, active: bool) -> None:
     """`active`: the judge will be asked (its kind is not none and its command or callback runs)."""
     _require(judge.kind in ("none", "api", "local"), f"{key}.kind", "must be none, api or local")
     _require(judge.repeats >= 1, f"{key}.repeats", "must be >= 1")
-    _require(judge.timeout_s > 0 and judge.requests_per_minute > 0 and judge.max_retries >= 0,
-             f"{key}.timeout_s/requests_per_minute/max_retries", "must be > 0, > 0 and >= 0")
+    _require(_finite(judge.timeout_s) and judge.timeout_s > 0, f"{key}.timeout_s",
+             f"must be a finite number of seconds > 0 (each request is abandoned after it), got {judge.timeout_s}")
+    _require(judge.requests_per_minute > 0, f"{key}.requests_per_minute",
+             f"must be > 0 (requests are spaced 60 / requests_per_minute s apart), got {judge.requests_per_minute}")
+    _require(judge.max_retries >= 0, f"{key}.max_retries",
+             f"must be >= 0 (0: one try, no retry), got {judge.max_retries}")
+    for name in ("backoff_s", "max_backoff_s", "temperature"):
+        value = getattr(judge, name)
+        _require(_finite(value) and value >= 0, f"{key}.{name}", f"must be a finite number >= 0, got {value}")
+    _require(judge.max_tokens >= 1, f"{key}.max_tokens", f"must be >= 1, got {judge.max_tokens}")
     if active and judge.kind == "api":
         _require(bool(judge.base_url) and bool(judge.model), f"{key}.base_url/model",
                  "the api judge needs both (e.g. http://localhost:8000/v1 and the served model name)")
@@ -486,8 +592,8 @@ def _check_callbacks(cfg: DictConfig) -> None:
 
 # The keys each command reads: what its --print-config shows and what it saves beside its outputs.
 COMMAND_KEYS = {
-    "train": ("relation", "custom_relation", "seed", "output_dir", "resume", "model", "lora", "hmt", "rcl", "data",
-              "optim", "trainer", "speed", "preview", "relation_accuracy"),
+    "train": ("relation", "custom_relation", "seed", "output_dir", "resume", "overwrite", "model", "lora", "hmt",
+              "rcl", "data", "optim", "trainer", "speed", "preview", "relation_accuracy"),
     "sample": ("relation", "custom_relation", "output_dir", "model", "sampling", "sample"),
     "evaluate": ("relation", "custom_relation", "output_dir", "model", "sampling", "judge", "evaluate"),
     "preprocess": ("relation", "custom_relation", "model", "data", "preprocess"),

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -97,3 +99,90 @@ def test_train_yaml_sets_only_what_differs_from_the_schema(repo_root):
                 yield prefix + key
 
     assert list(restated(values, defaults)) == []
+
+
+# Values that cannot mean anything (negative, NaN, infinite, zero where undefined), each refused with
+# an error that starts with the key, so a user knows which line of which file to change.
+IMPOSSIBLE_VALUES = [
+    ("optim.weight_decay=-0.1", "optim.weight_decay"), ("optim.betas=[0.9,1.5]", "optim.betas"),
+    ("optim.betas=[-0.1,0.999]", "optim.betas"), ("optim.betas=[0.9,nan]", "optim.betas"),
+    ("data.num_workers=-1", "data.num_workers"), ("seed=-1", "seed"), ("seed=73786976294838206464", "seed"),
+    ("seed=4294967296", "seed"), ("optim.warmup_steps=-5", "optim.warmup_steps"), ("rcl.lambda_1=-1", "rcl.lambda_1"),
+    ("rcl.lambda_1=nan", "rcl.lambda_1"), ("optim.lr=inf", "optim.lr"), ("optim.eps=0", "optim.eps"),
+    ("optim.eps=-1e-8", "optim.eps"), ("optim.grad_clip=-1", "optim.grad_clip"),
+    ("optim.min_lr_ratio=-0.5", "optim.min_lr_ratio"), ("hmt.lambda_m=inf", "hmt.lambda_m"),
+    ("lora.alpha=nan", "lora.alpha"), ("sampling.guidance_scale=inf", "sampling.guidance_scale"),
+    ("preview.sampling.guidance_scale=inf", "preview.sampling.guidance_scale"),
+    ("trainer.devices=abc", "trainer.devices"), ("trainer.devices=0", "trainer.devices"),
+    ("trainer.devices=[0,-2]", "trainer.devices"), ("trainer.devices=true", "trainer.devices"),
+    ("preview.seed=-3", "preview.seed"), ("sample.seeds=[0,-1]", "sample.seeds"),
+]
+
+
+@pytest.mark.parametrize("override,key", IMPOSSIBLE_VALUES)
+def test_impossible_values_are_refused_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match="^" + re.escape(key) + ": "):
+        load_config([], [override])
+
+
+REFUSED_BEFORE = ["optim.lr=nan", "sampling.guidance_scale=-2", "preview.sampling.guidance_scale=-2",
+                  "preview.sampling.guidance_scale=nan", "relation_accuracy.sampling.guidance_scale=0.5",
+                  "judge.repeats=0", "relation_accuracy.judge.repeats=0"]
+
+
+@pytest.mark.parametrize("override", REFUSED_BEFORE)
+def test_values_refused_before_stay_refused(override):
+    with pytest.raises(ConfigError, match="^" + re.escape(override.split("=")[0]) + ": "):
+        load_config([], [override])
+
+
+@pytest.mark.parametrize("override", ["seed=4294967295", "trainer.devices=auto", "trainer.devices=2",
+                                      "trainer.devices=[0,3]", "trainer.devices=-1", "trainer.devices='0,1'",
+                                      "optim.betas=[0,0.999]", "optim.weight_decay=0", "data.num_workers=0",
+                                      "optim.warmup_steps=0", "rcl.lambda_1=0", "optim.lr=1e3", "sample.seeds=[0,7]"])
+def test_possible_values_still_load(override):
+    load_config([], [override])
+
+
+@pytest.mark.parametrize("section", ["judge", "relation_accuracy.judge"])
+@pytest.mark.parametrize("setting", ["requests_per_minute=0", "max_retries=-1", "timeout_s=0", "timeout_s=nan",
+                                     "backoff_s=-1", "max_backoff_s=-1", "temperature=-0.5", "max_tokens=0"])
+def test_judge_settings_that_cannot_work_name_their_key(section, setting):
+    key = f"{section}.{setting.split('=')[0]}"
+    with pytest.raises(ConfigError, match="^" + re.escape(key) + ": "):
+        load_config([], [f"{section}.{setting}"])
+
+
+def test_judge_settings_built_in_code_are_checked_too():
+    """APIJudge(JudgeConfig(...)) with requests_per_minute=0 used to divide by zero at the first request."""
+    from relvid.config import JudgeConfig
+
+    with pytest.raises(ConfigError, match=r"^judge\.requests_per_minute: "):
+        JudgeConfig(kind="api", base_url="http://localhost:8000/v1", model="m", requests_per_minute=0)
+
+
+@pytest.mark.parametrize("name", ["../../etc", "a/b", "a\\b", "..", ".", "two..dots", "sp ace", "tab\tname", "émoji",
+                                  ""])
+def test_custom_relation_that_is_not_a_folder_name_is_refused(name):
+    with pytest.raises(ConfigError, match=r"^relation: "):
+        load_config([], [f"relation={name!r}" if name else "relation=''", "custom_relation=true"])
+
+
+def test_custom_relation_names_that_are_folder_names_load():
+    cfg = load_config([], ["relation=high-five_v2.1+x", "custom_relation=true"])
+    assert cfg.output_dir == "outputs/high-five_v2.1+x"
+
+
+@pytest.mark.parametrize("accelerator", ["gpu", "cuda"])
+def test_gpu_accelerator_without_a_visible_gpu_is_refused(accelerator):
+    import torch
+
+    from relvid.config import check_accelerator
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here: the refusal is for machines without one")
+    cfg = load_config([], [f"trainer.accelerator={accelerator}"])  # loading (printing, saving) is still allowed
+    with pytest.raises(ConfigError, match=r"^trainer\.accelerator: .*no (CUDA )?GPU is visible"):
+        check_accelerator(cfg)
+    check_accelerator(load_config([], ["trainer.accelerator=cpu"]))
+    check_accelerator(load_config([], ["trainer.accelerator=auto"]))

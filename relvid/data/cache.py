@@ -34,6 +34,10 @@ META_KEYS = ("format_version", "clip_id", "relation", "caption", "source", "fram
 LATENT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _CLIP_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _REBUILD = "delete the file and rerun `relvid preprocess` (finished clips are skipped)"
+# A VAE posterior's log-variance: diffusers clamps it to [-30, 20] and normalizing the latents shifts
+# it by -2 log(std); far outside that, sampling the posterior gives latents of 1e10 and more.
+LOGVAR_RANGE = (-40.0, 20.0)
+CACHE_WIDE = "(cache)"  # the "clip id" of a problem of the whole cache in ClipCache.validate()
 
 
 class CacheError(UserError, ValueError):
@@ -142,6 +146,8 @@ def validate_record(record: ClipRecord, path: str | Path) -> None:
                      f"{tuple(emb.shape)} (expected ({emb.shape[0]},))")
     if tmask.dtype not in (torch.bool, torch.uint8) or (tmask.dtype == torch.uint8 and tmask.max() > 1):
         raise _error(path, "text_mask", f"expected bool (or uint8 0/1), got {tmask.dtype}")
+    if not bool(tmask.bool().any()):
+        raise _error(path, "text_mask", "all false: the caption has no valid token (the model would see no text)")
     subj = record.subject_masks
     if subj.shape != (2, f, h, w):
         raise _error(path, "subject_masks", f"shape {tuple(subj.shape)} does not match the latent grid; "
@@ -153,9 +159,47 @@ def validate_record(record: ClipRecord, path: str | Path) -> None:
     for name, t in record.tensors().items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise _error(path, name, "contains NaN or infinite values")
+    lo, hi = float(logvar.float().min()), float(logvar.float().max())
+    if lo < LOGVAR_RANGE[0] or hi > LOGVAR_RANGE[1]:
+        raise _error(path, "latent_logvar", f"values in [{lo:g}, {hi:g}], outside the sane range "
+                     f"[{LOGVAR_RANGE[0]:g}, {LOGVAR_RANGE[1]:g}] of a VAE posterior's log-variance (sampling it "
+                     "would give absurd latents)", "re-encode the clip with the codec (`relvid preprocess`)")
     _check_unit_range(subj, path, "subject_masks")
     if rel is not None:
         _check_unit_range(rel, path, "relation_mask")
+
+
+def frame_counts(records: list[ClipRecord]) -> dict[int, list[str]]:
+    """Latent frame count f -> the ids of the clips that have it."""
+    out: dict[int, list[str]] = {}
+    for rec in records:
+        out.setdefault(rec.latent_shape[1], []).append(rec.clip_id)
+    return dict(sorted(out.items()))
+
+
+def mixed_frames_problem(records: list[ClipRecord], where: str | Path) -> str | None:
+    """Why clips of several latent frame counts cannot share a batch (batch_size > 1); None when they can."""
+    counts = frame_counts(records)
+    if len(counts) < 2:
+        return None
+    listed = "; ".join(f"f={f}: {', '.join(ids[:3])}{' ...' if len(ids) > 3 else ''}" for f, ids in counts.items())
+    return (f"{where}: field 'latent_mean': clips have different latent frame counts ({listed}); batch_size > 1 "
+            "stacks clips and needs one frame count. Fix: train with data.batch_size=1, or cache every clip "
+            "with one --frames (preprocess.frames)")
+
+
+def cache_wide_problems(records: list[ClipRecord], where: str | Path, batch_size: int = 1) -> list[str]:
+    """Problems no single clip shows: subject masks empty in every clip; mixed frame counts for batches > 1."""
+    problems = []
+    if records and all(not bool((rec.subject_masks > 0).any()) for rec in records):
+        problems.append(f"{where}: field 'subject_masks': all zero in every clip ({len(records)} clips): the "
+                        "relation and subject losses would see no subject. Fix: rebuild the cache with working "
+                        "masks (check --mask-source and the mask files; `relvid mask-sheet` shows them)")
+    if batch_size > 1:
+        mixed = mixed_frames_problem(records, where)
+        if mixed:
+            problems.append(mixed)
+    return problems
 
 
 def write_clip(path: str | Path, record: ClipRecord) -> Path:
@@ -241,6 +285,13 @@ class ClipCache:
             if not isinstance(entry, dict) or not {"id", "file", "relation", "caption"} <= entry.keys():
                 raise _error(self.manifest_path, "clips",
                              f"entry {entry!r} lacks one of id/file/relation/caption", fix)
+            # Ids and file names are paths below the cache folder: '../x' would read outside it.
+            clip_id, name = entry["id"], entry["file"]
+            if not isinstance(clip_id, str) or not _CLIP_ID.match(clip_id) or name != f"{clip_id}{CLIP_SUFFIX}":
+                raise _error(self.manifest_path, "clips",
+                             f"entry {clip_id!r} (file {name!r}) is not a clip file inside {self.root}: ids use "
+                             f"letters, digits and '._+-' only and the file is '<id>{CLIP_SUFFIX}'",
+                             "remove the entry from manifest.json or rebuild the cache with `relvid preprocess`")
         return manifest
 
     def _save_manifest(self) -> None:
@@ -308,15 +359,30 @@ class ClipCache:
                              f"{value!r}")
         return record
 
-    def validate(self) -> list[tuple[str, str]]:
-        """(clip_id, problem) for every listed clip that fails to read; empty when all are fine."""
-        problems = []
-        for clip_id in self.clip_ids():
+    def inspect(self, batch_size: int = 1) -> tuple[list[tuple[str, str]], list[str]]:
+        """(problems, notes): problems as in validate(); notes say what only limits training (clips of
+        several frame counts cannot share a batch)."""
+        problems, records = [], []
+        ids = self.clip_ids()
+        if not ids:
+            problems.append((CACHE_WIDE, f"{self.manifest_path}: field 'clips': the manifest lists no clips, "
+                             "there is nothing to train on. Fix: run `relvid preprocess` into this folder (see "
+                             "the manifest's 'failures' for why earlier clips were not cached)"))
+        for clip_id in ids:
             try:
-                self.read(clip_id)
+                records.append(self.read(clip_id))
             except CacheError as e:
                 problems.append((clip_id, str(e)))
-        return problems
+        problems += [(CACHE_WIDE, p) for p in cache_wide_problems(records, self.manifest_path, batch_size)]
+        mixed = mixed_frames_problem(records, self.manifest_path)
+        notes = [mixed] if mixed and batch_size <= 1 else []
+        return problems, notes
+
+    def validate(self, batch_size: int = 1) -> list[tuple[str, str]]:
+        """(clip_id, problem) for every listed clip that fails to read, plus problems of the whole cache
+        (id ``"(cache)"``: no clips, subject masks all zero, mixed frame counts when ``batch_size`` > 1);
+        empty when the cache can train."""
+        return self.inspect(batch_size)[0]
 
     def write_prompts(self, prompts: dict[str, tuple[Tensor, Tensor]]) -> None:
         """Save prompt embeddings text -> (embeds (L, D), mask (L,)); ``""`` is the negative prompt."""

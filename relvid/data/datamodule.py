@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from relvid.data.cache import CacheError, ClipCache, ClipRecord
+from relvid.data.cache import CacheError, ClipCache, ClipRecord, cache_wide_problems, mixed_frames_problem
 from relvid.losses.flow_matching import relation_mask
 from relvid.seeding import derive_seed
 
@@ -38,11 +38,17 @@ class RelationDataset(Dataset):
         self.clip_ids = self.cache.clip_ids(relation)
         if not self.clip_ids:
             which = f"for relation {relation!r} " if relation is not None else ""
-            raise CacheError(f"{self.cache.manifest_path}: no clips {which}in the cache (relations "
-                             f"present: {self.cache.relations()}). Fix: run `relvid preprocess` for "
-                             "this relation or set data.relation to one that is present")
+            present = self.cache.relations()
+            pick = (f", or train a relation the cache holds ({', '.join(present)}) with `relvid train --relation "
+                    "NAME` (config key: relation)") if present else ""
+            raise CacheError(f"{self.cache.manifest_path}: no clips {which}in the cache (relations present: "
+                             f"{present or 'none'}). Fix: cache clips of this relation with `relvid preprocess "
+                             f"--relation {relation or 'NAME'} --out {self.cache.root}`{pick}")
         self.records: list[ClipRecord] = [self.cache.read(i) for i in self.clip_ids]
         self._check_consistent()
+        problems = cache_wide_problems(self.records, self.cache.manifest_path)
+        if problems:
+            raise CacheError(problems[0])
         self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
 
     def _check_consistent(self) -> None:
@@ -201,9 +207,13 @@ class RelationDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is None:
-            self.dataset = RelationDataset(self.cache_dir, relation=self.relation, seed=self.seed,
-                                           caption_dropout=self.caption_dropout,
-                                           sample_posterior=self.sample_posterior)
+            dataset = RelationDataset(self.cache_dir, relation=self.relation, seed=self.seed,
+                                      caption_dropout=self.caption_dropout, sample_posterior=self.sample_posterior)
+            # Batch 1 takes clips of any length; a larger batch stacks them and cannot.
+            mixed = mixed_frames_problem(dataset.records, dataset.cache.manifest_path) if self.batch_size > 1 else None
+            if mixed:
+                raise CacheError(f"{mixed} (data.batch_size is {self.batch_size})")
+            self.dataset = dataset
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")

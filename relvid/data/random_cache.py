@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from relvid.data.cache import ClipCache, ClipRecord
+from relvid.data.cache import MANIFEST_NAME, PROMPTS_NAME, ClipCache, ClipRecord
+from relvid.errors import OutputExistsError
 from relvid.losses.flow_matching import relation_mask
 
 
@@ -32,18 +33,38 @@ def _random_text(max_tokens: int, text_dim: int, g: torch.Generator) -> tuple[Te
     return torch.randn(n, text_dim, generator=g), torch.ones(n, dtype=torch.bool)
 
 
+def _remove_cache(root: Path) -> None:
+    """Delete the cache in ``root``: its listed clip files, prompts and manifest (other files stay)."""
+    try:
+        names = [entry["file"] for entry in ClipCache(root).manifest["clips"]]
+    except ValueError:  # an unreadable manifest (CacheError): nothing listed can be trusted, drop just it
+        names = []
+    for name in [*names, PROMPTS_NAME, MANIFEST_NAME]:
+        (root / name).unlink(missing_ok=True)
+
+
 def write_random_cache(root: str | Path, n_clips: int = 4, relation: str = "shaking_hands",
                        latent_shape: tuple[int, int, int, int] = (4, 3, 8, 8), text_dim: int = 32,
                        max_tokens: int = 6, seed: int = 0,
-                       prompts: Sequence[str] = ("A dog is shaking hands with a cat.",)) -> ClipCache:
+                       prompts: Sequence[str] = ("A dog is shaking hands with a cat.",),
+                       overwrite: bool = False) -> ClipCache:
     """Write ``n_clips`` random clips of ``relation`` (plus prompt embeddings) into ``root``.
 
     Latent means ~ N(0, 1) and log-variances ~ -4 (stored bf16, like a real VAE posterior), text
     embeddings of 1..max_tokens valid tokens, two moving-box subject masks and their union as the
-    relation mask. Deterministic from ``seed``.
+    relation mask. Deterministic from ``seed``. A folder that already holds a cache (a manifest.json)
+    is refused unless ``overwrite``, which first removes that cache's clips, prompts and manifest.
     """
     if n_clips < 1 or max_tokens < 1:
         raise ValueError(f"n_clips and max_tokens must be >= 1, got {n_clips} and {max_tokens}")
+    root = Path(root)
+    if (root / MANIFEST_NAME).exists():
+        if not overwrite:
+            raise OutputExistsError(
+                f"{root} already holds a clip cache ({root / MANIFEST_NAME}): a random cache would replace its "
+                "prompts and config and mix random clips into it. Fix: pick another folder, or pass --overwrite "
+                "(write_random_cache(..., overwrite=True)) to delete that cache and write a random one")
+        _remove_cache(root)
     c, f, h, w = latent_shape
     g = torch.Generator().manual_seed(seed)
     cache = ClipCache(root, create=True)

@@ -17,11 +17,14 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from relvid.inference.generate import sampling_record
 from relvid.inference.render import (
     VideoJob,
+    adapters_sha256,
+    base_weights,
     dist_env,
+    pending,
     plan_jobs,
+    read_sidecar,
     render_jobs,
     shard,
     sidecar_path,
@@ -64,20 +67,30 @@ def _device(cfg) -> torch.device:
     return torch.device(cfg.evaluate.device) if cfg.evaluate.device else default_device()
 
 
-def generate_stage(cfg) -> list[Path]:
-    """This rank's share of the test videos (skipping finished ones); returns ALL expected paths."""
-    from relvid.inference.render import read_prompts
+def _jobs_and_meta(cfg) -> tuple[list[VideoJob], dict]:
+    """Every test video's job, and what all of them share (recorded in and checked against each
+    sidecar): relation, method, adapters' sha256 and base weights; settings are added by render."""
+    from relvid.prompts import collect_prompts
 
-    ev, settings = cfg.evaluate, cfg.sampling
+    ev = cfg.evaluate
+    jobs = plan_jobs(collect_prompts(ev.prompts, ev.prompts_file, cfg.relation), list(ev.seeds))
+    meta = {"relation": cfg.relation, "method": method_name(cfg),
+            "adapters_sha256": adapters_sha256(evaluate_adapters(cfg)), "base_weights": base_weights(cfg.model)}
+    return jobs, meta
+
+
+def generate_stage(cfg) -> list[Path]:
+    """This rank's share of the test videos (reusing finished ones whose sidecar matches, refusing
+    ones made otherwise); returns ALL expected paths."""
+    settings = cfg.sampling
     adapters = evaluate_adapters(cfg)
-    method = method_name(cfg)
-    jobs = plan_jobs(read_prompts(ev.prompts, ev.prompts_file, cfg.relation), list(ev.seeds))
+    jobs, meta = _jobs_and_meta(cfg)
     videos = method_dir(cfg) / "videos"
     all_paths = [videos / f"{j.stem}.mp4" for j in jobs]
     rank, world, _ = dist_env()
     mine: list[VideoJob] = shard(jobs, rank, world)
-    todo = [j for j in mine if not sidecar_path(videos / f"{j.stem}.mp4").is_file()]
-    meta = {"relation": cfg.relation, "method": method}
+    # checked before any model is loaded: a folder made with other adapters/weights/settings fails at once
+    todo = [j for j, _ in pending(mine, videos, settings, meta)]
     info: dict = {}
     if todo:
         device = _device(cfg)
@@ -88,9 +101,8 @@ def generate_stage(cfg) -> list[Path]:
             from relvid.models.adapter_file import apply_adapter_source
 
             info["adapters"] = apply_adapter_source(transformer, adapters).to_dict()
-            meta["adapters_sha256"] = info["adapters"]["sha256"]
-        else:
-            meta["adapters_sha256"] = None
+            if info["adapters"]["sha256"] != meta["adapters_sha256"]:
+                raise RuntimeError(f"{adapters} changed while it was loaded; run `relvid evaluate` again")
         # encode every prompt first, then free the text encoder (T5-XXL is ~9 GB)
         texts = sorted({j.prompt for j in todo} | {settings.negative_prompt})
         encoded = dict(zip(texts, text.encode(texts), strict=True))
@@ -99,14 +111,17 @@ def generate_stage(cfg) -> list[Path]:
             torch.cuda.empty_cache()
         render_jobs(mine, videos, transformer, codec, None, settings, device=device, meta=meta, encoded=encoded,
                     info=info)
-    elif mine:
-        # nothing to render here, but a finished folder made with other settings is still an error
-        from relvid.inference.render import is_done
-
-        expected = {"settings": sampling_record(settings), "negative_prompt": settings.negative_prompt}
-        for j in mine:
-            is_done(videos / f"{j.stem}.mp4", expected)
     return all_paths
+
+
+def check_all_videos(cfg) -> None:
+    """Rank zero, once every rank is done: every test video's sidecar matches this evaluation (so
+    another rank's leftovers from another experiment are never measured)."""
+    jobs, meta = _jobs_and_meta(cfg)
+    missing = pending(jobs, method_dir(cfg) / "videos", cfg.sampling, meta)
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} test videos missing after waiting, e.g. {missing[0][1]}; rerun "
+                                "`relvid evaluate` (finished videos are kept)")
 
 
 def _video_list(cfg, generated: list[Path] | None) -> list[tuple[Path, dict]]:
@@ -122,7 +137,7 @@ def _video_list(cfg, generated: list[Path] | None) -> list[tuple[Path, dict]]:
         if not side.is_file():
             raise FileNotFoundError(f"{side} missing: each video needs a JSON sidecar with its 'prompt' (as "
                                     "`relvid sample` writes) for CLIP-T and the judge")
-        out.append((f, json.loads(side.read_text(encoding="utf-8"))))
+        out.append((f, read_sidecar(side, required=("prompt",))))
     return out
 
 
@@ -221,4 +236,5 @@ def evaluate(cfg) -> dict[str, Path] | None:
     save_config(cfg, method_dir(cfg) / "config.yaml", command="evaluate")
     if generated is not None and world > 1:
         wait_for(generated, ev.wait_timeout_s)
+        check_all_videos(cfg)
     return update_results(ev.out, metrics_stage(cfg, generated))

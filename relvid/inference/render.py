@@ -1,12 +1,15 @@
 """Render many (prompt, seed) videos to mp4 + JSON sidecars: sharded over ranks, resumable.
 
 A video counts as done when its sidecar exists (written after the mp4 is in place), so an
-interrupted run resumes where it stopped. A sidecar made with other settings or other adapters
-is an error, not a silent mix of two experiments.
+interrupted run resumes where it stopped. Each sidecar records everything that defines its video:
+the full prompt, the seed, the sampling settings and negative prompt, the adapters' sha256 and
+the base weights' identity. A rerun reuses a video only when all of these match; a sidecar that
+differs is refused (never re-rendered over), not a silent mix of two experiments.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -24,10 +27,15 @@ from relvid.files import atomic_write
 from relvid.inference.generate import generate_video, sampling_record
 from relvid.models.codecs import Codec
 from relvid.models.text_encoders import TextEncoder
+from relvid.prompts import collect_prompts
 
 
 class RenderMismatchError(UserError, ValueError):
-    """Existing videos in the output folder were made with different settings or adapters."""
+    """Existing videos in the output folder were made with different settings, adapters, weights or prompt."""
+
+
+class SidecarError(UserError, ValueError):
+    """A video's JSON sidecar is unreadable or lacks a key relvid needs."""
 
 
 @dataclass(frozen=True)
@@ -38,8 +46,14 @@ class VideoJob:
 
     @property
     def stem(self) -> str:
+        """p<index>_s<seed>_<prompt's first words>_<hash of the full prompt>: unique per full prompt."""
         words = re.sub(r"[^a-z0-9]+", "_", self.prompt.lower()).strip("_")[:48]
-        return f"p{self.index:03d}_s{self.seed}_{words}"
+        return f"p{self.index:03d}_s{self.seed}_{words}_{prompt_hash(self.prompt)}"
+
+
+def prompt_hash(prompt: str) -> str:
+    """8 hex digits of the full prompt's sha256: tells apart prompts that share their first words."""
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:8]
 
 
 def plan_jobs(prompts: list[str], seeds: list[int]) -> list[VideoJob]:
@@ -69,18 +83,87 @@ def sidecar_path(video: Path) -> Path:
     return video.with_suffix(".json")
 
 
+def read_sidecar(side: Path, required: tuple[str, ...] = ()) -> dict:
+    """A sidecar's JSON object, checked to hold the ``required`` keys."""
+    try:
+        meta = json.loads(side.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SidecarError(f"{side} is not valid JSON ({err}): fix or delete it (and its video)") from None
+    if not isinstance(meta, dict):
+        raise SidecarError(f"{side} holds a {type(meta).__name__}, not a JSON object: fix or delete it")
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise SidecarError(f"{side} lacks the key(s) {', '.join(map(repr, missing))}: add them (e.g. "
+                           '{"prompt": "<the video\'s prompt>"}) or delete the video and its sidecar')
+    return meta
+
+
+def job_record(expected: dict, job: VideoJob) -> dict:
+    """`expected` (what every video of the run shares) plus what this job alone defines."""
+    return {**expected, "prompt": job.prompt, "seed": job.seed}
+
+
 def is_done(video: Path, expected: dict) -> bool:
-    """True when the video and its sidecar exist and the sidecar matches `expected` on its keys."""
+    """True when the video and its sidecar exist and the sidecar matches `expected` on its keys.
+
+    A sidecar that differs on any key is refused with a RenderMismatchError (the video is never
+    re-rendered over: it may be another experiment's result)."""
     side = sidecar_path(video)
-    if not (video.is_file() and side.is_file()):
+    if not side.is_file():
         return False
-    meta = json.loads(side.read_text(encoding="utf-8"))
+    meta = read_sidecar(side)
     for key, value in expected.items():
         if meta.get(key) != value:
+            old = meta[key] if key in meta else "(not recorded)"
             raise RenderMismatchError(
-                f"{side}: made with {key}={meta.get(key)!r}, now asked for {value!r}; use a new output folder "
-                "(or delete the old videos) instead of mixing two settings")
-    return True
+                f"{video.parent}: {video.name} was made with {key}={old!r}, this run asks for {key}={value!r}; "
+                "refusing to reuse or re-render over it (it belongs to another experiment): write to another "
+                "folder (--out, or --method for `relvid evaluate`), or delete the old videos first")
+    return video.is_file()
+
+
+def expected_record(settings: SamplingConfig, meta: dict | None = None) -> dict:
+    """What every video of a run shares, in the form it takes in a sidecar (tuples -> lists)."""
+    record = {"settings": sampling_record(settings), "negative_prompt": settings.negative_prompt, **(meta or {})}
+    return json.loads(json.dumps(record))
+
+
+def pending(jobs: list[VideoJob], out_dir: str | os.PathLike, settings: SamplingConfig,
+            meta: dict | None = None) -> list[tuple[VideoJob, Path]]:
+    """The jobs still to render in ``out_dir``; raises RenderMismatchError on any video made otherwise."""
+    out = Path(out_dir)
+    expected = expected_record(settings, meta)
+    todo = []
+    for job in jobs:
+        path = out / f"{job.stem}.mp4"
+        if not is_done(path, job_record(expected, job)):
+            todo.append((job, path))
+    return todo
+
+
+def base_weights(model_cfg) -> str:
+    """The base transformer's identity, recorded as every sidecar's "base_weights": the tiny preset's
+    architecture and init seed, or ``weights_identity`` of the model.path folder."""
+    if model_cfg.preset == "tiny":
+        from omegaconf import OmegaConf
+
+        tiny = OmegaConf.to_container(model_cfg.tiny, resolve=True) if OmegaConf.is_config(model_cfg.tiny) \
+            else dict(model_cfg.tiny)
+        return f"tiny preset {json.dumps(tiny, sort_keys=True)}"
+    from relvid.models.backbone import find_transformer_folder
+    from relvid.models.weights import weights_identity
+
+    return weights_identity(find_transformer_folder(model_cfg.path))
+
+
+def adapters_sha256(adapters: str | None) -> str | None:
+    """The sha256 of the adapter file ``adapters`` resolves to (None for the base model), read
+    before any model is loaded."""
+    if not adapters:
+        return None
+    from relvid.models.adapter_file import file_sha256, resolve_adapter_file
+
+    return file_sha256(resolve_adapter_file(adapters)[0])
 
 
 def render_jobs(jobs: list[VideoJob], out_dir: str | os.PathLike, transformer: nn.Module, codec: Codec,
@@ -96,10 +179,9 @@ def render_jobs(jobs: list[VideoJob], out_dir: str | os.PathLike, transformer: n
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     negative = settings.negative_prompt
-    expected = {"settings": sampling_record(settings), "negative_prompt": negative, **(meta or {})}
-    expected = json.loads(json.dumps(expected))  # the form it takes in a sidecar (tuples -> lists)
+    expected = expected_record(settings, meta)
     paths = [out / f"{job.stem}.mp4" for job in jobs]
-    todo = [(job, path) for job, path in zip(jobs, paths, strict=True) if not is_done(path, expected)]
+    todo = pending(jobs, out, settings, meta)
     if not todo:
         return paths
     texts = sorted({job.prompt for job, _ in todo} | ({negative} if settings.guidance_scale != 1.0 else set()))
@@ -117,7 +199,7 @@ def render_jobs(jobs: list[VideoJob], out_dir: str | os.PathLike, transformer: n
         from relvid.video_io import write_mp4
 
         write_mp4(path, frames, fps=settings.fps)
-        sidecar = {**expected, **(info or {}), "prompt": job.prompt, "prompt_index": job.index, "seed": job.seed,
+        sidecar = {**(info or {}), **job_record(expected, job), "prompt_index": job.index,
                    "seconds": round(time.time() - t0, 2), "device": str(device)}
         atomic_write(sidecar_path(path), json.dumps(sidecar, indent=2))
     return paths
@@ -131,16 +213,20 @@ def sample_videos(cfg) -> list[Path]:
 
     opts = cfg.sample
     adapters = choose_adapters(opts.base, opts.adapters, cfg.output_dir, cfg.relation)
-    prompts = read_prompts(opts.prompts, opts.prompts_file, cfg.relation)
+    prompts = collect_prompts(opts.prompts, opts.prompts_file, cfg.relation)
     device = torch.device(opts.device) if opts.device else default_device()
+    jobs = plan_jobs(prompts, list(opts.seeds))
+    # what defines the videos, known before any model is loaded: a folder made otherwise is refused at once
+    meta: dict = {"adapters_sha256": adapters_sha256(adapters), "base_weights": base_weights(cfg.model)}
+    pending(jobs, opts.out, cfg.sampling, meta)
     transformer, codec, text = load_generation_parts(cfg.model, device)
-    meta: dict = {"adapters_sha256": None}
     info: dict = {"model_path": cfg.model.path}
     if adapters:
         from relvid.models.adapter_file import apply_adapter_source
 
         source = apply_adapter_source(transformer, adapters)
-        meta["adapters_sha256"] = source.sha256
+        if source.sha256 != meta["adapters_sha256"]:
+            raise RuntimeError(f"{source.path} changed while it was loaded; run `relvid sample` again")
         info["adapters"] = source.to_dict()
         print(f"adapters: {source.path} ({source.kind}, sha256 {source.sha256[:12]}); relation + ffn active")
     else:
@@ -148,8 +234,7 @@ def sample_videos(cfg) -> list[Path]:
     from relvid.config import save_config
 
     save_config(cfg, Path(opts.out) / "config.yaml", command="sample")
-    return render_jobs(plan_jobs(prompts, list(opts.seeds)), opts.out, transformer, codec, text, cfg.sampling,
-                       device=device, meta=meta, info=info)
+    return render_jobs(jobs, opts.out, transformer, codec, text, cfg.sampling, device=device, meta=meta, info=info)
 
 
 def choose_adapters(base: bool, adapters: str | None, output_dir: str, relation: str) -> str | None:
@@ -166,21 +251,6 @@ def choose_adapters(base: bool, adapters: str | None, output_dir: str, relation:
         raise FileNotFoundError(f"no adapters given and {default} (the run of relation {relation}) does not "
                                 "exist: pass --adapters <.ckpt | adapters folder | LoRA file>, or --base")
     return str(default)
-
-
-def read_prompts(prompts, prompts_file: str | None, relation: str) -> list[str]:
-    """The listed prompts, then the file's lines; neither: the relation's ten evaluation prompts."""
-    out = list(prompts or [])
-    if prompts_file:
-        path = Path(prompts_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"prompts_file {path} not found")
-        out += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if out:
-        return out
-    from relvid.prompts import eval_prompts
-
-    return eval_prompts(relation)
 
 
 def wait_for(paths: list[Path], timeout_s: float, poll_s: float = 5.0) -> None:

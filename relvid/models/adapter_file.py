@@ -115,6 +115,11 @@ def _check_state_keys(state: dict[str, torch.Tensor], spec: TripletSpec, where: 
     absent = sorted(set(names) - {k.split("/", 1)[0] for k in state})
     if absent:
         raise LoRAConfigError(f"{where}: adapters {absent} of placement {spec.placement!r} have no weights")
+    not_finite = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if not_finite:
+        raise LoRAConfigError(f"{where}: non-finite (NaN or infinite) LoRA weights in {not_finite[:3]}"
+                              f"{' ...' if len(not_finite) > 3 else ''}: the run that made them diverged; "
+                              "use an earlier checkpoint")
 
 
 # "transformer.transformer_blocks.3.attn1.to_q.lora_A.relation.weight"
@@ -133,7 +138,8 @@ def adapters_from_checkpoint(path: str | Path) -> tuple[TripletSpec, dict[str, t
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle/zip errors of many kinds: report the file
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:200]})") from None
     meta = ckpt.get("relvid") if isinstance(ckpt, dict) else None
     if meta is None:
         raise CheckpointError(f"{path} has no 'relvid' section: it was not written by `relvid train`")

@@ -288,7 +288,8 @@ def import_reference(file: str | os.PathLike, out_dir: str | os.PathLike, qkv_al
     try:
         raw = torch.load(file, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
-        raise LoRAConfigError(f"{file}: cannot be read as a torch checkpoint (weights_only=True): {e}") from e
+        raise LoRAConfigError(f"{file}: cannot be read as a torch checkpoint (weights_only=True): "
+                              f"{str(e).splitlines()[0][:200]}") from None
     tensors = _unwrap(raw, file)
     try:
         state, spec = convert_reference_state_dict(tensors, qkv_alpha=qkv_alpha, out_alpha=out_alpha)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -59,3 +60,50 @@ def check_weight_files(folder: Path, hint: str) -> None:
             f"{folder} is missing {len(missing)} of {len(shards)} weight shards ({', '.join(missing[:3])}"
             f"{', ...' if len(missing) > 3 else ''}): the download is incomplete; {hint}."
         )
+
+
+# How much of each weight file's start and end goes into its fingerprint: enough to tell two
+# trainings of one architecture apart, without reading gigabytes.
+_SAMPLE_BYTES = 1 << 20
+
+
+def _file_sample(path: Path) -> bytes:
+    """The file's first and last ``_SAMPLE_BYTES`` (the whole file when it is smaller than both)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size <= 2 * _SAMPLE_BYTES:
+            return f.read()
+        head = f.read(_SAMPLE_BYTES)
+        f.seek(size - _SAMPLE_BYTES)
+        return head + f.read()
+
+
+def weights_identity(path: str | os.PathLike) -> str:
+    """A cheap fingerprint of the transformer weights at ``path`` (a pipeline root or its transformer/).
+
+    Hashes the transformer's config.json, the pipeline's model_index.json when there is one, and
+    every weight file's name, size and first and last MiB: two folders holding other weights (or
+    another architecture) differ, the same folder always gives the same value, and the
+    gigabytes of a real checkpoint are never read whole."""
+    root = Path(path).expanduser()
+    folder = root / "transformer" if (root / "transformer" / "config.json").is_file() else root
+    config = folder / "config.json"
+    if not config.is_file():
+        raise WeightsNotFoundError(f"{root} has no transformer/config.json (nor config.json): point model.path at "
+                                   "a diffusers-format Mochi folder")
+    digest = hashlib.sha256()
+    digest.update(b"config.json\0" + config.read_bytes())
+    # the pipeline root's model_index.json, whether path names the root or its transformer/ folder
+    index = (folder.parent if folder.name == "transformer" else root) / "model_index.json"
+    if index.is_file():
+        digest.update(b"model_index.json\0" + index.read_bytes())
+    weights = sorted(p for p in folder.iterdir()
+                     if p.is_file() and not p.name.startswith(".") and p.name.endswith((".safetensors", ".bin",
+                                                                                         ".index.json")))
+    if not weights:
+        raise WeightsNotFoundError(f"{folder} holds no weight files (*.safetensors, *.bin): the download is "
+                                   "incomplete; download the model again")
+    for weight in weights:
+        digest.update(f"{weight.name}\0{weight.stat().st_size}\0".encode())
+        digest.update(_file_sample(weight))
+    return f"sha256:{digest.hexdigest()}"

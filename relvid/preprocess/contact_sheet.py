@@ -9,8 +9,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from relvid.errors import UserError
+
 SUBJECT_COLOURS = ((255, 40, 40), (40, 120, 255))  # subject 1 red, subject 2 blue
 ALPHA = 0.5
+
+
+class MaskSheetError(UserError, FileNotFoundError):
+    """A cached clip whose source video cannot be re-read for its mask sheet."""
 
 
 def latent_masks_to_pixels(latent_masks: torch.Tensor, frames: int, height: int, width: int,
@@ -85,7 +91,14 @@ def mask_sheet(cache_dir: str | Path, clip_id: str | None = None, out: str | Pat
     if not spec_cfg:
         raise ValueError(f"{cache.manifest_path} has no clip spec (not written by `relvid preprocess`)")
     spec = ClipSpec(**{**spec_cfg, "allow_upscale": True})
-    clip = load_clip(record.meta["source"], spec)
+    source = Path(record.meta["source"])
+    if not source.is_file():
+        where = "" if source.is_absolute() else f" from {Path.cwd()} (a relative path)"
+        raise MaskSheetError(
+            f"{cache.path(clip_id)}: field 'meta.source': the source video {source} of clip {clip_id} is not "
+            f"found{where}. Fix: put the video back at that path, or run `relvid mask-sheet` from the folder "
+            "`relvid preprocess` ran in (caches written now record absolute paths)")
+    clip = load_clip(source, spec)
     t = int(record.meta["codec_factors"].split(",")[0])
     masks = latent_masks_to_pixels(record.subject_masks, spec.frames, spec.height, spec.width, t)
     path = Path(out or Path(cache_dir) / "sheets" / f"{clip_id}.png")

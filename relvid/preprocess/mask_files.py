@@ -5,6 +5,12 @@ source video frame k, at the source video's size or any size of the same aspect 
 crop and resize are applied to them as to the video. Subject order is the order of the colours:
 given explicitly, or the two most frequent non-black colours sorted by (R, G, B) descending (red
 before green before blue). Lossy mask videos are read by nearest palette colour.
+
+PNG folders are checked, so that a mistake never silently moves or merges masks: numbered frames must
+have no gap (a missing ``mask3.png`` would shift every later mask by a frame), and a PNG may hold no
+third colour besides the two subjects and their blends with black or each other (anti-aliased edges).
+With explicit colours (--mask-colors) any other colour is read as background instead, in PNGs and
+mask videos alike: that is how to use mask files that label more than the two subjects.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from relvid.preprocess.video import ClipSkipped, Crop
 IMAGE_SUFFIXES = (".png",)
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 BLACK_LEVEL = 40  # a pixel whose channels are all at or below this is background
+STRAY_DISTANCE = 64.0  # RGB distance from every subject colour (and their blends) of another colour
+STRAY_MIN_PIXELS = 8  # fewer stray pixels than this (and than 0.2% of the foreground) are noise
 _DIGITS = re.compile(r"(\d+)")
 
 
@@ -45,17 +53,42 @@ def mask_source_for(video: Path, masks_root: Path) -> Path | None:
     return None
 
 
-def _read_png_folder(folder: Path, wanted: list[int]) -> np.ndarray:
+def _check_numbering(folder: Path, files: list[Path]) -> None:
+    """Numbered PNGs (the last digit run of the name) must count up without a gap or a repeat."""
+    numbers = []
+    for p in files:
+        runs = _DIGITS.findall(p.stem)
+        if not runs:
+            return  # unnumbered names: natural order is all there is
+        numbers.append(int(runs[-1]))
+    seen: dict[int, str] = {}
+    for number, p in zip(numbers, files, strict=True):
+        if number in seen:
+            raise MaskFileError(f"{folder}: {seen[number]} and {p.name} are both mask frame {number}. Fix: keep one "
+                                "PNG per source video frame")
+        seen[number] = p.name
+    missing = sorted(set(range(min(numbers), max(numbers) + 1)) - set(numbers))
+    if missing:
+        shown = ", ".join(str(n) for n in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise MaskFileError(f"{folder}: mask frame {shown} missing (PNGs numbered {min(numbers)}..{max(numbers)}): "
+                            "every later mask would belong to the wrong video frame. Fix: add the missing PNG "
+                            "(an all-black one where no subject is visible)")
+
+
+def _read_png_folder(folder: Path, wanted: list[int]) -> tuple[np.ndarray, list[str]]:
+    """(T, H, W, 3) mask frames for source frames ``wanted``, and their file names."""
     from PIL import Image
 
     files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES),
                    key=lambda p: natural_key(p.name))
     if not files:
         raise MaskFileError(f"{folder}: no PNG mask frames")
+    _check_numbering(folder, files)
     if wanted[-1] >= len(files):
         raise MaskFileError(f"{folder}: {len(files)} mask frames, the clip needs source frames up to {wanted[-1]} "
                             "(one mask PNG per source video frame)")
-    return np.stack([np.asarray(Image.open(files[i]).convert("RGB")) for i in wanted])  # (T, H, W, 3)
+    frames = np.stack([np.asarray(Image.open(files[i]).convert("RGB")) for i in wanted])  # (T, H, W, 3)
+    return frames, [files[i].name for i in wanted]
 
 
 def _read_mask_video(path: Path, wanted: list[int]) -> np.ndarray:
@@ -88,14 +121,51 @@ def palette(frames: np.ndarray, count: int = 2) -> list[tuple[int, int, int]]:
     return sorted(colours, reverse=True)
 
 
-def split_colours(frames: np.ndarray, colours: list[tuple[int, int, int]]) -> np.ndarray:
-    """(T, H, W, 3) colour masks -> (S, T, H, W) bool: each foreground pixel goes to its nearest colour."""
+def _segment_distance(pixels: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """RGB distance of (..., 3) pixels to the colour segment a-b (the blends of a and b)."""
+    ab = b - a
+    t = np.clip(((pixels - a) @ ab) / max(float(ab @ ab), 1e-6), 0.0, 1.0)
+    return np.linalg.norm(pixels - (a + t[..., None] * ab), axis=-1)
+
+
+def stray_distance(frame: np.ndarray, colours: list[tuple[int, int, int]]) -> np.ndarray:
+    """(H, W) RGB distance of each pixel to the nearest subject colour or blend (with black or each other):
+    anti-aliased edges lie near 0, a colour of its own far from it."""
+    px = frame.astype(np.float32)
+    ref = [np.array(c, dtype=np.float32) for c in colours]
+    black = np.zeros(3, dtype=np.float32)
+    segments = [(c, black) for c in ref] + [(ref[i], ref[j]) for i in range(len(ref)) for j in range(i + 1, len(ref))]
+    return np.min([_segment_distance(px, a, b) for a, b in segments], axis=0)
+
+
+def _check_stray_colours(frames: np.ndarray, names: list[str], folder: Path,
+                         colours: list[tuple[int, int, int]]) -> None:
+    """Refuse a PNG holding a colour that is neither subject (it would be merged into the nearest one)."""
+    for frame, name in zip(frames, names, strict=True):
+        fg = (frame > BLACK_LEVEL).any(axis=-1)
+        stray = fg & (stray_distance(frame, colours) > STRAY_DISTANCE)
+        count = int(stray.sum())
+        if count >= max(STRAY_MIN_PIXELS, 0.002 * int(fg.sum())):
+            values, counts = np.unique(frame[stray].reshape(-1, 3), axis=0, return_counts=True)
+            colour = tuple(int(v) for v in values[counts.argmax()])
+            raise MaskFileError(
+                f"{folder / name}: colour {colour} ({count} pixels) is neither subject colour ({colours[0]} and "
+                f"{colours[1]}): the masks hold more colours than the two subjects. Fix: give the two subject "
+                "colours with --mask-colors 'R,G,B;R,G,B' (any other colour is then read as background), or "
+                "repaint the mask files with two colours on black")
+
+
+def split_colours(frames: np.ndarray, colours: list[tuple[int, int, int]], ignore_others: bool = False) -> np.ndarray:
+    """(T, H, W, 3) colour masks -> (S, T, H, W) bool: each foreground pixel goes to its nearest colour;
+    with ``ignore_others``, pixels of another colour (see stray_distance) are background."""
     ref = np.array(colours, dtype=np.int32)  # (S, 3)
     out = np.zeros((len(colours), *frames.shape[:3]), dtype=bool)
     for t, frame in enumerate(frames):  # per frame: a 1080p clip at once would take gigabytes
         dist = ((frame.astype(np.int32)[None] - ref[:, None, None]) ** 2).sum(-1)  # (S, H, W)
         nearest = dist.argmin(axis=0)
         fg = (frame > BLACK_LEVEL).any(axis=-1)
+        if ignore_others:
+            fg &= stray_distance(frame, colours) <= STRAY_DISTANCE
         for s in range(len(colours)):
             out[s, t] = fg & (nearest == s)
     return out
@@ -107,17 +177,21 @@ def load_mask_files(
 ) -> torch.Tensor:
     """(2, T, height, width) float masks for the clip's source frames ``wanted``."""
     source = Path(source)
+    names = None
     if source.is_dir():
-        frames = _read_png_folder(source, wanted)
+        frames, names = _read_png_folder(source, wanted)
     elif source.is_file():
         frames = _read_mask_video(source, wanted)
     else:
         raise ClipSkipped(f"mask files not found: {source}")
-    colours = list(colours) if colours else palette(frames)
+    explicit = bool(colours)
+    colours = [tuple(int(v) for v in c) for c in colours] if colours else palette(frames)
     if len(colours) < 2:
         raise ClipSkipped(f"{source}: {len(colours)} subject colour(s) found on black, a relation needs 2 "
                           "(one flat colour per subject)")
-    masks = split_colours(frames, colours[:2])  # (2, T, h, w) at the mask files' size
+    if names is not None and not explicit:
+        _check_stray_colours(frames, names, source, colours[:2])
+    masks = split_colours(frames, colours[:2], ignore_others=explicit)  # (2, T, h, w) at the mask files' size
     src_h, src_w = source_size
     m_h, m_w = masks.shape[-2:]
     if abs(m_w * src_h - src_w * m_h) > max(src_h, src_w):  # not the same aspect ratio (1 px slack)

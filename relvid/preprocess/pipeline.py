@@ -19,7 +19,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from relvid import relations
-from relvid.data.cache import ClipCache
+from relvid.data.cache import MANIFEST_NAME, CacheError, ClipCache
+from relvid.errors import UserError
 from relvid.models.codecs import Codec
 from relvid.models.text_encoders import TextEncoder
 from relvid.preprocess.encode import PreparedClip, encode_clip, prepare_video_clip
@@ -123,6 +124,57 @@ def _prepare_file_source(source: Source, spec: ClipSpec, maker: MaskMaker, fallb
     return prepare_video_clip(clip, spec, masks, used)
 
 
+# Mochi's transformer (and the tiny/toy ones) embeds 2x2 latent patches: latent sides must be even.
+TRANSFORMER_PATCH = 2
+SPEC_KEYS = ("frames", "height", "width", "fps")  # what every clip of a cache shares (allow_upscale does not count)
+
+
+class ClipSizeError(UserError, ValueError):
+    """A clip size (--frames/--height/--width) the codec and transformer cannot take."""
+
+
+def check_clip_size(codec: Codec, spec: ClipSpec, patch: int = TRANSFORMER_PATCH) -> tuple[int, int, int, int]:
+    """The latent shape of ``spec``'s clips, or ClipSizeError naming the flag, the key and a valid value: the
+    sides must be multiples of the codec's space factor times the patch (Mochi 8 x 2 = 16, toy 2 x 2 = 4)."""
+    t, multiple = codec.time_factor, codec.space_factor * patch
+    if spec.frames < 1 or (spec.frames - 1) % t:
+        k = max(1, round((spec.frames - 1) / t))
+        raise ClipSizeError(f"--frames {spec.frames} (preprocess.frames): the {codec.name} codec needs {t}k+1 "
+                            f"frames; use e.g. {t * k + 1}")
+    for flag, value in (("height", spec.height), ("width", spec.width)):
+        if value % multiple:
+            lower, upper = value // multiple * multiple, (value // multiple + 1) * multiple
+            use = f"{lower} or {upper}" if lower > 0 else f"{upper}"
+            raise ClipSizeError(
+                f"--{flag} {value} (preprocess.{flag}): the {codec.name} codec needs a multiple of {multiple} "
+                f"({codec.space_factor}x downsampling times the transformer's {patch}x{patch} patches, so the "
+                f"latent sides stay even); use {use}")
+    return codec.latent_shape(spec.frames, spec.height, spec.width)
+
+
+def check_same_spec(cache: ClipCache, spec: ClipSpec, codec: str, text_encoder: str) -> None:
+    """Refuse to add clips of another size, fps, codec or text encoder to a cache that holds clips."""
+    if not cache.clip_ids():
+        return
+    config = cache.manifest["config"]
+    old_spec = config.get("spec")
+    fix = (f"write to another folder (--out / data.cache_dir), or delete {cache.root} to rebuild it with the "
+           "new settings")
+    if not isinstance(old_spec, dict):
+        raise CacheError(f"{cache.manifest_path}: field 'config.spec': the cache holds clips not written by "
+                         f"`relvid preprocess` (no clip spec recorded). Fix: {fix}")
+    old = {k: old_spec.get(k) for k in SPEC_KEYS} | {k: config.get(k) for k in ("codec", "text_encoder")}
+    new = {k: getattr(spec, k) for k in SPEC_KEYS} | {"codec": codec, "text_encoder": text_encoder}
+    differ = [k for k in new if old[k] is not None and old[k] != new[k]]
+    if differ:
+        def show(d: dict) -> str:
+            return ", ".join(f"{k}={d[k]}" for k in differ)
+
+        raise CacheError(f"{cache.manifest_path}: field 'config.spec': the cache holds {len(cache.clip_ids())} clips "
+                         f"made with {show(old)}, this run asks for {show(new)}; the old clips would keep their "
+                         f"size under a config that no longer describes them. Fix: {fix}")
+
+
 def run_preprocess(
     sources: list[Source],
     cache_root: str | Path,
@@ -140,14 +192,17 @@ def run_preprocess(
 ) -> Summary:
     """Cache every video source not cached yet; returns what was written, skipped and why clips failed."""
     relation = relation_name(relation)
-    codec.latent_shape(spec.frames, spec.height, spec.width)  # a size the codec cannot take fails now, once
+    check_clip_size(codec, spec)  # a size the codec cannot take fails now, once
+    if (Path(cache_root) / MANIFEST_NAME).is_file():
+        check_same_spec(ClipCache(cache_root), spec, codec.name, text_encoder.name)
     cache = ClipCache(cache_root, create=True)
     cache.set_config({**(config or {}), "relation": relation, "spec": asdict(spec), "codec": codec.name,
                       "text_encoder": text_encoder.name, "mask_source": mask_maker.name,
                       "mask_fallback": fallback.name if fallback else None, "spatial_rule": spatial_rule})
     if prompts is not None:
         write_prompt_embeddings(cache, text_encoder, prompts)
-    jobs = [ClipJob(s.clip_id, s.caption, relation, str(s.video),
+    # Absolute sources: `relvid mask-sheet` re-reads the video from any working folder.
+    jobs = [ClipJob(s.clip_id, s.caption, relation, str(Path(s.video).resolve()),
                     functools.partial(_prepare_file_source, s, spec, mask_maker, fallback)) for s in sources]
     return write_clips(cache, jobs, codec, text_encoder, spatial_rule, latent_dtype, progress)
 
@@ -240,6 +295,7 @@ def preprocess(cfg) -> int:
     tiling = {"tiling": opts.vae_tile > 0, "tile": opts.vae_tile or 256,
               "tile_stride": max(8, opts.vae_tile * 3 // 4 // 8 * 8)} if model.codec == "mochi" else {}
     codec = load_codec(model.codec, model.vae_path or mochi, device=device, dtype=dtype, **tiling)
+    check_clip_size(codec, spec)  # before the text encoder, the mask models and any clip
     t5 = opts.t5_path or os.environ.get("T5_PATH") or model.text_encoder_path or mochi
     text_encoder = load_text_encoder(model.text_encoder, t5, device=device, dtype=dtype)
     maker = _mask_maker(opts.mask_source, opts, device)

@@ -66,7 +66,7 @@ def read_captions_csv(path: str | Path) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"captions CSV not found: {path}")
-    with path.open(newline="", encoding="utf-8") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheet exports start with a BOM
         rows = list(csv.DictReader(f))
     if not rows or not {"video", "caption"} <= set(rows[0]):
         raise ValueError(f"{path}: needs a header row with columns 'video' and 'caption'")

@@ -33,6 +33,7 @@ from relvid.models.lora import (
     lora_parameters,
 )
 from relvid.seeding import derive_seed
+from relvid.training.safety import check_finite_gradients, check_finite_loss
 
 CHECKPOINT_FORMAT = 1
 
@@ -169,6 +170,7 @@ class RelationModule(L.LightningModule):
                 self.log("train/loss_rcl", loss_rcl.detach(), on_step=True)
                 self.log("train/rcl_skipped", 0.0, on_step=True)
 
+        check_finite_loss(loss, self.global_step + 1, {"loss_rec": loss_rec.detach(), "loss": loss.detach()})
         self.log("train/loss", loss.detach(), on_step=True, prog_bar=True)
         self.log("train/loss_rec", loss_rec.detach(), on_step=True)
         if selection in SELECTIONS:
@@ -179,6 +181,9 @@ class RelationModule(L.LightningModule):
         return out
 
     # --- optimizer --------------------------------------------------------------------------
+    def on_before_optimizer_step(self, optimizer) -> None:
+        check_finite_gradients(lora_parameters(self.transformer), self.global_step + 1)
+
     def configure_optimizers(self):
         opt_cfg = self.cfg.optim
         trained = [a for a in adapter_names(self.spec) if a not in set(self.cfg.lora.frozen)]

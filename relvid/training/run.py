@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import warnings
@@ -14,13 +15,14 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQ
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 
-from relvid.config import ConfigError, save_config
+from relvid.config import ConfigError, check_accelerator, save_config
 from relvid.data.datamodule import RelationDataModule
 from relvid.errors import OutputExistsError
 from relvid.training.callbacks.adapter_export import FinalAdapters
 from relvid.training.callbacks.crash_checkpoint import CrashCheckpoint
 from relvid.training.callbacks.memory_bank import MemoryBankCallback
 from relvid.training.module import RelationModule, wants_gpu
+from relvid.training.safety import AtomicCheckpointIO, NonFiniteError, StopOnSignal
 from relvid.training.strategies import build_strategy
 
 
@@ -47,20 +49,59 @@ def checkpoint_dir(cfg: DictConfig) -> Path:
     return Path(cfg.output_dir) / "checkpoints"
 
 
-def resolve_resume(cfg: DictConfig) -> str | None:
-    """The checkpoint to resume from (None for a fresh run); refuses to overwrite a finished run."""
-    ckpt_dir = checkpoint_dir(cfg)
-    if cfg.resume is None:
-        existing = sorted(ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
-        if existing:
-            raise RunExistsError(
-                f"{cfg.output_dir} already holds checkpoints ({existing[-1].name}, ...): resume it with "
-                "resume=last, or set output_dir=<a new folder>"
-            )
+def checkpoint_step(path: Path) -> int | None:
+    """The global step a checkpoint file holds, or None when it cannot be read (truncated, foreign)."""
+    import torch
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(checkpoint["global_step"]) if isinstance(checkpoint, dict) and "relvid" in checkpoint else None
+    except Exception:  # any unreadable file is simply not a candidate
         return None
-    path = ckpt_dir / "last.ckpt" if cfg.resume == "last" else Path(cfg.resume)
-    if not path.is_file():
-        raise ConfigError(f"resume: checkpoint {path} not found (resume=last looks for {ckpt_dir}/last.ckpt)")
+
+
+def newest_checkpoint(ckpt_dir: Path) -> tuple[Path, int] | None:
+    """The run's checkpoint with the most steps (step files, last.ckpt, on_exception.ckpt alike; the
+    newest file on a tie), skipping files that cannot be read."""
+    found = []
+    for path in ckpt_dir.glob("*.ckpt") if ckpt_dir.is_dir() else []:
+        step = checkpoint_step(path) if path.is_file() else None
+        if step is not None:
+            found.append((step, path.stat().st_mtime, path))
+    if not found:
+        return None
+    step, _, path = max(found)
+    return path, step
+
+
+def resolve_resume(cfg: DictConfig) -> str | None:
+    """The checkpoint to resume from (None for a fresh run); refuses to write over another run."""
+    out, ckpt_dir = Path(cfg.output_dir), checkpoint_dir(cfg)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir: {out} is a file; give a folder")
+    if cfg.resume is None:
+        left = [p.name for p in (*sorted(ckpt_dir.glob("*.ckpt")), out / "config.yaml", out / "adapters")
+                if p.exists()] if out.is_dir() else []
+        # Rank 0 decides: the other ranks start once it has begun writing this very run's files.
+        other_rank = int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("RANK", "0")) > 0
+        if left and not cfg.overwrite and not other_rank:
+            raise RunExistsError(
+                f"{out} already holds another run ({', '.join(left[:3])}{', ...' if len(left) > 3 else ''}): "
+                "resume it with resume=last, train into a new output_dir, or set overwrite=true to start afresh "
+                "there (its adapters and checkpoints are then replaced)")
+        return None
+    if cfg.resume == "last":
+        newest = newest_checkpoint(ckpt_dir)
+        if newest is None:
+            raise ConfigError(f"resume=last: {ckpt_dir} holds no readable checkpoint; leave resume unset to start "
+                              "this run from the beginning")
+        path, step = newest
+        print(f"relvid: resuming from {path} (step {step})", flush=True)
+        return str(path)
+    from relvid.training.safety import load_checkpoint_file
+
+    path = Path(cfg.resume)
+    load_checkpoint_file(path)  # a missing, truncated or foreign file fails here, with its name
     return str(path)
 
 
@@ -101,6 +142,7 @@ def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -
         ModelCheckpoint(dirpath=checkpoint_dir(cfg), filename="step{step:06d}", auto_insert_metric_name=False,
                         every_n_train_steps=int(cfg.trainer.checkpoint_every), save_top_k=-1, save_last=True),
         CrashCheckpoint(checkpoint_dir(cfg)),
+        StopOnSignal(checkpoint_dir(cfg)),
         *extra_callbacks,
     ]
     if cfg.trainer.progress_bar:
@@ -108,7 +150,9 @@ def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -
         callbacks.append(TQDMProgressBar(refresh_rate=refresh))
     callbacks.extend(optional_callbacks(cfg))
     strategy = build_strategy(cfg)
+    deepspeed = str(cfg.trainer.strategy).startswith("deepspeed")  # writes its own checkpoint folders
     return L.Trainer(
+        plugins=None if deepspeed else [AtomicCheckpointIO()],
         default_root_dir=str(out),
         max_steps=int(cfg.trainer.max_steps),
         accelerator=cfg.trainer.accelerator,
@@ -131,6 +175,7 @@ def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -
 
 def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> Path:
     """Train as configured; returns the output folder (config, checkpoints, logs, adapters)."""
+    check_accelerator(cfg)  # before anything slow: a GPU config on a machine without one
     if not cfg.data.cache_dir:
         raise ConfigError("data.cache_dir: not set; point it at a clip cache made by `relvid preprocess` "
                           "(or set RELVID_CACHE)")
@@ -149,5 +194,15 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> Path:
         name = "config.yaml" if ckpt_path is None else f"config.resume-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
         save_config(cfg, out / name, command="train")
     module = RelationModule(cfg)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except NonFiniteError as err:  # name what is left to go on from
+        newest = newest_checkpoint(checkpoint_dir(cfg))
+        kept = (f"the last good checkpoint is {newest[0]} (step {newest[1]})" if newest
+                else "no checkpoint was written before it")
+        raise NonFiniteError(f"{err}; {kept}") from None
+    stop = next(c for c in trainer.callbacks if isinstance(c, StopOnSignal))
+    interrupted = stop.interruption()
+    if interrupted is not None:
+        raise interrupted
     return out

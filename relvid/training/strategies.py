@@ -187,8 +187,9 @@ def _fsdp_strategy_class():
             super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
         def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict[str, Any]:
-            path = self.broadcast(checkpoint_path)
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            from relvid.training.safety import load_checkpoint_file
+
+            checkpoint = load_checkpoint_file(self.broadcast(checkpoint_path))  # weights_only: no code runs
             # back to this process's (wrapped) names: module.on_load_checkpoint checks them
             wrapped = {clean_name(k): k for k in self.lightning_module.trainable_keys()}
             checkpoint["state_dict"] = {wrapped.get(k, k): v for k, v in checkpoint["state_dict"].items()}

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from relvid.cli import main
+from relvid.inference.render import VideoJob
 from relvid.video_io import write_mp4
 from tests.helpers.configs import TINY
 from tests.helpers.tiny_models import tiny_clip_folder, tiny_i3d_file
@@ -49,8 +50,7 @@ def test_sharded_resumable_evaluation_and_results_table(tmp_path, weights, monke
 
         # rank 0 renders prompts 0 and 2 (an "interrupted" half-written one is redone), then measures all three
         monkeypatch.setenv("RANK", "0")
-        write_mp4(videos / "p000_s0_a_cat_is_hugging_a_dog_on_a_cozy_sofa.mp4",
-                  torch.zeros(7, 16, 16, 3, dtype=torch.uint8))
+        write_mp4(videos / f"{VideoJob(0, PROMPTS[0], 0).stem}.mp4", torch.zeros(7, 16, 16, 3, dtype=torch.uint8))
         assert evaluate(out, weights, server.url, "--adapters", str(adapters), "--method", "DreamRelation") == 0
         assert sorted(p.name[:7] for p in videos.glob("*.mp4")) == ["p000_s0", "p001_s0", "p002_s0"]
         assert all(p.stat().st_mtime_ns == first[p.name] for p in videos.glob("p001*"))  # rank 1's video kept
@@ -106,3 +106,57 @@ def test_existing_videos_folder(tmp_path, weights, capsys):
     (folder / "v1.json").unlink()
     assert main(["evaluate", "--relation", "hug", "--videos", str(folder), "--out", str(tmp_path / "out")]) == 2
     assert "v1.json missing" in capsys.readouterr().err
+
+
+def render_only(out, *extra):
+    """`relvid evaluate` with no metric: renders (or reuses) the test videos, then the table."""
+    return main(["evaluate", "--relation", "hug", "--out", str(out), "--judge", "none", "--prompt", PROMPTS[0],
+                 *TINY, *extra])
+
+
+def test_evaluate_with_other_adapters_into_the_same_method_is_refused(tmp_path, trained_adapters, capsys):
+    from relvid.models.adapter_file import save_adapters
+    from relvid.models.lora import lora_parameters
+
+    adapters, model, spec = trained_adapters
+    with torch.no_grad():
+        for p in lora_parameters(model).values():
+            p.mul_(2.0)
+    other = save_adapters(tmp_path / "other" / "adapters" / "relvid_adapters.safetensors", model, spec)
+    out = tmp_path / "eval"
+    assert render_only(out, "--adapters", str(adapters), "--method", "DreamRelation") == 0
+    videos = out / "DreamRelation" / "videos"
+    stamps = {p.name: p.stat().st_mtime_ns for p in videos.glob("*")}
+    capsys.readouterr()
+    assert render_only(out, "--adapters", str(other), "--method", "DreamRelation") == 2
+    err = capsys.readouterr().err
+    assert str(videos) in err and "adapters_sha256=" in err and "--method" in err and "--out" in err
+    assert {p.name: p.stat().st_mtime_ns for p in videos.glob("*")} == stamps  # the old videos are untouched
+    assert render_only(out, "--adapters", str(other), "--method", "DreamRelation2x") == 0  # another row is fine
+    assert render_only(out, "--adapters", str(adapters), "--method", "DreamRelation") == 0  # and so is a rerun
+    assert {p.name: p.stat().st_mtime_ns for p in videos.glob("*")} == stamps
+
+
+def test_evaluate_with_other_base_weights_is_refused(tmp_path, capsys):
+    from relvid.models.backbone import tiny_transformer
+    from tests.helpers.configs import TOY_CHANNELS
+
+    for name, seed in (("weights_a", 0), ("weights_b", 1)):
+        tiny_transformer(seed=seed, in_channels=TOY_CHANNELS).save_pretrained(tmp_path / name / "transformer")
+    out = tmp_path / "eval"
+    for name, code in (("weights_a", 0), ("weights_a", 0), ("weights_b", 2)):
+        assert render_only(out, "--base", "--set", "model.preset=mochi", "--model-path", str(tmp_path / name)) == code
+    assert "base_weights=" in capsys.readouterr().err
+    side = json.loads(next((out / "Mochi" / "videos").glob("*.json")).read_text())
+    assert side["base_weights"].startswith("sha256:") and side["prompt"] == PROMPTS[0]
+
+
+def test_videos_sidecar_without_prompt_is_refused_naming_the_file(tmp_path, weights, capsys):
+    folder = tmp_path / "videos"
+    video = torch.randint(0, 256, (9, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    write_mp4(folder / "v0.mp4", video)
+    (folder / "v0.json").write_text(json.dumps({"seed": 0}))
+    assert main(["evaluate", "--relation", "hug", "--videos", str(folder), "--out", str(tmp_path / "out"),
+                 "--clip-path", str(weights["clip"]), "--judge", "none"]) == 2
+    err = capsys.readouterr().err
+    assert str(folder / "v0.json") in err and "'prompt'" in err

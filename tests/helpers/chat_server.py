@@ -18,6 +18,13 @@ class ChatServer:
     ``("status", code)`` fails with that HTTP code and ``Retry-After: 0.01``; ``("stall", None)``
     holds the request unanswered until the server closes, so a client only gets out through its
     own timeout (``stalled`` counts the requests held right now). An empty script answers "yes".
+
+    Faults a real server or network can produce: ``("trickle", seconds)`` sends a "yes" reply (status
+    line, headers and body) one byte every ``seconds``, until the client hangs up or the server closes;
+    ``("busy", value)`` fails with 429 and ``Retry-After: value`` (None: no header); ``("json", obj)``
+    replies 200 with ``obj`` as the JSON body; ``("cut", None)`` announces a body and sends half of it;
+    ``("bad_status", None)`` answers with a line that is not HTTP; ``("hang_up", None)`` closes the
+    connection without a word.
     Use it as a context manager: the server runs inside the ``with`` block.
     """
 
@@ -44,15 +51,30 @@ class ChatServer:
                     with server._lock:
                         server.stalled -= 1
                     kind, value = "answer", "yes"
-                if kind == "status":
-                    self.send_response(value)
-                    self.send_header("Retry-After", "0.01")
+                if kind in ("status", "busy"):
+                    self.send_response(value if kind == "status" else 429)
+                    if kind == "status" or value is not None:
+                        self.send_header("Retry-After", "0.01" if kind == "status" else str(value))
                     self.end_headers()
                     self.wfile.write(b'{"error": "slow down"}')
                     return
-                payload = b"<html>not json" if kind == "garbage" else json.dumps(
-                    {"id": "x", "object": "chat.completion",
-                     "choices": [{"index": 0, "message": {"role": "assistant", "content": value}}]}).encode()
+                if kind == "hang_up":
+                    return  # one request per connection: returning closes it with nothing sent
+                if kind == "bad_status":
+                    self.wfile.write(b"HELLO from not-http\r\n\r\n")
+                    return
+                if kind == "trickle":
+                    self._trickle(_reply_bytes(_completion("yes")), float(value))
+                    return
+                if kind == "json":
+                    payload = json.dumps(value).encode()
+                elif kind == "garbage":
+                    payload = b"<html>not json"
+                else:
+                    payload = _completion(value)
+                if kind == "cut":
+                    self.wfile.write(_reply_bytes(payload)[:-(len(payload) // 2)])  # headers and half the body
+                    return
                 try:
                     self.send_response(200)
                     self.send_header("Content-Type", "application/json")
@@ -61,6 +83,15 @@ class ChatServer:
                     self.wfile.write(payload)
                 except (BrokenPipeError, ConnectionResetError):  # the client gave up (a stalled request)
                     pass
+
+            def _trickle(self, data: bytes, seconds: float) -> None:
+                for i in range(len(data)):
+                    try:
+                        self.wfile.write(data[i:i + 1])
+                    except (BrokenPipeError, ConnectionResetError):
+                        return  # the client hung up: what a deadline should make it do
+                    if server._release.wait(seconds):
+                        return
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
@@ -85,3 +116,15 @@ class ChatServer:
         self._release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def _completion(text: Any) -> bytes:
+    return json.dumps({"id": "x", "object": "chat.completion",
+                       "choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}).encode()
+
+
+def _reply_bytes(payload: bytes) -> bytes:
+    """A whole 200 reply, for behaviours that write the raw bytes themselves."""
+    head = (f"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+            "Connection: close\r\n\r\n")
+    return head.encode("ascii") + payload

@@ -61,3 +61,19 @@ def test_wrong_model_class_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLMochi"}))
     with pytest.raises(WeightsNotFoundError, match="AutoencoderKLMochi"):
         find_transformer_folder(tmp_path)
+
+
+def test_weights_identity_tells_other_weights_apart_and_is_stable(tmp_path):
+    from relvid.models.weights import weights_identity
+
+    tiny_transformer(seed=0).save_pretrained(tmp_path / "a" / "transformer")
+    tiny_transformer(seed=1).save_pretrained(tmp_path / "b" / "transformer")
+    (tmp_path / "a" / "model_index.json").write_text(json.dumps({"_class_name": "MochiPipeline"}))
+    a = weights_identity(tmp_path / "a")
+    assert a == weights_identity(tmp_path / "a")  # the same folder, the same identity
+    assert a == weights_identity(tmp_path / "a" / "transformer")  # pipeline root or its transformer/
+    assert a != weights_identity(tmp_path / "b")  # same architecture and file sizes, other weights
+    (tmp_path / "a" / "model_index.json").write_text(json.dumps({"_class_name": "OtherPipeline"}))
+    assert a != weights_identity(tmp_path / "a")
+    with pytest.raises(WeightsNotFoundError, match="config.json"):
+        weights_identity(tmp_path / "nowhere")

@@ -65,5 +65,11 @@ def test_too_short_too_small_unreadable_and_missing_are_skips_with_reasons(tmp_p
 def test_spec_rejects_frame_counts_and_sizes_the_vae_cannot_take():
     with pytest.raises(ValueError, match="6k\\+1"):
         ClipSpec(frames=60)
-    with pytest.raises(ValueError, match="multiples of 16"):
-        ClipSpec(height=470)
+    with pytest.raises(ValueError, match="positive"):
+        ClipSpec(height=0)
+    # The multiple of the sides is the codec's (space factor x transformer patch): Mochi's 8 x 2 = 16.
+    from relvid.preprocess.pipeline import check_clip_size
+    from relvid.toy.codec import ToyCodec
+
+    with pytest.raises(ValueError, match="multiple of 16"):
+        check_clip_size(ToyCodec(time_factor=6, space_factor=8), ClipSpec(height=470))

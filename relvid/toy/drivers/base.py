@@ -168,7 +168,7 @@ def pretrain(out_dir: str | Path = BASE_DIR, steps: int = 2000, batch_size: int 
     first, seconds = 0, 0.0
     settings = stage_settings(stage, steps, batch_size, lr, seed, frames, init)
     if state_path.is_file():
-        state = torch.load(state_path, map_location=device, weights_only=False)
+        state = torch.load(state_path, map_location=device, weights_only=True)  # a crafted file runs no code
         if state["settings"] != settings:
             raise RuntimeError(f"{state_path} belongs to a different pretraining run ({state['settings']}); "
                                f"delete it to start this one ({settings})")

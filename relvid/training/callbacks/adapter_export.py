@@ -17,6 +17,8 @@ class FinalAdapters(L.Callback):
         self.dirpath = Path(dirpath)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.max_steps > 0 and trainer.global_step < trainer.max_steps:
+            return  # stopped early (a signal): adapters/ holds only a finished run's triplet
         # Every rank takes part: under ZeRO-3 gathering the partitioned LoRA tensors is collective.
         # The names come back plain (no FSDP wrapper prefixes), so the file loads into a fresh model.
         state = full_adapter_state(trainer, pl_module)

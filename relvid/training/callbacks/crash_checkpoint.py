@@ -1,4 +1,4 @@
-"""CrashCheckpoint: saves the training state when a run dies of an exception (Ctrl-C included)."""
+"""CrashCheckpoint: saves the training state when a run dies of an exception between two steps."""
 
 from __future__ import annotations
 
@@ -6,20 +6,36 @@ from pathlib import Path
 
 import lightning as L
 
+from relvid.training.safety import INTERRUPT_CHECKPOINT
+
 
 class CrashCheckpoint(L.Callback):
-    """Writes `<dirpath>/on_exception.ckpt`, resumable with resume=<that path>.
+    """Writes `<dirpath>/on_exception.ckpt` when an exception ends the run at a step boundary.
 
-    Lightning's OnExceptionCheckpoint also makes `fit(ckpt_path=None)` silently mean "last"; relvid
-    decides what to resume itself (train.resolve_resume), so it uses this plain callback instead.
+    An exception inside a step (in the forward, the backward or the optimizer step) leaves half a step
+    in the weights, the optimizer or the memory bank: resuming it would not reproduce the run, so
+    nothing is written then and the run's last step checkpoint stays the newest. Lightning's
+    OnExceptionCheckpoint also makes `fit(ckpt_path=None)` silently mean "last"; relvid decides what to
+    resume itself (training.run.resolve_resume), so it uses this plain callback instead.
     """
 
-    FILENAME = "on_exception.ckpt"
+    FILENAME = INTERRUPT_CHECKPOINT
 
     def __init__(self, dirpath: str | Path) -> None:
         self.dirpath = Path(dirpath)
+        self.at_boundary = True
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
+        self.at_boundary = False
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        self.at_boundary = True
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if trainer.global_step == 0:
             return  # nothing trained yet: nothing to save
+        if not self.at_boundary:
+            print(f"relvid: the run stopped inside step {trainer.global_step + 1}; no crash checkpoint is written "
+                  "(it would hold half a step). resume=last continues from the newest step checkpoint.", flush=True)
+            return
         trainer.save_checkpoint(self.dirpath / self.FILENAME)

@@ -1,8 +1,16 @@
-"""PreviewCallback: a few fixed prompts sampled every N steps, saved as mp4 and shown in TensorBoard."""
+"""PreviewCallback: a few fixed prompts sampled every N steps, saved as mp4 and shown in TensorBoard.
+
+Each preview is ``step<step>_p<i>_<key>.mp4`` with a JSON sidecar (prompt, seed, sampling settings,
+negative prompt, step): ``<key>`` hashes what defines the video besides the step, so a run resumed
+with other preview prompts or settings into the same folder writes beside the old previews, never
+over them or under a name that looks like theirs.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 from pathlib import Path
 
 import lightning as L
@@ -12,7 +20,8 @@ from tqdm.auto import tqdm
 
 from relvid.config import SamplingConfig
 from relvid.errors import UserError
-from relvid.inference.generate import generate_video, inference_scope
+from relvid.files import atomic_write
+from relvid.inference.generate import generate_video, inference_scope, sampling_record
 
 
 class PreviewPromptError(UserError, ValueError):
@@ -41,6 +50,18 @@ def log_video(writer, tag: str, frames: torch.Tensor, step: int, fps: int) -> No
     _, h, w, c = frames.shape
     image = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=gif_bytes(frames, fps))
     writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+
+
+def preview_record(prompt: str, seed: int, settings: SamplingConfig) -> dict:
+    """What defines a preview besides the step and the adapters' training state (its sidecar's keys)."""
+    record = {"prompt": prompt, "seed": int(seed), "settings": sampling_record(settings),
+              "negative_prompt": settings.negative_prompt}
+    return json.loads(json.dumps(record))  # the form it takes in the sidecar (tuples -> lists)
+
+
+def preview_key(record: dict) -> str:
+    """8 hex digits of the record's sha256: previews of other prompts or settings get other names."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode("utf-8")).hexdigest()[:8]
 
 
 def select_prompts(available: dict, wanted: list[str], max_prompts: int, where: str) -> list[str]:
@@ -120,9 +141,12 @@ class PreviewCallback(L.Callback):
         with inference_scope(pl_module.transformer, pl_module.spec):
             for i, text in enumerate(tqdm(self._texts, desc=f"preview step {step}", leave=False)):
                 embeds, mask = self._prompts[text]
+                record = preview_record(text, self.seed + i, self.settings)
                 frames = generate_video(pl_module.transformer, self._codec, embeds, mask, negative,
-                                        seed=self.seed + i, settings=self.settings, device=pl_module.device)
-                path = write_mp4(self.out_dir / f"step{step:06d}_p{i}.mp4", frames, fps=self.settings.fps)
+                                        seed=record["seed"], settings=self.settings, device=pl_module.device)
+                path = write_mp4(self.out_dir / f"step{step:06d}_p{i}_{preview_key(record)}.mp4", frames,
+                                 fps=self.settings.fps)
+                atomic_write(path.with_suffix(".json"), json.dumps({**record, "step": step}, indent=2))
                 paths.append(path)
                 if writer is not None and hasattr(writer, "_get_file_writer"):
                     log_video(writer, f"preview/p{i}", frames, step, self.settings.fps)

@@ -32,7 +32,8 @@ def test_previews_are_written_logged_and_leave_training_unchanged(cache, toy_cfg
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "previews changed the training"
 
     files = sorted(p.name for p in (with_previews / "previews").glob("*.mp4"))
-    assert files == ["step000002_p0.mp4", "step000002_p1.mp4", "step000004_p0.mp4", "step000004_p1.mp4"]
+    assert [f[:13] for f in files] == ["step000002_p0", "step000002_p1", "step000004_p0", "step000004_p1"]
+    assert files[0][13:] == files[2][13:] and files[0][13:] != files[1][13:]  # a key per prompt, not per step
     assert read_video(with_previews / "previews" / files[0]).shape == (7, 16, 24, 3)
     acc = EventAccumulator(str(with_previews / "tensorboard"))
     acc.Reload()
@@ -85,3 +86,31 @@ def test_bad_callback_settings_name_the_key(override, key, toy_cfg):
 
     with pytest.raises(ConfigError, match=key):
         toy_cfg("x", override)
+
+
+def test_previews_of_other_prompts_never_overwrite_old_ones_and_carry_sidecars(cache, toy_cfg):
+    """A run resumed with other preview prompts/settings into the same folder writes beside the old previews."""
+    import json
+
+    from relvid.training.module import RelationModule
+
+    first_cfg = toy_cfg("resumed", *PREVIEW, f"preview.prompts=[{PROMPTS[0]}]")
+    module = RelationModule(first_cfg)
+    first = PreviewCallback.from_config(first_cfg)
+    first.setup(_Trainer(), module, "fit")
+    [old] = first.render(_Trainer(), module, step=2)
+    old_bytes = old.read_bytes()
+    side = json.loads(old.with_suffix(".json").read_text())
+    assert side["prompt"] == PROMPTS[0] and side["seed"] == 0 and side["step"] == 2
+    assert side["settings"]["num_steps"] == 2 and side["settings"]["width"] == 24
+
+    for overrides in ([f"preview.prompts=[{PROMPTS[1]}]"], [f"preview.prompts=[{PROMPTS[0]}]", "preview.seed=3"],
+                      [f"preview.prompts=[{PROMPTS[0]}]", "preview.sampling.num_steps=3"]):
+        cfg = toy_cfg("resumed", *PREVIEW, *overrides)
+        again = PreviewCallback.from_config(cfg)
+        again.setup(_Trainer(), module, "fit")
+        [new] = again.render(_Trainer(), module, step=2)
+        assert new != old and new.name.startswith("step000002_p0")
+        assert old.read_bytes() == old_bytes and json.loads(old.with_suffix(".json").read_text()) == side
+    sides = [json.loads(p.read_text()) for p in sorted(first.out_dir.glob("*.json"))]
+    assert len(sides) == 4 and {s["prompt"] for s in sides} == set(PROMPTS)
