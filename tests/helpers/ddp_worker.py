@@ -33,6 +33,7 @@ def main(workdir: str) -> None:
     cfg = load_config([Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"], [
         "trainer.strategy=ddp", "trainer.devices=2", "trainer.max_steps=4", "trainer.checkpoint_every=4",
         "trainer.progress_bar=false", f"data.cache_dir={work / 'cache'}", f"output_dir={work / 'run'}",
+        "lora.frozen=[ffn]",  # the ablation freeze must hold under DDP too
     ])
     run(cfg, extra_callbacks=[DumpRankState(work)])
 

@@ -13,7 +13,7 @@ from tests.helpers import HELPERS_DIR
 pytestmark = pytest.mark.distributed
 
 
-def test_two_process_ddp_ranks_stay_identical(tmp_path, repo_root, random_cache):
+def test_two_process_ddp_ranks_stay_identical_and_keep_frozen_adapters_still(tmp_path, repo_root, random_cache):
     random_cache(n_clips=4, relation="shaking_hands", seed=2)
     env = dict(os.environ, PYTHONPATH=str(repo_root), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(HELPERS_DIR / "ddp_worker.py"), str(tmp_path)],
@@ -27,5 +27,8 @@ def test_two_process_ddp_ranks_stay_identical(tmp_path, repo_root, random_cache)
     a = torch.load(tmp_path / "rank0_adapters.pt")
     b = torch.load(tmp_path / "rank1_adapters.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    # the ranks trained on different clips, yet the weights moved (gradients were all-reduced)
-    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
+    # the ranks trained on different clips, yet the weights moved (gradients were all-reduced) ...
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k and not k.startswith("ffn/"))
+    # ... except the frozen FFN LoRA (lora.frozen=[ffn]), which is in every step's forward
+    ffn_b = [v for k, v in a.items() if k.startswith("ffn/") and "lora_B" in k]
+    assert ffn_b and all(bool((v == 0).all()) for v in ffn_b)

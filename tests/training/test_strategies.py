@@ -220,12 +220,12 @@ def test_fsdp_two_cpu_processes_keep_the_selection_rule_and_lora_only_checkpoint
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_frozen_adapters_never_move_under_two_processes(tmp_path, repo_root, random_cache, strategy):
-    """lora.frozen (the Table 2 ablations) holds under data parallel and FSDP: the FFN LoRA is in every
-    step's forward and gets gradients, yet keeps its initial zero B; the selection rule holds for the rest."""
+def test_frozen_adapters_never_move_under_fsdp(tmp_path, repo_root, random_cache):
+    """lora.frozen (the Table 2 ablations) holds under FSDP (tests/training/test_ddp.py: under DDP): the
+    FFN LoRA is in every step's forward and gets gradients, yet keeps its initial zero B; the selection
+    rule holds for the rest."""
     random_cache(n_clips=4, relation="shaking_hands", seed=2)
-    record, adapters = launch(tmp_path, repo_root, strategy, "lora.frozen=[ffn]")
+    record, adapters = launch(tmp_path, repo_root, "fsdp", "lora.frozen=[ffn]")
     assert [[a for a in SELECTED[s] if a != "ffn"] for s in record["selections"]] == record["moved"]
     ffn_b = [v for k, v in adapters.items() if k.startswith("ffn/") and "lora_B" in k]
     assert ffn_b and all(bool((v == 0).all()) for v in ffn_b)
