@@ -12,8 +12,6 @@ from relvid.data.cache import ClipCache
 from relvid.preprocess.pipeline import relation_name
 from relvid.prompts import eval_prompts
 from tests.helpers.preprocess import (
-    save_tiny_t5,
-    save_tiny_vae,
     standing_body,
     two_people_frames,
     write_skeleton,
@@ -22,14 +20,6 @@ from tests.helpers.preprocess import (
 
 SIZE = ["--frames", "13", "--height", "64", "--width", "112"]  # latent (4, 3, 8, 14) with the tiny VAE
 GOOD = ["S001C001P001R001A058", "S001C002P002R001A058", "S002C001P003R002A058"]
-
-
-@pytest.fixture(scope="module")
-def mochi(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mochi")
-    save_tiny_vae(root)
-    save_tiny_t5(root)
-    return root
 
 
 def noise_video(path, frames=14, h=108, w=192, seed=0):

@@ -18,17 +18,8 @@ from relvid.preprocess.sources import folder_sources, read_captions_csv
 from relvid.preprocess.video import ClipSpec, centre_crop
 from relvid.toy.codec import ToyCodec
 from tests.helpers.faults_preprocess import BLUE, GREEN, RED, write_mask_folder, write_own_videos
-from tests.helpers.preprocess import save_tiny_t5, save_tiny_vae
 
 SIZE = ["--frames", "13", "--height", "64", "--width", "112"]
-
-
-@pytest.fixture(scope="module")
-def mochi(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mochi")
-    save_tiny_vae(root)
-    save_tiny_t5(root)
-    return root
 
 
 @pytest.fixture(scope="module")
