@@ -13,3 +13,11 @@ class UserError(Exception):
 class OutputExistsError(UserError, FileExistsError):
     """An output would replace what a user made (a run, a cache, an exported file): refused unless
     the command is given --overwrite."""
+
+
+class InputError(UserError, ValueError):
+    """A value, file or folder the user gave cannot be used as it is."""
+
+
+class InputNotFoundError(UserError, FileNotFoundError):
+    """A file or folder the user named does not exist (or holds nothing usable)."""

@@ -141,3 +141,38 @@ def test_your_files_win_over_the_relation_file(tmp_path, capsys):
     assert main(["train", str(mine), "--relation", "handshake", "--print-config"]) == 0
     out = capsys.readouterr().out
     assert "cache_dir: /data/my_handshakes" in out and "output_dir: outputs/shaking_hands" in out
+
+
+def test_export_and_import_refuse_to_replace_files_unless_overwrite(tmp_path, capsys):
+    ref, _ = reference_state()
+    torch.save(ref, tmp_path / "model_2000.lora.pt")
+    assert main(["import-reference", str(tmp_path / "model_2000.lora.pt"), "--out", str(tmp_path / "imp")]) == 0
+    before = (tmp_path / "imp" / "relvid_adapters.safetensors").read_bytes()
+    assert main(["import-reference", str(tmp_path / "model_2000.lora.pt"), "--out", str(tmp_path / "imp")]) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and ("pytorch_lora_weights" in err or "relvid_adapters" in err)
+    assert (tmp_path / "imp" / "relvid_adapters.safetensors").read_bytes() == before
+    assert main(["import-reference", str(tmp_path / "model_2000.lora.pt"), "--out", str(tmp_path / "imp"),
+                 "--overwrite"]) == 0
+
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "relvid_adapters.safetensors").write_bytes(b"mine")  # only the second file of --triplet exists
+    assert main(["export", str(tmp_path / "imp"), "--out", str(out), "--triplet"]) == 2
+    err = capsys.readouterr().err
+    assert "relvid_adapters.safetensors" in err and "--overwrite" in err
+    assert sorted(p.name for p in out.iterdir()) == ["relvid_adapters.safetensors"]  # nothing half-done
+    assert main(["export", str(tmp_path / "imp"), "--out", str(out)]) == 0  # without --triplet: no clash
+    assert main(["export", str(tmp_path / "imp"), "--out", str(out)]) == 2
+    assert "pytorch_lora_weights.safetensors" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "imp"), "--out", str(out), "--triplet", "--overwrite"]) == 0
+    assert load_adapters(out / "relvid_adapters.safetensors")[0].placement == "QK/V"
+
+
+def test_export_of_a_reference_checkpoint_points_to_import_reference(tmp_path, capsys):
+    ref, _ = reference_state()
+    torch.save(ref, tmp_path / "model_2000.lora.pt")
+    assert main(["export", str(tmp_path / "model_2000.lora.pt"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "reference" in err and "relvid import-reference" in err and "model_2000.lora.pt" in err
+    assert not (tmp_path / "out").exists()

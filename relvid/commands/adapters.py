@@ -5,16 +5,36 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+# What the reference implementation (genmo's Mochi LoRA fine-tuner, forked) saves its LoRAs as: "*.lora.pt".
+REFERENCE_SUFFIXES = (".pt", ".pth")
+
+
+def refuse_reference_checkpoint(source: str, out: str) -> None:
+    """`relvid export` reads relvid's own files; a reference *.lora.pt goes through import-reference."""
+    from relvid.models.lora import LoRAConfigError
+
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix in REFERENCE_SUFFIXES:
+        raise LoRAConfigError(
+            f"{path} looks like a reference-implementation checkpoint (*.lora.pt), which `relvid export` does "
+            f"not read: convert it with `relvid import-reference {path} --out {out}` (it writes the diffusers "
+            "LoRA and relvid's triplet file)")
+
 
 def cmd_export(args: argparse.Namespace) -> int:
     from relvid.models.adapter_file import ADAPTER_FILE_NAME, read_triplet, save_adapter_state
-    from relvid.models.lora_io import export_state_dict
+    from relvid.models.lora_io import DIFFUSERS_WEIGHT_NAME, export_state_dict, refuse_existing
 
+    refuse_reference_checkpoint(args.source, args.out)
+    out_dir = Path(args.out)
+    # Both files are checked before either is written: a refused export leaves nothing half-done.
+    refuse_existing([out_dir / DIFFUSERS_WEIGHT_NAME, *([out_dir / ADAPTER_FILE_NAME] if args.triplet else [])],
+                    args.overwrite)
     spec, state = read_triplet(args.source)
-    out = export_state_dict(state, spec, Path(args.out))
+    out = export_state_dict(state, spec, out_dir, overwrite=args.overwrite)
     print(f"wrote {out} (inference set: relation + ffn; load with MochiPipeline.load_lora_weights)")
     if args.triplet:
-        triplet = save_adapter_state(Path(args.out) / ADAPTER_FILE_NAME, state, spec)
+        triplet = save_adapter_state(out_dir / ADAPTER_FILE_NAME, state, spec)
         print(f"wrote {triplet} (full triplet, relvid format)")
     return 0
 
@@ -22,7 +42,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_import_reference(args: argparse.Namespace) -> int:
     from relvid.models.lora_io import import_reference
 
-    out = import_reference(Path(args.file), Path(args.out), qkv_alpha=args.qkv_alpha, out_alpha=args.out_alpha)
+    out = import_reference(Path(args.file), Path(args.out), qkv_alpha=args.qkv_alpha, out_alpha=args.out_alpha,
+                           overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0
 
@@ -33,6 +54,7 @@ def register(subparsers) -> None:
                    help="a relvid checkpoint (.ckpt), relvid_adapters.safetensors, or a run's adapters/ folder")
     p.add_argument("--out", required=True, help="output folder for pytorch_lora_weights.safetensors")
     p.add_argument("--triplet", action="store_true", help="also write the full triplet in relvid's format")
+    p.add_argument("--overwrite", action="store_true", help="replace the files if --out already holds them")
     p.set_defaults(func=cmd_export)
 
     p = subparsers.add_parser("import-reference",
@@ -43,4 +65,5 @@ def register(subparsers) -> None:
                    help="LoRA alpha of the Q/K/V LoRAs in the reference run (its qkv_proj_lora_alpha); default = rank")
     p.add_argument("--out-alpha", type=float, default=None,
                    help="LoRA alpha of the FFN (attention-out) LoRA (its out_proj_lora_alpha); default = rank")
+    p.add_argument("--overwrite", action="store_true", help="replace the two files if --out already holds them")
     p.set_defaults(func=cmd_import_reference)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from relvid.commands.options import add_config_arguments, alias, config_for
+from relvid.errors import InputError
 
 
 def int_list(text: str) -> list[int]:
@@ -34,7 +35,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     from relvid.preprocess.pipeline import preprocess
 
     if not args.relation and not any(c.startswith("relation=") for c in args.config):
-        raise ValueError("name the relation: --relation NAME (a known relation, an alias, or a new name for your "
+        raise InputError("name the relation: --relation NAME (a known relation, an alias, or a new name for your "
                          "own videos)")
     # a relation of your own needs no registry entry here: preprocessing is where new relations start
     cfg = config_for(args, "preprocess", implied=("custom_relation=true",))

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from relvid.data.cache import CacheError, ClipCache, ClipRecord, cache_wide_problems, mixed_frames_problem
+from relvid.errors import InputError
 from relvid.losses.flow_matching import relation_mask
 from relvid.seeding import derive_seed
 
@@ -223,7 +224,7 @@ class RelationDataModule(L.LightningDataModule):
             max_steps = self.trainer.max_steps
             # The sampler is one pass over the whole run: a second pass would replay samples.
             if max_steps == -1 or max_steps > self.total_steps:
-                raise ValueError(f"trainer max_steps={max_steps} but the data stream has total_steps="
+                raise InputError(f"trainer max_steps={max_steps} but the data stream has total_steps="
                                  f"{self.total_steps}: set both to the same number of optimizer steps")
             sampler = _TrainerStepSampler(self.trainer, self.total_steps, self.batch_size)
         return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler,

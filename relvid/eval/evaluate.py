@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from relvid.errors import InputError, InputNotFoundError
+from relvid.files import atomic_write
 from relvid.inference.render import (
     VideoJob,
     adapters_sha256,
@@ -51,7 +53,7 @@ def evaluate_adapters(cfg) -> str | None:
     ev = cfg.evaluate
     if ev.videos:
         if ev.adapters or ev.base:
-            raise ValueError("evaluate.videos evaluates existing videos: drop --adapters/--base")
+            raise InputError("evaluate.videos evaluates existing videos: drop --adapters/--base")
         return None
     return choose_adapters(ev.base, ev.adapters, cfg.output_dir, cfg.relation)
 
@@ -102,7 +104,7 @@ def generate_stage(cfg) -> list[Path]:
 
             info["adapters"] = apply_adapter_source(transformer, adapters).to_dict()
             if info["adapters"]["sha256"] != meta["adapters_sha256"]:
-                raise RuntimeError(f"{adapters} changed while it was loaded; run `relvid evaluate` again")
+                raise InputError(f"{adapters} changed while it was loaded; run `relvid evaluate` again")
         # encode every prompt first, then free the text encoder (T5-XXL is ~9 GB)
         texts = sorted({j.prompt for j in todo} | {settings.negative_prompt})
         encoded = dict(zip(texts, text.encode(texts), strict=True))
@@ -120,7 +122,7 @@ def check_all_videos(cfg) -> None:
     jobs, meta = _jobs_and_meta(cfg)
     missing = pending(jobs, method_dir(cfg) / "videos", cfg.sampling, meta)
     if missing:
-        raise FileNotFoundError(f"{len(missing)} test videos missing after waiting, e.g. {missing[0][1]}; rerun "
+        raise InputNotFoundError(f"{len(missing)} test videos missing after waiting, e.g. {missing[0][1]}; rerun "
                                 "`relvid evaluate` (finished videos are kept)")
 
 
@@ -135,7 +137,7 @@ def _video_list(cfg, generated: list[Path] | None) -> list[tuple[Path, dict]]:
     for f in files:
         side = sidecar_path(f)
         if not side.is_file():
-            raise FileNotFoundError(f"{side} missing: each video needs a JSON sidecar with its 'prompt' (as "
+            raise InputNotFoundError(f"{side} missing: each video needs a JSON sidecar with its 'prompt' (as "
                                     "`relvid sample` writes) for CLIP-T and the judge")
         out.append((f, read_sidecar(side, required=("prompt",))))
     return out
@@ -153,7 +155,7 @@ def build_judge(judge, device: torch.device, default_cache: Path):
         from relvid.eval.local_judge import LocalVLMJudge
 
         return LocalVLMJudge.from_folder(judge.vlm_path, device=device, temperature=judge.temperature)
-    raise ValueError(f"judge.kind {judge.kind!r}: use api, local or none")
+    raise InputError(f"judge.kind {judge.kind!r}: use api, local or none")
 
 
 def metrics_stage(cfg, generated: list[Path] | None) -> dict:
@@ -204,7 +206,7 @@ def metrics_stage(cfg, generated: list[Path] | None) -> dict:
     row["videos"] = len(videos)
     out = method_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps({"row": row, **detail}, indent=2) + "\n", encoding="utf-8")
+    atomic_write(out / "metrics.json", json.dumps({"row": row, **detail}, indent=2) + "\n")
     return row
 
 
@@ -225,10 +227,10 @@ def evaluate(cfg) -> dict[str, Path] | None:
 
     ev = cfg.evaluate
     if cfg.judge.kind == "api" and not (cfg.judge.base_url and cfg.judge.model):
-        raise ValueError("judge.kind=api needs judge.base_url (e.g. http://localhost:8000/v1) and judge.model "
+        raise InputError("judge.kind=api needs judge.base_url (e.g. http://localhost:8000/v1) and judge.model "
                          "(--judge-url, --judge-model)")
     if cfg.judge.kind == "local" and not cfg.judge.vlm_path:
-        raise ValueError("judge.kind=local needs judge.vlm_path (a local Qwen2.5-VL folder)")
+        raise InputError("judge.kind=local needs judge.vlm_path (a local Qwen2.5-VL folder)")
     generated = None if ev.videos else generate_stage(cfg)
     rank, world, _ = dist_env()
     if rank != 0:

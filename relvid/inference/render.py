@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from relvid.config import SamplingConfig
-from relvid.errors import UserError
+from relvid.errors import InputError, InputNotFoundError, UserError
 from relvid.files import atomic_write
 from relvid.inference.generate import generate_video, sampling_record
 from relvid.models.codecs import Codec
@@ -59,7 +59,7 @@ def prompt_hash(prompt: str) -> str:
 def plan_jobs(prompts: list[str], seeds: list[int]) -> list[VideoJob]:
     """Every prompt with every seed, prompt-major."""
     if not prompts or not seeds:
-        raise ValueError("nothing to render: give at least one prompt and one seed")
+        raise InputError("nothing to render: give at least one prompt and one seed")
     return [VideoJob(i, p, int(s)) for i, p in enumerate(prompts) for s in seeds]
 
 
@@ -226,7 +226,7 @@ def sample_videos(cfg) -> list[Path]:
 
         source = apply_adapter_source(transformer, adapters)
         if source.sha256 != meta["adapters_sha256"]:
-            raise RuntimeError(f"{source.path} changed while it was loaded; run `relvid sample` again")
+            raise InputError(f"{source.path} changed while it was loaded; run `relvid sample` again")
         info["adapters"] = source.to_dict()
         print(f"adapters: {source.path} ({source.kind}, sha256 {source.sha256[:12]}); relation + ffn active")
     else:
@@ -242,13 +242,13 @@ def choose_adapters(base: bool, adapters: str | None, output_dir: str, relation:
     the base model (``base``)."""
     if base:
         if adapters:
-            raise ValueError("--base (base=true) uses the model without adapters: drop --adapters or --base")
+            raise InputError("--base (base=true) uses the model without adapters: drop --adapters or --base")
         return None
     if adapters:
         return str(adapters)
     default = Path(output_dir) / "adapters"
     if not default.is_dir():
-        raise FileNotFoundError(f"no adapters given and {default} (the run of relation {relation}) does not "
+        raise InputNotFoundError(f"no adapters given and {default} (the run of relation {relation}) does not "
                                 "exist: pass --adapters <.ckpt | adapters folder | LoRA file>, or --base")
     return str(default)
 

@@ -210,7 +210,9 @@ def read_triplet(source: str | os.PathLike) -> tuple[TripletSpec, dict]:
         raise LoRAConfigError(f"{path} is a diffusers LoRA file: it holds the inference set only, not relvid's "
                               f"triplet; pass a .ckpt, a {ADAPTER_FILE_NAME} or a run's adapters/ folder")
     if kind == "checkpoint":
-        return adapters_from_checkpoint(path)
+        spec, state = adapters_from_checkpoint(path)
+        _check_state_keys(state, spec, where=str(path))  # the same checks as a triplet file, NaN included
+        return spec, state
     spec, state, _ = load_adapters(path)
     return spec, state
 
@@ -229,6 +231,9 @@ def apply_adapter_source(transformer: nn.Module, source: str | os.PathLike,
                                                                 local_files_only=True)
         if not state or not all("lora" in k for k in state):
             raise LoRAConfigError(f"{path}: not a diffusers LoRA file (keys without 'lora')")
+        not_finite = sorted(k for k, v in state.items() if not bool(torch.isfinite(v).all()))
+        if not_finite:
+            raise LoRAConfigError(f"{path}: non-finite (NaN or infinite) LoRA weights in {not_finite[:3]}")
         Mochi1LoraLoaderMixin.load_lora_into_transformer(state, transformer, adapter_name=DIFFUSERS_ADAPTER_NAME,
                                                          metadata=metadata)
         transformer.set_adapters([DIFFUSERS_ADAPTER_NAME])

@@ -10,7 +10,7 @@ import torch
 from diffusers import MochiTransformer3DModel
 
 from relvid.config import TinyModelConfig
-from relvid.models.weights import WeightsNotFoundError, find_component_folder
+from relvid.models.weights import WeightsNotFoundError, check_diffusers_config, find_component_folder
 
 __all__ = ["WeightsNotFoundError", "find_transformer_folder", "load_transformer", "tiny_transformer"]
 
@@ -60,6 +60,7 @@ def load_transformer(model_cfg, on_gpu: bool = False) -> MochiTransformer3DModel
             model = model.to(dtype)
     else:
         folder = find_transformer_folder(model_cfg.path)
+        check_diffusers_config(folder, MochiTransformer3DModel, DOWNLOAD_HINT)
         model = MochiTransformer3DModel.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
     model.requires_grad_(False)
     if model_cfg.gradient_checkpointing:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from relvid.errors import OutputExistsError
 from relvid.models.adapter_file import ADAPTER_FILE_NAME, DIFFUSERS_WEIGHT_NAME, save_adapter_state
 from relvid.models.lora import (
     BLOCK_PATTERN,
@@ -103,6 +104,19 @@ def diffusers_lora_state_dict(transformer: nn.Module, spec: TripletSpec) -> tupl
     return _inference_state_to_diffusers(adapter_state_dict(transformer, inference_adapters(spec)), spec)
 
 
+def refuse_existing(paths: list[Path], overwrite: bool) -> None:
+    """Raise OutputExistsError for the first of `paths` that exists, unless `overwrite`.
+
+    Called before anything is written, so a refused export leaves no part of itself behind.
+    """
+    if overwrite:
+        return
+    for path in paths:
+        if path.exists():
+            raise OutputExistsError(f"{path} already exists: refusing to replace it; pass --overwrite "
+                                    "(overwrite=True) to replace it, or choose another --out folder")
+
+
 def _write_diffusers(state: dict[str, torch.Tensor], config: dict, out_dir: Path) -> Path:
     from diffusers.loaders import Mochi1LoraLoaderMixin  # MochiPipeline's own save_lora_weights
 
@@ -124,16 +138,23 @@ def _write_diffusers(state: dict[str, torch.Tensor], config: dict, out_dir: Path
     return target
 
 
-def export_diffusers(transformer: nn.Module, spec: TripletSpec, out_dir: str | os.PathLike) -> Path:
-    """Write out_dir/pytorch_lora_weights.safetensors for MochiPipeline.load_lora_weights."""
-    return export_state_dict(adapter_state_dict(transformer, inference_adapters(spec)), spec, out_dir)
+def export_diffusers(transformer: nn.Module, spec: TripletSpec, out_dir: str | os.PathLike,
+                     overwrite: bool = False) -> Path:
+    """Write out_dir/pytorch_lora_weights.safetensors for MochiPipeline.load_lora_weights.
+
+    An existing file there is replaced only with `overwrite` (else OutputExistsError).
+    """
+    return export_state_dict(adapter_state_dict(transformer, inference_adapters(spec)), spec, out_dir,
+                             overwrite=overwrite)
 
 
-def export_state_dict(state: dict[str, torch.Tensor], spec: TripletSpec, out_dir: str | os.PathLike) -> Path:
+def export_state_dict(state: dict[str, torch.Tensor], spec: TripletSpec, out_dir: str | os.PathLike,
+                      overwrite: bool = False) -> Path:
     """Like export_diffusers, from an adapter state ("<adapter>/<module>...") without any model.
 
     Only the inference adapters are written; the subject LoRAs in `state` are dropped.
     """
+    refuse_existing([Path(out_dir) / DIFFUSERS_WEIGHT_NAME], overwrite)
     keep = tuple(f"{name}/" for name in inference_adapters(spec))
     inference = {k: v for k, v in state.items() if k.startswith(keep)}
     if not inference:
@@ -277,14 +298,16 @@ def _unwrap(obj: object, file: Path) -> dict[str, torch.Tensor]:
 
 
 def import_reference(file: str | os.PathLike, out_dir: str | os.PathLike, qkv_alpha: float | None = None,
-                     out_alpha: float | None = None) -> Path:
+                     out_alpha: float | None = None, overwrite: bool = False) -> Path:
     """Convert a reference checkpoint: writes the diffusers inference LoRA and our full-triplet file.
 
     Returns out_dir/pytorch_lora_weights.safetensors; the triplet goes to out_dir/relvid_adapters.safetensors.
+    If either file exists, nothing is written unless `overwrite` (else OutputExistsError).
     """
     file, out_dir = Path(file), Path(out_dir)
     if not file.is_file():
         raise FileNotFoundError(f"reference checkpoint not found: {file}")
+    refuse_existing([out_dir / DIFFUSERS_WEIGHT_NAME, out_dir / ADAPTER_FILE_NAME], overwrite)
     try:
         raw = torch.load(file, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from relvid.models.codecs import CodecError, check_video_shape
-from relvid.models.weights import find_component_folder
+from relvid.models.weights import check_diffusers_config, find_component_folder
 
 VAE_DOWNLOAD_HINT = (
     "download genmo/mochi-1-preview in diffusers format (e.g. `huggingface-cli download "
@@ -72,6 +72,7 @@ class MochiCodec:
         from diffusers import AutoencoderKLMochi
 
         folder = find_vae_folder(path)
+        check_diffusers_config(folder, AutoencoderKLMochi, VAE_DOWNLOAD_HINT)
         if dtype is None:
             dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
         vae = AutoencoderKLMochi.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)

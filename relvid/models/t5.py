@@ -7,15 +7,22 @@ its valid tokens, which is what the clip cache stores and the sampler pads again
 
 from __future__ import annotations
 
-import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from relvid.models.text_encoders import TextEncoderError
-from relvid.models.weights import WeightsNotFoundError
+from relvid.models.weights import (
+    WeightsNotFoundError,
+    check_config_matches_weights,
+    check_model_index,
+    read_json,
+    safetensors_files,
+    safetensors_header,
+)
 
 MAX_TOKENS = 256  # MochiPipeline's max_sequence_length
 T5_DOWNLOAD_HINT = (
@@ -23,9 +30,9 @@ T5_DOWNLOAD_HINT = (
     "with internet and pass the pipeline folder, or a folder holding both a T5 encoder and its tokenizer"
 )
 _TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
-_WEIGHT_FILES = (
-    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
-)
+_TORCH_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+# How many words of a cut prompt its warning quotes.
+_QUOTED_WORDS = 8
 
 
 def find_t5_folders(path: str | os.PathLike | None) -> tuple[Path, Path]:
@@ -35,20 +42,23 @@ def find_t5_folders(path: str | os.PathLike | None) -> tuple[Path, Path]:
     root = Path(path).expanduser()
     if not root.exists():
         raise WeightsNotFoundError(f"T5 weights not found at {root}: {T5_DOWNLOAD_HINT}.")
+    for component in ("text_encoder", "tokenizer"):
+        check_model_index(root, component, None, T5_DOWNLOAD_HINT)
     encoder = root / "text_encoder" if (root / "text_encoder" / "config.json").is_file() else root
     tokenizer = root / "tokenizer" if (root / "tokenizer").is_dir() else root
     config = encoder / "config.json"
     if not config.is_file():
         raise WeightsNotFoundError(f"{root} has no text_encoder/config.json (nor config.json); {T5_DOWNLOAD_HINT}.")
-    try:
-        model_type = json.loads(config.read_text()).get("model_type")
-    except json.JSONDecodeError as err:
-        raise WeightsNotFoundError(f"{config} is not valid JSON ({err}); re-download it.") from None
+    data = read_json(config, T5_DOWNLOAD_HINT)
+    model_type = data.get("model_type") if isinstance(data, dict) else None
     if model_type not in ("t5", "umt5", "mt5"):
         raise WeightsNotFoundError(f"{config} describes a {model_type!r} model, not a T5 encoder; {T5_DOWNLOAD_HINT}.")
-    if not any((encoder / name).is_file() for name in _WEIGHT_FILES):
+    weights = safetensors_files(encoder, "model", T5_DOWNLOAD_HINT)
+    if not weights and not any((encoder / name).is_file() for name in _TORCH_WEIGHT_FILES):
         raise WeightsNotFoundError(
             f"{encoder} holds no model.safetensors: the download is incomplete; {T5_DOWNLOAD_HINT}.")
+    for file in weights:
+        safetensors_header(file, T5_DOWNLOAD_HINT)
     if not any((tokenizer / name).is_file() for name in _TOKENIZER_FILES):
         raise WeightsNotFoundError(
             f"no tokenizer files ({', '.join(_TOKENIZER_FILES)}) in {tokenizer}: the download is incomplete; "
@@ -80,6 +90,10 @@ class T5TextEncoder:
         encoder_dir, tokenizer_dir = find_t5_folders(path)
         if dtype is None:
             dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        check_config_matches_weights(
+            encoder_dir, safetensors_files(encoder_dir, "model", T5_DOWNLOAD_HINT),
+            lambda: T5EncoderModel(T5EncoderModel.config_class.from_pretrained(encoder_dir, local_files_only=True)),
+            T5_DOWNLOAD_HINT)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
         model = T5EncoderModel.from_pretrained(encoder_dir, dtype=dtype, local_files_only=True)
         return cls(model.to(device), tokenizer, **kwargs)
@@ -87,6 +101,18 @@ class T5TextEncoder:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def _warn_if_cut(self, texts: list[str]) -> None:
+        """One warning per text longer than ``max_tokens`` (what the encoder sees is its start)."""
+        counts = self.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False).input_ids
+        for text, ids in zip(texts, counts, strict=True):
+            if len(ids) > self.max_tokens:
+                words = text.split()
+                start = " ".join(words[:_QUOTED_WORDS]) + (" ..." if len(words) > _QUOTED_WORDS else "")
+                warnings.warn(
+                    f"T5 prompt cut to its first {self.max_tokens} of {len(ids)} tokens (MochiPipeline's limit): "
+                    f"{start!r}; the rest of it does not reach the model, shorten the prompt to keep it all",
+                    UserWarning, stacklevel=3)
 
     @torch.inference_mode()
     def encode(self, texts: list[str]) -> list[tuple[Tensor, Tensor]]:
@@ -96,6 +122,7 @@ class T5TextEncoder:
         out: list[tuple[Tensor, Tensor]] = []
         for start in range(0, len(texts), self.batch_size):
             batch = list(texts[start : start + self.batch_size])
+            self._warn_if_cut(batch)
             tokens = self.tokenizer(
                 batch, padding="longest", max_length=self.max_tokens, truncation=True,
                 add_special_tokens=True, return_tensors="pt",

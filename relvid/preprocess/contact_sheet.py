@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from relvid.errors import UserError
+from relvid.errors import InputError, UserError
 
 SUBJECT_COLOURS = ((255, 40, 40), (40, 120, 255))  # subject 1 red, subject 2 blue
 ALPHA = 0.5
@@ -84,12 +84,12 @@ def mask_sheet(cache_dir: str | Path, clip_id: str | None = None, out: str | Pat
     cache = ClipCache(cache_dir)
     ids = cache.clip_ids()
     if not ids:
-        raise ValueError(f"{cache_dir} holds no clips")
+        raise InputError(f"{cache_dir} holds no clips")
     clip_id = clip_id or ids[0]
     record = cache.read(clip_id)
     spec_cfg = cache.manifest.get("config", {}).get("spec")
     if not spec_cfg:
-        raise ValueError(f"{cache.manifest_path} has no clip spec (not written by `relvid preprocess`)")
+        raise InputError(f"{cache.manifest_path} has no clip spec (not written by `relvid preprocess`)")
     spec = ClipSpec(**{**spec_cfg, "allow_upscale": True})
     source = Path(record.meta["source"])
     if not source.is_file():

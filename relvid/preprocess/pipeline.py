@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from relvid import relations
 from relvid.data.cache import MANIFEST_NAME, CacheError, ClipCache
-from relvid.errors import UserError
+from relvid.errors import InputError, UserError
 from relvid.models.codecs import Codec
 from relvid.models.text_encoders import TextEncoder
 from relvid.preprocess.encode import PreparedClip, encode_clip, prepare_video_clip
@@ -48,7 +48,7 @@ def relation_name(relation: str) -> str:
         return relations.resolve(relation).name
     name = relation.strip().lower().replace("-", "_").replace(" ", "_")
     if not re.fullmatch(r"[a-z0-9][a-z0-9_]*", name):
-        raise ValueError(f"relation name {relation!r}: use letters, digits, spaces, '-' or '_' (e.g. high_five)")
+        raise InputError(f"relation name {relation!r}: use letters, digits, spaces, '-' or '_' (e.g. high_five)")
     return name
 
 
@@ -249,22 +249,22 @@ def _sources(opts, relation: str) -> list[Source]:
 
 def _check(opts) -> None:
     if bool(opts.ntu_root) == bool(opts.videos):
-        raise ValueError("give exactly one source: --ntu-root (preprocess.ntu_root) or --videos (preprocess.videos)")
+        raise InputError("give exactly one source: --ntu-root (preprocess.ntu_root) or --videos (preprocess.videos)")
     for key, value, allowed in (("mask_source", opts.mask_source, ("skeleton", "grounded-sam", "files")),
                                 ("mask_fallback", opts.mask_fallback, ("none", "grounded-sam", "files")),
                                 ("spatial_rule", opts.spatial_rule, ("any", "area")),
                                 ("latent_dtype", opts.latent_dtype, ("bf16", "fp16", "fp32"))):
         if value not in allowed:
-            raise ValueError(f"preprocess.{key}={value!r}: use one of {', '.join(allowed)}")
+            raise InputError(f"preprocess.{key}={value!r}: use one of {', '.join(allowed)}")
     if opts.mask_colors is not None and (len(opts.mask_colors) != 2 or any(len(c) != 3 for c in opts.mask_colors)):
-        raise ValueError("preprocess.mask_colors: give two R,G,B colours, subject 1 first (e.g. --mask-colors "
+        raise InputError("preprocess.mask_colors: give two R,G,B colours, subject 1 first (e.g. --mask-colors "
                          "'255,0,0;0,255,0')")
     if opts.mask_source == "files" and not opts.masks:
-        raise ValueError("--mask-source files needs --masks DIR (a <video stem>/ PNG folder or <stem>.mp4 per video)")
+        raise InputError("--mask-source files needs --masks DIR (a <video stem>/ PNG folder or <stem>.mp4 per video)")
     if opts.mask_source == "skeleton" and opts.videos and opts.mask_fallback == "none":
-        raise ValueError("your own videos have no NTU skeletons: use --mask-source grounded-sam or files")
+        raise InputError("your own videos have no NTU skeletons: use --mask-source grounded-sam or files")
     if opts.vae_tile < 0 or opts.vae_tile % 8:
-        raise ValueError(f"--vae-tile {opts.vae_tile}: use a multiple of 8 pixels (e.g. 256), or 0 for no tiling")
+        raise InputError(f"--vae-tile {opts.vae_tile}: use a multiple of 8 pixels (e.g. 256), or 0 for no tiling")
 
 
 def preprocess(cfg) -> int:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from relvid import relations
+from relvid.errors import InputError, InputNotFoundError
 from relvid.preprocess.mask_files import mask_source_for, natural_key
 from relvid.preprocess.ntu import choose, filter_samples, index_ntu
 
@@ -49,7 +50,7 @@ def ntu_sources(
     samples = index_ntu(root, skeleton_root)
     matching = filter_samples(samples, rel.ntu_action_id, setups, cameras, performers, replications)
     if not matching:
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"no {rel.ntu_action} ({rel.name}) videos under {root} match the filters "
             f"(found {len(samples)} NTU videos in all): check --ntu-root and --setups/--cameras/--performers"
         )
@@ -65,11 +66,11 @@ def read_captions_csv(path: str | Path) -> dict[str, str]:
     """``video,caption`` rows (a header row naming them) -> {file name or stem: caption}."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"captions CSV not found: {path}")
+        raise InputNotFoundError(f"captions CSV not found: {path}")
     with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheet exports start with a BOM
         rows = list(csv.DictReader(f))
     if not rows or not {"video", "caption"} <= set(rows[0]):
-        raise ValueError(f"{path}: needs a header row with columns 'video' and 'caption'")
+        raise InputError(f"{path}: needs a header row with columns 'video' and 'caption'")
     return {row["video"].strip(): row["caption"].strip() for row in rows}
 
 
@@ -79,12 +80,12 @@ def folder_sources(
     """Every video in ``videos`` with its caption: ``<stem>.txt`` beside it, or a row of ``captions_csv``."""
     folder = Path(videos).expanduser()
     if not folder.is_dir():
-        raise FileNotFoundError(f"--videos {folder} is not a folder of videos")
+        raise InputNotFoundError(f"--videos {folder} is not a folder of videos")
     table = read_captions_csv(captions_csv) if captions_csv else {}
     files = sorted((p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES),
                    key=lambda p: natural_key(p.name))
     if not files:
-        raise FileNotFoundError(f"no videos ({', '.join(VIDEO_SUFFIXES)}) in {folder}")
+        raise InputNotFoundError(f"no videos ({', '.join(VIDEO_SUFFIXES)}) in {folder}")
     out, missing, seen = [], [], {}
     masks_root = Path(masks_root) if masks_root else None
     for video in files:
@@ -97,10 +98,10 @@ def folder_sources(
             continue
         clip_id = safe_clip_id(video.stem)
         if clip_id in seen:
-            raise ValueError(f"{video.name} and {seen[clip_id]} give the same clip id {clip_id!r}: rename one")
+            raise InputError(f"{video.name} and {seen[clip_id]} give the same clip id {clip_id!r}: rename one")
         seen[clip_id] = video.name
         out.append(Source(clip_id, video, caption, None, mask_source_for(video, masks_root) if masks_root else None))
     if missing:
-        raise ValueError(f"no caption for {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}: put one in "
+        raise InputError(f"no caption for {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}: put one in "
                          "<video stem>.txt beside each video, or a 'video,caption' row in --captions-csv")
     return out

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from relvid.errors import UserError
+from relvid.errors import InputError, UserError
 
 TIME_FACTOR = 6  # Mochi: frame counts are 6k + 1
 
@@ -40,12 +40,12 @@ class ClipSpec:
 
     def __post_init__(self) -> None:
         if self.frames < 1 or (self.frames - 1) % TIME_FACTOR:
-            raise ValueError(f"frames={self.frames} is not 6k+1 (Mochi's VAE needs e.g. 61, 49, 25, 13, 7)")
+            raise InputError(f"frames={self.frames} is not 6k+1 (Mochi's VAE needs e.g. 61, 49, 25, 13, 7)")
         # The multiple the sides need depends on the codec: relvid.preprocess.pipeline.check_clip_size.
         if self.height <= 0 or self.width <= 0:
-            raise ValueError(f"size {self.height}x{self.width}: height and width must be positive")
+            raise InputError(f"size {self.height}x{self.width}: height and width must be positive")
         if not self.fps > 0:
-            raise ValueError(f"fps={self.fps} must be positive")
+            raise InputError(f"fps={self.fps} must be positive")
 
 
 @dataclass(frozen=True)

@@ -182,6 +182,8 @@ class RelationModule(L.LightningModule):
 
     # --- optimizer --------------------------------------------------------------------------
     def on_before_optimizer_step(self, optimizer) -> None:
+        if str(self.trainer.precision).startswith("16"):
+            return  # fp16's loss scaler skips steps with overflowing gradients itself
         check_finite_gradients(lora_parameters(self.transformer), self.global_step + 1)
 
     def configure_optimizers(self):

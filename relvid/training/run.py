@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from relvid.config import ConfigError, check_accelerator, save_config
 from relvid.data.datamodule import RelationDataModule
 from relvid.errors import OutputExistsError
+from relvid.models.adapter_file import ADAPTER_FILE_NAME
 from relvid.training.callbacks.adapter_export import FinalAdapters
 from relvid.training.callbacks.crash_checkpoint import CrashCheckpoint
 from relvid.training.callbacks.memory_bank import MemoryBankCallback
@@ -84,11 +85,15 @@ def resolve_resume(cfg: DictConfig) -> str | None:
                 if p.exists()] if out.is_dir() else []
         # Rank 0 decides: the other ranks start once it has begun writing this very run's files.
         other_rank = int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("RANK", "0")) > 0
-        if left and not cfg.overwrite and not other_rank:
-            raise RunExistsError(
-                f"{out} already holds another run ({', '.join(left[:3])}{', ...' if len(left) > 3 else ''}): "
-                "resume it with resume=last, train into a new output_dir, or set overwrite=true to start afresh "
-                "there (its adapters and checkpoints are then replaced)")
+        if left and not other_rank:
+            if not cfg.overwrite:
+                raise RunExistsError(
+                    f"{out} already holds another run ({', '.join(left[:3])}{', ...' if len(left) > 3 else ''}): "
+                    "resume it with resume=last, train into a new output_dir, or set overwrite=true to start "
+                    "afresh there (its checkpoints and adapters are then deleted)")
+            for ckpt in ckpt_dir.glob("*.ckpt"):  # overwrite=true: the old run's state goes, so resume=last
+                ckpt.unlink()  # can never pick it up again
+            (out / "adapters" / ADAPTER_FILE_NAME).unlink(missing_ok=True)
         return None
     if cfg.resume == "last":
         newest = newest_checkpoint(ckpt_dir)
@@ -103,6 +108,29 @@ def resolve_resume(cfg: DictConfig) -> str | None:
     path = Path(cfg.resume)
     load_checkpoint_file(path)  # a missing, truncated or foreign file fails here, with its name
     return str(path)
+
+
+def check_cache_fits_model(records, transformer, cache_dir: str | Path) -> None:
+    """The cache's latents and text embeddings against the backbone's input widths, before step 0
+    (otherwise a raw matmul or reshape error at the first forward)."""
+    from relvid.data.cache import CacheError
+
+    config = transformer.config
+    patch = int(config.patch_size)
+    first = records[0]
+    c, _, h, w = first.latent_shape
+    where = f"{cache_dir}: clip {first.clip_id}"
+    fix = ("cache the clips with the codec and text encoder of this model (model.codec, model.text_encoder; "
+           "`relvid preprocess`), or point model.path / model.preset at the model the cache was made for")
+    if c != int(config.in_channels):
+        raise CacheError(f"{where}: latents have {c} channels, the model takes {config.in_channels}. Fix: {fix}")
+    if int(first.text_embeds.shape[1]) != int(config.text_embed_dim):
+        raise CacheError(f"{where}: text embeddings are {first.text_embeds.shape[1]} wide, the model takes "
+                         f"{config.text_embed_dim}. Fix: {fix}")
+    if h % patch or w % patch:
+        raise CacheError(f"{where}: the latent grid {h}x{w} does not divide into the model's {patch}x{patch} "
+                         "patches. Fix: preprocess the clips at a height and width the codec maps to an even "
+                         "latent grid (multiples of 16 for Mochi)")
 
 
 def precision(cfg: DictConfig) -> str:
@@ -194,6 +222,7 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> Path:
         name = "config.yaml" if ckpt_path is None else f"config.resume-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
         save_config(cfg, out / name, command="train")
     module = RelationModule(cfg)
+    check_cache_fits_model(datamodule.dataset.records, module.transformer, cfg.data.cache_dir)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except NonFiniteError as err:  # name what is left to go on from

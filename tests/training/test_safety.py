@@ -223,3 +223,42 @@ def load_adapters_metadata(path: Path) -> dict:
 
     with safetensors.safe_open(str(path), framework="pt") as f:
         return dict(f.metadata())
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"latent_shape": (8, 3, 8, 8)}, "latents have 8 channels, the model takes 4"),
+    ({"text_dim": 48}, "text embeddings are 48 wide, the model takes 32"),
+    ({"latent_shape": (4, 3, 7, 8)}, "latent grid 7x8 does not divide into the model's 2x2 patches"),
+])
+def test_a_cache_that_does_not_fit_the_model_is_refused_before_step_0(tmp_path, random_cache, tiny_cfg, options,
+                                                                       message):
+    from relvid.data.cache import CacheError
+
+    random_cache(n_clips=2, relation="shaking_hands", seed=1, **options)
+    with pytest.raises(CacheError, match=message):
+        run(tiny_cfg("trainer.max_steps=2"))
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any step
+
+
+def test_overwrite_starts_afresh_without_the_old_runs_checkpoints(tmp_path, cache, tiny_cfg):
+    run(tiny_cfg("trainer.max_steps=4", "trainer.checkpoint_every=1"))
+    out = run(tiny_cfg("trainer.max_steps=2", "trainer.checkpoint_every=1", "overwrite=true"))
+    names = sorted(p.name for p in (out / "checkpoints").glob("*.ckpt"))
+    assert names == ["last.ckpt", "step000001.ckpt", "step000002.ckpt"]  # no old step 3/4, no "-v1" copies
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+def test_a_checkpoint_with_non_finite_adapters_is_refused_by_export_and_sample(tmp_path, trained_adapters, capsys):
+    from relvid.models.lora import lora_parameters
+    from tests.helpers.configs import TINY
+
+    _, model, spec = trained_adapters
+    state = {f"transformer.{k}": v.detach().clone() for k, v in lora_parameters(model).items()}
+    key = next(k for k in state if ".lora_B." in k)
+    state[key].fill_(float("inf"))
+    ckpt = tmp_path / "step8.ckpt"
+    torch.save({"state_dict": state, "relvid": {"spec": spec.to_dict()}}, ckpt)
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "export")]) == 2
+    assert main(["sample", "--prompt", "x", "--adapters", str(ckpt), "--out", str(tmp_path / "s"), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.count("non-finite") == 2 and not (tmp_path / "export").exists() and not (tmp_path / "s").exists()

@@ -22,6 +22,7 @@ import torch
 from diffusers import MochiTransformer3DModel
 from tqdm.auto import tqdm
 
+from relvid.errors import UserError
 from relvid.files import atomic_path
 from relvid.losses.flow_matching import model_timestep, noisy_latents, sample_sigmas, velocity_target
 from relvid.seeding import derive_seed
@@ -48,6 +49,10 @@ CAPTION_DROPOUT = 0.1  # dropped captions become "", the sampler's negative prom
 EMA_DECAY = 0.998
 STATE_NAME = "pretrain_state.pt"  # resumable training state, removed when a stage finishes
 _PAIR_STREAM, _BATCH_STREAM, _NOISE_STREAM, _STAGE_STREAM = 201, 202, 203, 204
+
+
+class PretrainStateMismatch(UserError, RuntimeError):
+    """A resumable pretraining state in the output folder belongs to a run with other settings."""
 
 
 def rope_frequencies(num_heads: int, head_dim: int, tokens_h: int = 8, tokens_w: int = 8) -> torch.Tensor:
@@ -170,7 +175,7 @@ def pretrain(out_dir: str | Path = BASE_DIR, steps: int = 2000, batch_size: int 
     if state_path.is_file():
         state = torch.load(state_path, map_location=device, weights_only=True)  # a crafted file runs no code
         if state["settings"] != settings:
-            raise RuntimeError(f"{state_path} belongs to a different pretraining run ({state['settings']}); "
+            raise PretrainStateMismatch(f"{state_path} belongs to a different pretraining run ({state['settings']}); "
                                f"delete it to start this one ({settings})")
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from relvid.errors import InputError
 from relvid.toy.drivers.base import BASE_DIR, INFO_NAME, pretrain, stage_settings
 from relvid.toy.drivers.customize import load_base
 from relvid.toy.drivers.evaluate import base_report
@@ -19,14 +20,14 @@ def toy_base(opts) -> None:
     pairs = len(test_pairs())
     lowest = 1 if opts.evaluate_only else 0  # after training, 0 skips the measurement
     if not lowest <= opts.eval_prompts <= pairs:  # checked before any training, not after it
-        raise ValueError(f"--eval-prompts must be {lowest}-{pairs}, got {opts.eval_prompts}")
+        raise InputError(f"--eval-prompts must be {lowest}-{pairs}, got {opts.eval_prompts}")
     if opts.threads:
         torch.set_num_threads(opts.threads)
     out = Path(opts.out or BASE_DIR)
     info_path = out / INFO_NAME
     if opts.evaluate_only:
         if not (out / "config.json").is_file():
-            raise ValueError(f"--evaluate-only: {out} holds no base model (no config.json); "
+            raise InputError(f"--evaluate-only: {out} holds no base model (no config.json); "
                              "pass --out <a folder written by relvid toy-base>")
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}  # its training record is kept
         info["evaluation"] = base_evaluation(out, opts.eval_prompts, opts.seed)
@@ -42,7 +43,7 @@ def toy_base(opts) -> None:
         if (image_dir / INFO_NAME).is_file():  # a finished image stage is reused, if it is this one
             done = json.loads((image_dir / INFO_NAME).read_text())
             if {k: done.get(k) for k in wanted} != wanted:
-                raise ValueError(f"{image_dir} holds an image stage trained with other settings "
+                raise InputError(f"{image_dir} holds an image stage trained with other settings "
                                  f"({ {k: done.get(k) for k in wanted} }); delete it or pass another --work")
         else:
             pretrain(image_dir, steps=opts.image_steps, batch_size=opts.image_batch_size, lr=opts.lr, seed=opts.seed,

@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from relvid.config import SHIPPED_CONFIGS, ModelConfig, load_config
+from relvid.errors import InputError
 from relvid.models.adapter_file import RUN_ADAPTER_FILE, apply_adapter_source
 from relvid.models.backbone import load_transformer
 from relvid.models.lora import TripletSpec, adapter_names, inference_adapters
@@ -36,7 +37,7 @@ def method_files(method: str) -> list[Path]:
     """The config files of a method: the toy world's DreamRelation run, then what the method changes."""
     path = config_dir() / "methods" / f"{method}.yaml"
     if not path.is_file():
-        raise ValueError(f"unknown toy method {method!r}: use one of {', '.join(method_names())} "
+        raise InputError(f"unknown toy method {method!r}: use one of {', '.join(method_names())} "
                          f"(files in {path.parent})")
     return [config_dir() / "dreamrelation.yaml", path]
 
