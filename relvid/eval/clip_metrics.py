@@ -7,6 +7,7 @@ consecutive frames. Both are plain cosines (the paper's scale, 0.32 / 0.99), not
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -15,10 +16,38 @@ from torch import Tensor
 
 from relvid.errors import UserError
 from relvid.eval.metrics import cosine_similarity, temporal_consistency
+from relvid.models.weights import describe_folder
 
 
 class CLIPWeightsError(UserError, FileNotFoundError):
     """No usable CLIP model folder."""
+
+
+CLIP_HINT = ("download openai/clip-vit-large-patch14 (or another CLIP) in transformers format with "
+             "`huggingface-cli download ... --local-dir DIR` on a machine with internet and pass --clip-path DIR")
+
+
+def check_clip_folder(path: str | os.PathLike | None) -> Path:
+    """``path`` as a folder holding a transformers CLIPModel (config.json with model_type "clip");
+    a CLIPWeightsError naming the folder and what it holds otherwise."""
+    if path is None:
+        raise CLIPWeightsError(f"no CLIP model folder given: {CLIP_HINT}")
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        what = "a file" if folder.exists() else "not found"
+        raise CLIPWeightsError(f"CLIP model folder {folder} is {what}: expected a CLIP model folder; {CLIP_HINT}")
+    if not (folder / "config.json").is_file():
+        raise CLIPWeightsError(f"CLIP model folder {folder} has no config.json ({describe_folder(folder)}): "
+                               f"{CLIP_HINT}")
+    try:
+        model_type = json.loads((folder / "config.json").read_bytes().decode("utf-8")).get("model_type")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        model_type = None
+    if model_type != "clip":
+        raise CLIPWeightsError(
+            f"{folder} holds {describe_folder(folder)}, not a CLIP model (expected a transformers CLIPModel folder, "
+            f"config.json model_type 'clip'): --clip-path points at the wrong folder; {CLIP_HINT}")
+    return folder
 
 
 def _features(out) -> Tensor:
@@ -39,13 +68,9 @@ class CLIPFeatures:
     def from_folder(cls, path: str | os.PathLike | None, device: str | torch.device = "cpu") -> CLIPFeatures:
         from transformers import CLIPModel, CLIPProcessor
 
-        if path is None or not (Path(path) / "config.json").is_file():
-            raise CLIPWeightsError(
-                f"CLIP model folder {path!r} has no config.json: download openai/clip-vit-large-patch14 (or another "
-                "CLIP) with `huggingface-cli download ... --local-dir DIR` on a machine with internet and pass "
-                "--clip-path DIR")
-        model = CLIPModel.from_pretrained(path, local_files_only=True)
-        processor = CLIPProcessor.from_pretrained(path, local_files_only=True)
+        folder = check_clip_folder(path)
+        model = CLIPModel.from_pretrained(folder, local_files_only=True)
+        processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
         return cls(model, processor, device)
 
     @torch.no_grad()

@@ -60,6 +60,26 @@ def check_model_index(root: Path, component: str, class_names: Iterable[str] | N
             f"pipeline; {hint}.")
 
 
+def describe_folder(folder: Path) -> str:
+    """What a model folder holds, from its config.json: its transformers model_type or diffusers
+    _class_name (for errors about a folder passed where another kind of model was expected)."""
+    config = folder / "config.json"
+    if not config.is_file():
+        names = sorted(p.name for p in folder.iterdir())[:5] if folder.is_dir() else []
+        return f"no config.json (it holds {', '.join(names) or 'nothing'})"
+    try:
+        data = json.loads(config.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return "a config.json that is not valid JSON"
+    if not isinstance(data, dict):
+        return "a config.json that is not a JSON object"
+    if data.get("model_type"):
+        return f"a transformers model of model_type {data['model_type']!r}"
+    if data.get("_class_name"):
+        return f"a diffusers {data['_class_name']!r}"
+    return "a config.json with neither model_type nor _class_name"
+
+
 def find_component_folder(path: str | os.PathLike | None, subfolder: str, class_name: str, what: str,
                           hint: str) -> Path:
     """``path/<subfolder>`` (a pipeline root) or ``path`` itself, checked to hold ``class_name``'s

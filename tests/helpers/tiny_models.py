@@ -123,3 +123,23 @@ def tiny_qwen_vl_folder(root: Path) -> Path:
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.save_pretrained(root)
     return root
+
+
+def tiny_toy_base(folder: Path) -> Path:
+    """A toy-world base transformer (the shipped base's config, 2 layers, 2 heads) with random weights,
+    saved in diffusers format to ``folder``."""
+    from diffusers import MochiTransformer3DModel
+
+    from relvid.toy.drivers.base import BASE_CONFIG
+
+    torch.manual_seed(0)
+    model = MochiTransformer3DModel(**{**BASE_CONFIG, **TINY_TOY_BASE})
+    with torch.no_grad():
+        model.pos_frequencies.normal_(0.0, 1.0)
+    model.save_pretrained(folder)
+    return Path(folder)
+
+
+TINY_TOY_BASE = {"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16, "pooled_projection_dim": 16,
+                 "time_embed_dim": 16}
+

@@ -54,8 +54,28 @@ def test_batching_does_not_change_embeddings(t5_root):
 
 def test_long_text_is_cut_at_256_tokens(t5_root):
     enc = T5TextEncoder.from_folder(t5_root)
-    (embeds, mask), = enc.encode(["a dog " * 300])
+    with pytest.warns(UserWarning, match="cut"):
+        (embeds, mask), = enc.encode(["a dog " * 300])
     assert embeds.shape == (256, 32) and mask.shape == (256,)
+
+
+def test_each_cut_prompt_warns_once_with_its_counts_and_first_words(t5_root):
+    import warnings
+
+    enc = T5TextEncoder.from_folder(t5_root)
+    enc.batch_size = 2  # the two long prompts fall in different batches
+    long_dog = "a dog is hugging a cat " * 50  # 300 words, each one token: 301 with </s>
+    long_robot = "the robot is pushing the bear " * 60  # 360 words, 361 tokens
+    with pytest.warns(UserWarning) as caught:
+        out = enc.encode([long_dog, "a dog", "a cat", long_robot, ""])
+    messages = [str(w.message) for w in caught if "T5 prompt" in str(w.message)]
+    assert len(messages) == 2 and len(out) == 5
+    assert "256 of 301 tokens" in messages[0] and "'a dog is hugging a cat a dog ...'" in messages[0]
+    assert "256 of 361 tokens" in messages[1] and "the robot is pushing" in messages[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a prompt that fits (256 tokens with </s>) says nothing
+        (fits, _), = enc.encode(["a dog " * 127 + "a"])
+    assert fits.shape[0] == 256
 
 
 def test_missing_parts_are_clear_errors(t5_root, tmp_path):

@@ -107,9 +107,10 @@ def test_unreadable_shard_index_is_named(mochi):
 
 
 @pytest.mark.parametrize(("component", "config", "changes", "tensor"), [
-    ("transformer", "transformer/config.json", {"num_attention_heads": 4}, "transformer_blocks"),
-    ("transformer", "transformer/config.json", {"attention_head_dim": 8}, "transformer_blocks"),
-    ("vae", "vae/config.json", {"latent_channels": 8, "latents_mean": [0.0] * 8, "latents_std": [1.0] * 8}, "conv"),
+    ("transformer", "transformer/config.json", {"num_attention_heads": 4}, r"pos_frequencies: .*\[3, 4, 8\]"),
+    ("transformer", "transformer/config.json", {"attention_head_dim": 8}, r"pos_frequencies: .*\[3, 2, 4\]"),
+    ("vae", "vae/config.json", {"latent_channels": 8, "latents_mean": [0.0] * 8, "latents_std": [1.0] * 8},
+     "proj_out"),
     ("t5", "text_encoder/config.json", {"d_ff": 128}, "DenseReluDense"),
 ])
 def test_config_from_another_download_is_refused(mochi, component, config, changes, tensor):

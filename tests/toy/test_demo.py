@@ -20,17 +20,7 @@ from relvid.toy.drivers.evaluate import METRICS, TOY_SAMPLING
 from relvid.toy.text import ToyTextEncoder
 from relvid.toy.world import FRAMES, SIZE
 from relvid.video_io import read_video
-
-TINY_BASE = {**BASE_CONFIG, "num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16,
-             "pooled_projection_dim": 16, "time_embed_dim": 16}
-
-
-def tiny_base(folder) -> None:
-    torch.manual_seed(0)
-    model = MochiTransformer3DModel(**TINY_BASE)
-    with torch.no_grad():
-        model.pos_frequencies.normal_(0.0, 1.0)
-    model.save_pretrained(folder)
+from tests.helpers.tiny_models import tiny_toy_base
 
 
 def test_exemplar_cache_follows_the_clip_cache_contract(tmp_path):
@@ -56,9 +46,9 @@ def test_exemplar_cache_of_other_clips_is_refused_and_a_grown_one_keeps_its_rela
         build_exemplar_cache(tmp_path / "cache", ["orbiting"], clips=1, progress=False)
 
 
-def test_demo_end_to_end_on_a_tiny_base(tmp_path):
+def test_demo_end_to_end_on_a_tiny_toy_base(tmp_path):
     base = tmp_path / "base"
-    tiny_base(base)
+    tiny_toy_base(base)
     out = tmp_path / "demo"
     results = run_demo(out, relation="orbiting", n_prompts=2, base_dir=base, progress=False,
                        overrides=["trainer.max_steps=2", "data.batch_size=2", "optim.warmup_steps=1"],
@@ -96,7 +86,7 @@ def test_demo_command_samples_at_the_guidance_asked(tmp_path):
     from relvid.cli import main
 
     base = tmp_path / "base"
-    tiny_base(base)
+    tiny_toy_base(base)
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--relation", "pushing", "--prompts", "1", "--base", str(base),
                  "--guidance", "2.5", "--quiet", "--set", "trainer.max_steps=1", "--set", "data.batch_size=1",
@@ -120,7 +110,7 @@ def _tiny_customization(tmp_path, method: str, steps: int, *overrides: str):
     from relvid.toy.drivers.customize import customize
 
     base = tmp_path / "base"
-    tiny_base(base)
+    tiny_toy_base(base)
     build_exemplar_cache(tmp_path / "cache", ["bouncing"], clips=2, progress=False)
     path = customize(method, "bouncing", tmp_path / "cache", tmp_path / "run", base_dir=base,
                      overrides=[f"trainer.max_steps={steps}", "trainer.progress_bar=false", "data.batch_size=1",

@@ -8,7 +8,7 @@ import pytest
 from relvid.errors import UserError
 from relvid.toy.drivers.demo import run_demo
 from relvid.toy.drivers.evaluate import TOY_SAMPLING
-from tests.toy.test_demo import tiny_base
+from tests.helpers.tiny_models import tiny_toy_base
 
 FAST = ["trainer.max_steps=1", "data.batch_size=1", "optim.warmup_steps=1"]
 
@@ -18,7 +18,7 @@ def finished_demo(tmp_path_factory):
     """A demo run on a tiny base (1 step, 1 prompt): (out folder, base folder, adapter file mtimes)."""
     tmp = tmp_path_factory.mktemp("demo")
     base = tmp / "base"
-    tiny_base(base)
+    tiny_toy_base(base)
     out = tmp / "demo"
     run_demo(out, relation="orbiting", n_prompts=1, base_dir=base, progress=False, overrides=FAST,
              settings=dataclasses.replace(TOY_SAMPLING, num_steps=2))
@@ -30,12 +30,12 @@ def _again(out, base, relation="orbiting", seed=0, overrides=FAST, base_dir=None
                     overrides=list(overrides), settings=dataclasses.replace(TOY_SAMPLING, num_steps=2))
 
 
-@pytest.mark.parametrize("change,key,old,new", [
-    ({"overrides": ["trainer.max_steps=2", *FAST[1:]]}, "trainer.max_steps", "1", "2"),
-    ({"relation": "pushing"}, "relation", "orbiting", "pushing"),
-    ({"seed": 1}, "seed", "0", "1"),
+@pytest.mark.parametrize("change,key,old,new,delete", [
+    ({"overrides": ["trainer.max_steps=2", *FAST[1:]]}, "trainer.max_steps", "1", "2", "runs"),
+    ({"relation": "pushing"}, "relation", "orbiting", "pushing", ""),  # the cache and results go too
+    ({"seed": 1}, "seed", "0", "1", ""),
 ], ids=["max_steps", "relation", "seed"])
-def test_demo_refuses_a_finished_run_made_with_other_settings(finished_demo, change, key, old, new):
+def test_demo_refuses_a_finished_run_made_with_other_settings(finished_demo, change, key, old, new, delete):
     out, base = finished_demo
     adapters = out / "runs" / "dreamrelation" / "adapters" / "relvid_adapters.safetensors"
     before = adapters.stat().st_mtime_ns
@@ -43,7 +43,7 @@ def test_demo_refuses_a_finished_run_made_with_other_settings(finished_demo, cha
         _again(out, base, **change)
     message = str(err.value)
     assert str(out / "runs") in message and key in message and old in message and new in message
-    assert "--out" in message and "OUT=" in message and "delete" in message
+    assert "--out" in message and "OUT=" in message and message.endswith(f"delete {out / delete}")
     assert adapters.stat().st_mtime_ns == before  # nothing retrained, nothing replaced
     assert json.loads((out / "demo.json").read_text())["relation"] == "orbiting"
 
@@ -51,7 +51,7 @@ def test_demo_refuses_a_finished_run_made_with_other_settings(finished_demo, cha
 def test_demo_refuses_a_finished_run_of_another_base(finished_demo, tmp_path):
     out, base = finished_demo
     other = tmp_path / "other_base"
-    tiny_base(other)
+    tiny_toy_base(other)
     with pytest.raises(UserError, match=r"runs.*model\.path.*other_base.*--out"):
         _again(out, base, base_dir=other)
 

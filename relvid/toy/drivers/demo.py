@@ -100,8 +100,9 @@ def check_reusable(out: Path, relation: str, cache: Path, seed: int, base_dir: s
     if stale:
         method, diffs = next(iter(stale.items()))
         # Another relation or seed makes the cache and results stale too; else only the runs that differ.
-        whole = any(key in ("relation", "seed") for d in stale.values() for key, _, _ in d)
-        delete = out if whole else out / "runs" if len(stale) > 1 else out / "runs" / method
+        delete = out / "runs" / method if len(stale) == 1 else out / "runs"
+        if any(key in ("relation", "seed") for d in stale.values() for key, _, _ in d):
+            delete = out
         _refuse(out / "runs" / method, f"a finished {method} run (its config.yaml)", diffs, delete)
     manifest = cache / "manifest.json"
     if manifest.is_file():
@@ -116,7 +117,7 @@ def check_reusable(out: Path, relation: str, cache: Path, seed: int, base_dir: s
         diffs = _differences({"relation": found.get("relation", _ABSENT), "seed": found.get("seed", _ABSENT)},
                              {"relation": relation, "seed": seed})
         if diffs:
-            _refuse(info, "the results and videos of a demo", diffs, out)
+            _refuse(out, "the results and videos (demo.json) of a demo", diffs, out)
 
 
 def _train(method: str, relation: str, cache: Path, out: Path, seed: int, base_dir: str | Path,
