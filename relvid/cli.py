@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -16,6 +17,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # In pipeline order; each module defines register(subparsers) and keeps heavy imports inside its
 # command functions, so `relvid -h` starts fast.
 COMMANDS = (preprocess, train, generate, adapters, cache, relations, toy)
+
+# OS errors that come from the machine's state rather than from relvid's code.
+_ENVIRONMENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,
+                                 errno.EISDIR, errno.EFBIG, errno.ENAMETOOLONG})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,14 +44,22 @@ def main(argv: list[str] | None = None) -> int:
         args.config = [*args.config, *rest]
     try:
         return args.func(args)
-    # A user's mistake: one clear line, exit code 2. Plain ValueError / FileNotFoundError /
-    # FileExistsError are still read as user errors while commands move to the UserError family.
-    except (UserError, FileNotFoundError, FileExistsError, ValueError) as err:
+    # A user's mistake: one clear line, exit code 2. Any other exception is a bug of ours and keeps
+    # its traceback.
+    except UserError as err:
         print(f"relvid {args.command}: error: {err}", file=sys.stderr)
         return getattr(err, "exit_code", 2)
     except BrokenPipeError:  # `relvid ... | head`: the reader left; not an error of ours
         sys.stdout = open(os.devnull, "w")  # so the interpreter's final flush does not fail again
         return 0
+    except OSError as err:
+        if err.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        # The machine refused a file operation (permissions, a full disk, a file where a folder
+        # should be): the user's to fix, and the file is named.
+        where = f" {err.filename}" if err.filename else ""
+        print(f"relvid {args.command}: error: cannot use{where}: {err.strerror or err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -40,3 +40,17 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, encoding: str = "ut
     with atomic_path(path) as tmp:
         tmp.write_bytes(payload)
     return Path(path)
+
+
+def writable_folder(path: str | os.PathLike) -> str | None:
+    """None when ``path`` is (or can be made) a folder this process can write a file into; otherwise
+    why not, naming the part of the path that refused. Creates the folder (and its parents)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".relvid-write-check.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        return f"{err.filename or path}: {err.strerror or err}"
+    return None

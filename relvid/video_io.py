@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from relvid.errors import UserError
+from relvid.errors import InputNotFoundError, UserError
 from relvid.files import atomic_path
 
 _SIZE_TAG = re.compile(r"relvid-size=(\d+)x(\d+)")
@@ -69,7 +69,7 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None) -> Tensor
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"video not found: {path}")
+        raise InputNotFoundError(f"video not found: {path}")
     try:
         with av.open(str(path)) as container:
             size = _SIZE_TAG.search(container.metadata.get("comment", ""))

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from relvid.data.cache import MANIFEST_NAME, PROMPTS_NAME, ClipCache, ClipRecord
-from relvid.errors import OutputExistsError
+from relvid.errors import InputError, OutputExistsError
 from relvid.losses.flow_matching import relation_mask
 
 
@@ -56,7 +56,7 @@ def write_random_cache(root: str | Path, n_clips: int = 4, relation: str = "shak
     is refused unless ``overwrite``, which first removes that cache's clips, prompts and manifest.
     """
     if n_clips < 1 or max_tokens < 1:
-        raise ValueError(f"n_clips and max_tokens must be >= 1, got {n_clips} and {max_tokens}")
+        raise InputError(f"random-cache: --clips and --max-tokens must be >= 1, got {n_clips} and {max_tokens}")
     root = Path(root)
     if (root / MANIFEST_NAME).exists():
         if not overwrite:

@@ -31,7 +31,7 @@ from pathlib import Path
 from torch import Tensor
 
 from relvid.config import JudgeConfig
-from relvid.errors import UserError
+from relvid.errors import InputError, UserError
 from relvid.eval.judge import jpeg_bytes
 from relvid.files import atomic_write
 
@@ -120,7 +120,7 @@ class APIJudge:
     def __init__(self, settings: JudgeConfig, sleep: Callable[[float], None] = time.sleep,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not settings.base_url or not settings.model:
-            raise ValueError("api judge: base_url and model are both required (e.g. --judge-url "
+            raise InputError("api judge: judge.base_url and judge.model are both required (e.g. --judge-url "
                              "http://localhost:8000/v1 --judge-model Qwen/Qwen2.5-VL-7B-Instruct)")
         if not str(settings.base_url).startswith(("http://", "https://")):
             raise APIJudgeError(f"judge.base_url {settings.base_url!r}: must start with http:// or https:// "

@@ -37,7 +37,7 @@ def check_clip_folder(path: str | os.PathLike | None) -> Path:
         what = "a file" if folder.exists() else "not found"
         raise CLIPWeightsError(f"CLIP model folder {folder} is {what}: expected a CLIP model folder; {CLIP_HINT}")
     if not (folder / "config.json").is_file():
-        raise CLIPWeightsError(f"CLIP model folder {folder} has no config.json ({describe_folder(folder)}): "
+        raise CLIPWeightsError(f"CLIP model folder {folder} holds {describe_folder(folder)}, not a CLIP model: "
                                f"{CLIP_HINT}")
     try:
         model_type = json.loads((folder / "config.json").read_bytes().decode("utf-8")).get("model_type")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from relvid.errors import UserError
+from relvid.errors import InputError, InputNotFoundError, UserError
 from relvid.eval.metrics import frechet_distance
 
 
@@ -45,7 +45,7 @@ class I3DFeatures:
     def preprocess(self, video: Tensor, name: str = "video") -> Tensor:
         """uint8 (T, H, W, 3) -> float (3, num_frames, size, size) in [-1, 1]."""
         if video.shape[0] < self.num_frames:
-            raise ValueError(f"FVD: {name} has {video.shape[0]} frames, fewer than the {self.num_frames} used "
+            raise InputError(f"FVD: {name} has {video.shape[0]} frames, fewer than the {self.num_frames} used "
                              "(set --fvd-frames lower)")
         x = video[: self.num_frames].to(self.device).permute(0, 3, 1, 2).float()  # (T, 3, H, W)
         x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
@@ -82,10 +82,10 @@ VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 def list_videos(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"video folder not found: {folder}")
+        raise InputNotFoundError(f"video folder not found: {folder}")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and not p.name.startswith("."))
     if not files:
-        raise FileNotFoundError(f"{folder} holds no videos ({', '.join(VIDEO_SUFFIXES)})")
+        raise InputNotFoundError(f"{folder} holds no videos ({', '.join(VIDEO_SUFFIXES)})")
     return files
 
 
@@ -94,7 +94,7 @@ def fvd(i3d: I3DFeatures, generated: list[Path], reference: list[Path]) -> float
     from relvid.video_io import read_video
 
     if len(generated) < 2 or len(reference) < 2:
-        raise ValueError(f"FVD needs at least 2 generated and 2 reference videos, got {len(generated)} and "
+        raise InputError(f"FVD needs at least 2 generated and 2 reference videos, got {len(generated)} and "
                          f"{len(reference)}")
     gen = i3d.features((str(p), read_video(p, max_frames=i3d.num_frames)) for p in generated)
     ref = i3d.features((str(p), read_video(p, max_frames=i3d.num_frames)) for p in reference)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from relvid.errors import OutputExistsError
+from relvid.errors import InputNotFoundError, OutputExistsError
 from relvid.models.adapter_file import ADAPTER_FILE_NAME, DIFFUSERS_WEIGHT_NAME, save_adapter_state
 from relvid.models.lora import (
     BLOCK_PATTERN,
@@ -306,7 +306,7 @@ def import_reference(file: str | os.PathLike, out_dir: str | os.PathLike, qkv_al
     """
     file, out_dir = Path(file), Path(out_dir)
     if not file.is_file():
-        raise FileNotFoundError(f"reference checkpoint not found: {file}")
+        raise InputNotFoundError(f"reference checkpoint not found: {file}")
     refuse_existing([out_dir / DIFFUSERS_WEIGHT_NAME, out_dir / ADAPTER_FILE_NAME], overwrite)
     try:
         raw = torch.load(file, map_location="cpu", weights_only=True)
@@ -314,6 +314,11 @@ def import_reference(file: str | os.PathLike, out_dir: str | os.PathLike, qkv_al
         raise LoRAConfigError(f"{file}: cannot be read as a torch checkpoint (weights_only=True): "
                               f"{str(e).splitlines()[0][:200]}") from None
     tensors = _unwrap(raw, file)
+    not_finite = sorted(k for k, v in tensors.items()
+                        if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if not_finite:
+        raise LoRAConfigError(f"{file}: non-finite (NaN or infinite) LoRA weights in {not_finite[:3]}: the run that "
+                              "saved it had diverged; import an earlier checkpoint of it")
     try:
         state, spec = convert_reference_state_dict(tensors, qkv_alpha=qkv_alpha, out_alpha=out_alpha)
     except LoRAConfigError as e:

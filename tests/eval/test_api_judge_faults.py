@@ -125,3 +125,18 @@ def test_final_error_without_a_cache_says_a_rerun_starts_over(tmp_path, chat_ser
         judge = APIJudge(settings(server.url, tmp_path, max_retries=1, cache_dir=None), sleep=clock.sleep, clock=clock)
         with pytest.raises(APIJudgeError, match=r"after 2 attempts.*not cached \(judge\.cache_dir is unset\)"):
             judge.ask(IMAGES, "q?", repeat=0)
+
+
+def test_a_server_that_is_not_there_is_retried_then_named(tmp_path):
+    import socket
+
+    with socket.socket() as probe:  # a loopback port nobody listens on: connections are refused
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
+    clock = FakeClock()
+    judge = APIJudge(settings(url, tmp_path, max_retries=2), sleep=clock.sleep, clock=clock)
+    with pytest.raises(APIJudgeError) as failure:
+        judge.ask(IMAGES, "q?", repeat=0)
+    message = str(failure.value)
+    assert "after 3 attempts" in message and "refused" in message.lower() and url.split("/v1")[0] in message
+    assert len(clock.sleeps) == 2  # it waited between the attempts instead of giving up at once

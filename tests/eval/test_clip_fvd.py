@@ -66,3 +66,16 @@ def test_fvd_of_video_folders(tmp_path, stylegan_v):
 
     feats = lambda files: i3d.features((str(p), read_video(p)) for p in files)  # noqa: E731
     assert far == pytest.approx(frechet_distance(feats(ref), feats(list_videos(tmp_path / "dark"))), rel=1e-9)
+
+
+def test_clip_path_at_another_model_folder_names_what_it_holds(tmp_path):
+    from tests.helpers.preprocess import save_tiny_vae
+
+    save_tiny_vae(tmp_path / "mochi")  # a pipeline root: vae/ holds a diffusers AutoencoderKLMochi
+    with pytest.raises(CLIPWeightsError, match=r"mochi/vae holds a diffusers 'AutoencoderKLMochi', not a CLIP"):
+        CLIPFeatures.from_folder(tmp_path / "mochi" / "vae")
+    with pytest.raises(CLIPWeightsError, match=r"mochi holds no config.json \(it holds vae\), not a CLIP model"):
+        CLIPFeatures.from_folder(tmp_path / "mochi")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CLIPWeightsError, match="is a file"):
+        CLIPFeatures.from_folder(tmp_path / "file")

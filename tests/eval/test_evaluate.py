@@ -85,10 +85,17 @@ def test_sharded_resumable_evaluation_and_results_table(tmp_path, weights, monke
     assert "| DreamRelation | 0.5000 ± 0.5000 |" in md and "| Mochi |" in md
 
 
-def test_settings_mismatch_is_refused(tmp_path, weights, chat_server):
+def test_settings_mismatch_is_refused(tmp_path, weights, chat_server, capsys):
     with chat_server([]) as server:
         assert evaluate(tmp_path / "eval", weights, server.url, "--judge", "none", "--base") == 0
+        videos = sorted((tmp_path / "eval").rglob("*.mp4"))
+        before = [v.read_bytes() for v in videos]
+        capsys.readouterr()
         assert evaluate(tmp_path / "eval", weights, server.url, "--judge", "none", "--base", "--steps", "3") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("relvid evaluate: error: ")
+    assert "num_steps" in err[0] and "--method" in err[0]  # the key that differs and the way out
+    assert [v.read_bytes() for v in videos] == before  # the old videos stay as they were
 
 
 def test_existing_videos_folder(tmp_path, weights, capsys):

@@ -75,3 +75,11 @@ def test_demo_refuses_a_cache_and_videos_of_another_relation(tmp_path):
     (tmp_path / "other" / "demo.json").write_text(json.dumps({"relation": "orbiting", "seed": 0}))
     with pytest.raises(UserError, match=r"demo\.json.*relation.*orbiting.*pushing.*--out.*delete"):
         _again(tmp_path / "other", tmp_path / "no_base_needed", relation="pushing")
+
+
+def test_a_bad_prompt_count_fails_before_any_training(tmp_path, capsys):
+    from relvid.cli import main
+
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--prompts", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("relvid demo: error: --prompts must be in 1..") and not (tmp_path / "demo").exists()

@@ -15,6 +15,7 @@ import torch
 
 from relvid.cli import main
 from relvid.config import ConfigError
+from relvid.errors import UserError
 from relvid.models.adapter_file import load_adapters
 from relvid.training.run import RunExistsError, run
 from relvid.training.safety import NonFiniteError, TrainingInterrupted
@@ -194,11 +195,13 @@ def test_no_command_that_reads_a_checkpoint_runs_code_from_it(tmp_path, capsys):
     state.parent.mkdir()
     torch.save({"settings": {}, "evil": Payload(marker)}, state)
 
-    with pytest.raises(Exception, match="Weights only load failed"):
+    with pytest.raises(UserError, match=f"{state} is not a readable toy-base pretraining state.*delete it"):
         pretrain(state.parent, steps=1, batch_size=1, save_every=1)
     assert not marker.exists()
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 4 and all(": error: " in line for line in err.strip().splitlines())
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 4
+    for line, command in zip(lines, ["export", "import-reference", "sample", "evaluate"], strict=True):
+        assert line.startswith(f"relvid {command}: error: ") and "evil.ckpt" in line  # the file is named
 
 
 def test_export_and_import_refuse_non_finite_weights(tmp_path, trained_adapters, capsys):

@@ -173,7 +173,15 @@ def pretrain(out_dir: str | Path = BASE_DIR, steps: int = 2000, batch_size: int 
     first, seconds = 0, 0.0
     settings = stage_settings(stage, steps, batch_size, lr, seed, frames, init)
     if state_path.is_file():
-        state = torch.load(state_path, map_location=device, weights_only=True)  # a crafted file runs no code
+        try:
+            state = torch.load(state_path, map_location=device, weights_only=True)  # a crafted file runs no code
+        except Exception as err:  # truncated, foreign or crafted: refused by name, never executed
+            raise PretrainStateMismatch(
+                f"{state_path} is not a readable toy-base pretraining state ({type(err).__name__}: "
+                f"{str(err).splitlines()[0][:200]}); delete it to start this stage from the beginning") from None
+        if not isinstance(state, dict) or "settings" not in state:
+            raise PretrainStateMismatch(f"{state_path} is not a toy-base pretraining state (no 'settings'); "
+                                        "delete it to start this stage from the beginning")
         if state["settings"] != settings:
             raise PretrainStateMismatch(f"{state_path} belongs to a different pretraining run ({state['settings']}); "
                                f"delete it to start this one ({settings})")

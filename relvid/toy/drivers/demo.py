@@ -20,7 +20,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from relvid.config import SamplingConfig, to_yaml
-from relvid.errors import UserError
+from relvid.errors import InputError, UserError
 from relvid.eval.report import write_results
 from relvid.models.adapter_file import RUN_ADAPTER_FILE, load_adapters
 from relvid.models.lora_io import export_state_dict
@@ -146,7 +146,8 @@ def run_demo(out: str | Path = "outputs/demo", relation: str = DEMO_RELATION, n_
              progress: bool = True, settings: SamplingConfig = TOY_SAMPLING) -> dict[str, dict[str, float]]:
     """Run the demo into `out`; returns {method: {metric: fraction}}."""
     if relation not in RELATIONS:
-        raise ValueError(f"--relation {relation!r} is not a toy relation; use one of {sorted(RELATIONS)}")
+        raise InputError(f"--relation {relation!r} is not a toy relation; use one of {sorted(RELATIONS)}")
+    prompts = test_prompts(relation, n_prompts, seed=seed)  # a bad --prompts fails before any training
     start = time.time()
     out = Path(out)
     overrides = [f"trainer.progress_bar={str(progress).lower()}", *(overrides or [])]
@@ -157,7 +158,6 @@ def run_demo(out: str | Path = "outputs/demo", relation: str = DEMO_RELATION, n_
 
     adapters = {m: _train(m, relation, cache, out, seed, base_dir, overrides) for m in DEMO_RUNS}
 
-    prompts = test_prompts(relation, n_prompts, seed=seed)
     videos, results, verdicts = {}, {}, {}
     for method in DEMO_METHODS:
         model = (load_base(base_dir) if method == "base" else

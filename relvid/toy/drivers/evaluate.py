@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from relvid.config import SamplingConfig
+from relvid.errors import InputError
 from relvid.eval.metrics import temporal_consistency
 from relvid.inference.generate import generate_video
 from relvid.seeding import derive_seed
@@ -45,7 +46,7 @@ def test_prompts(relation: str, n_prompts: int = 10, n_seeds: int = 1, seed: int
     """n_prompts unseen subject pairs x n_seeds sampling seeds for one relation."""
     pairs = test_pairs()
     if not 1 <= n_prompts <= len(pairs):
-        raise ValueError(f"n_prompts must be in 1..{len(pairs)}, got {n_prompts}")
+        raise InputError(f"--prompts must be in 1..{len(pairs)}, got {n_prompts}")
     return [TestPrompt(relation, a, b, derive_seed(seed, i, k, _SAMPLE_STREAM))
             for i, (a, b) in enumerate(pairs[:n_prompts]) for k in range(n_seeds)]
 
