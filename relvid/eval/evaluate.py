@@ -160,6 +160,7 @@ def build_judge(judge, device: torch.device, default_cache: Path):
 
 def metrics_stage(cfg, generated: list[Path] | None) -> dict:
     """The metrics of one method's videos; writes <method>/metrics.json and returns the table row."""
+    from relvid.eval.judge import NUM_KEYFRAMES as MIN_FRAMES  # 5 distinct keyframes; CLIP needs >= 2
     from relvid.eval.judge import judge_question, judge_videos
     from relvid.video_io import read_video
 
@@ -170,6 +171,11 @@ def metrics_stage(cfg, generated: list[Path] | None) -> dict:
     detail: dict = {"relation": cfg.relation, "method": method, "videos": [str(p) for p, _ in videos],
                     "skipped": {}}
     frames = {p: read_video(p) for p, _ in videos}
+    short = [f"{p} ({frames[p].shape[0]} frame{'s' if frames[p].shape[0] != 1 else ''})" for p, _ in videos
+             if frames[p].shape[0] < MIN_FRAMES]
+    if short:
+        raise InputError(f"{len(short)} video(s) too short to score (the metrics need >= {MIN_FRAMES} frames): "
+                         f"{', '.join(short[:3])}{', ...' if len(short) > 3 else ''}")
 
     if cfg.judge.kind == "none":
         detail["skipped"]["relation_accuracy"] = "no judge (judge.kind=api|local)"

@@ -167,3 +167,14 @@ def test_videos_sidecar_without_prompt_is_refused_naming_the_file(tmp_path, weig
                  "--clip-path", str(weights["clip"]), "--judge", "none"]) == 2
     err = capsys.readouterr().err
     assert str(folder / "v0.json") in err and "'prompt'" in err
+
+
+def test_videos_too_short_to_score_are_named(tmp_path, weights, capsys):
+    folder = tmp_path / "videos"
+    for i, frames in enumerate((9, 3)):
+        write_mp4(folder / f"v{i}.mp4", torch.zeros(frames, 16, 16, 3, dtype=torch.uint8))
+        (folder / f"v{i}.json").write_text(json.dumps({"prompt": PROMPTS[i]}))
+    assert main(["evaluate", "--relation", "hug", "--videos", str(folder), "--out", str(tmp_path / "out"),
+                 "--clip-path", str(weights["clip"])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "v1.mp4 (3 frames)" in err and "v0.mp4" not in err and ">= 5 frames" in err
