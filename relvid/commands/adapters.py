@@ -62,8 +62,10 @@ def register(subparsers) -> None:
     p.add_argument("file")
     p.add_argument("--out", required=True)
     p.add_argument("--qkv-alpha", type=float, default=None,
-                   help="LoRA alpha of the Q/K/V LoRAs in the reference run (its qkv_proj_lora_alpha); default = rank")
+                   help="LoRA alpha of the Q/K/V LoRAs (qkv_proj_lora_alpha); default: the value the file stores, "
+                        "else the rank")
     p.add_argument("--out-alpha", type=float, default=None,
-                   help="LoRA alpha of the FFN (attention-out) LoRA (its out_proj_lora_alpha); default = rank")
+                   help="LoRA alpha of the FFN (attention-out) LoRA (out_proj_lora_alpha); default: the value the "
+                        "file stores, else the rank")
     p.add_argument("--overwrite", action="store_true", help="replace the two files if --out already holds them")
     p.set_defaults(func=cmd_import_reference)

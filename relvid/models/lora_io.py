@@ -9,11 +9,13 @@ reference code's checkpoints (a fork of genmo's Mochi LoRA fine-tuner).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pickle
 import re
 import shutil
 import tempfile
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -167,9 +169,9 @@ def convert_reference_state_dict(state: dict[str, torch.Tensor], qkv_alpha: floa
     """Reference-code LoRA tensors -> our adapter_state_dict keys for all four adapters, and the spec.
 
     Accepts any prefix before "blocks." (model., module., _orig_mod., ...); refuses anything it does
-    not recognise. The checkpoint does not store alpha: the reference's released configs use
-    alpha = rank (scale 1), the default here; a run trained with other values must pass them
-    (its YAML's qkv_proj_lora_alpha -> qkv_alpha, out_proj_lora_alpha -> out_alpha).
+    not recognise. Alphas default to the ranks (scale 1, as the released checkpoints use);
+    ``import_reference`` passes those the file stores (qkv_proj_lora_alpha -> qkv_alpha,
+    out_proj_lora_alpha -> out_alpha).
     """
     if not state:
         raise LoRAConfigError("reference state dict is empty: expected blocks.{i}.attn.* LoRA tensors")
@@ -297,10 +299,54 @@ def _unwrap(obj: object, file: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def stored_alphas(kwargs: object) -> tuple[float | None, float | None]:
+    """(qkv alpha, out alpha) from a reference checkpoint's model kwargs (its YAML's ``model.kwargs``:
+    ``qkv_proj_lora_alpha``, ``out_proj_lora_alpha``); None where absent."""
+    if not isinstance(kwargs, dict):
+        return None, None
+    found = []
+    for key in ("qkv_proj_lora_alpha", "out_proj_lora_alpha"):
+        value = kwargs.get(key)
+        found.append(float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None)
+    return found[0], found[1]
+
+
+def read_reference(file: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """A reference checkpoint's LoRA tensors and the model kwargs it stores (None when it stores
+    none): ``.pt`` as {"state_dict", "kwargs"}, ``.safetensors`` with a JSON ``kwargs`` metadata entry."""
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (not a dict)
+        except Exception as e:  # a truncated or foreign file: its own error, named
+            raise LoRAConfigError(f"{file}: cannot be read as a safetensors file: {str(e).splitlines()[0][:200]}") \
+                from None
+        try:
+            kwargs = json.loads(metadata["kwargs"]) if "kwargs" in metadata else None
+        except json.JSONDecodeError:
+            raise LoRAConfigError(f"{file}: its 'kwargs' metadata is not JSON") from None
+        return tensors, kwargs
+    try:
+        raw = torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
+        raise LoRAConfigError(f"{file}: cannot be read as a torch checkpoint (weights_only=True): "
+                              f"{str(e).splitlines()[0][:200]}") from None
+    kwargs = raw.get("kwargs") if isinstance(raw, dict) and isinstance(raw.get("kwargs"), dict) else None
+    if isinstance(raw, dict) and "kwargs" in raw:
+        raw = {k: v for k, v in raw.items() if k != "kwargs"}
+    return _unwrap(raw, file), kwargs
+
+
 def import_reference(file: str | os.PathLike, out_dir: str | os.PathLike, qkv_alpha: float | None = None,
                      out_alpha: float | None = None, overwrite: bool = False) -> Path:
     """Convert a reference checkpoint: writes the diffusers inference LoRA and our full-triplet file.
 
+    The LoRA alphas are those the file stores (the reference saves its model kwargs with the
+    weights); ``qkv_alpha`` / ``out_alpha`` override them. A file that stores none is read as
+    alpha = rank (scale 1, as the released checkpoints use), with a warning.
     Returns out_dir/pytorch_lora_weights.safetensors; the triplet goes to out_dir/relvid_adapters.safetensors.
     If either file exists, nothing is written unless `overwrite` (else OutputExistsError).
     """
@@ -308,17 +354,21 @@ def import_reference(file: str | os.PathLike, out_dir: str | os.PathLike, qkv_al
     if not file.is_file():
         raise InputNotFoundError(f"reference checkpoint not found: {file}")
     refuse_existing([out_dir / DIFFUSERS_WEIGHT_NAME, out_dir / ADAPTER_FILE_NAME], overwrite)
-    try:
-        raw = torch.load(file, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
-        raise LoRAConfigError(f"{file}: cannot be read as a torch checkpoint (weights_only=True): "
-                              f"{str(e).splitlines()[0][:200]}") from None
-    tensors = _unwrap(raw, file)
+    tensors, kwargs = read_reference(file)
     not_finite = sorted(k for k, v in tensors.items()
                         if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all()))
     if not_finite:
         raise LoRAConfigError(f"{file}: non-finite (NaN or infinite) LoRA weights in {not_finite[:3]}: the run that "
                               "saved it had diverged; import an earlier checkpoint of it")
+    file_qkv, file_out = stored_alphas(kwargs)
+    qkv_alpha = qkv_alpha if qkv_alpha is not None else file_qkv
+    out_alpha = out_alpha if out_alpha is not None else file_out
+    if qkv_alpha is None or out_alpha is None:
+        missing = [name for name, value in (("qkv_proj_lora_alpha", qkv_alpha), ("out_proj_lora_alpha", out_alpha))
+                   if value is None]
+        warnings.warn(f"{file} stores no {' or '.join(missing)}: reading it as alpha = rank (scale 1, as the "
+                      "released checkpoints use); pass --qkv-alpha / --out-alpha if the run used other values",
+                      stacklevel=2)
     try:
         state, spec = convert_reference_state_dict(tensors, qkv_alpha=qkv_alpha, out_alpha=out_alpha)
     except LoRAConfigError as e:

@@ -1,5 +1,6 @@
 """diffusers export (loaded by MochiPipeline.load_lora_weights) and reference-checkpoint import."""
 
+import json
 import re
 
 import pytest
@@ -228,3 +229,51 @@ def test_import_reference_errors_name_the_file(tmp_path):
     with pytest.raises(LoRAConfigError, match="junk.pt"):
         import_reference(junk, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", [".pt", ".safetensors"])
+def test_import_reference_applies_the_alphas_the_file_stores(tmp_path, kind):
+    """A rank-4 file that stores alpha 8 is a LoRA at scale 2: loaded by MochiPipeline.load_lora_weights it
+    acts as the same file at scale 1 with every lora_B doubled."""
+    from safetensors.torch import save_file
+
+    def save(name, state, alphas):
+        path = tmp_path / f"{name}{kind}"
+        kwargs = {"qkv_proj_lora_rank": 4, "qkv_proj_lora_alpha": alphas[0], "out_proj_lora_rank": 4,
+                  "out_proj_lora_alpha": alphas[1]}
+        if kind == ".pt":
+            torch.save({"state_dict": state, "kwargs": kwargs}, path)
+        else:
+            save_file({k: v.contiguous() for k, v in state.items()}, path, metadata={"kwargs": json.dumps(kwargs)})
+        return path
+
+    ref, _ = reference_state(rank=4)
+    doubled = {k: v * 2 if ".lora_B" in k else v for k, v in ref.items()}
+    scaled = import_reference(save("alpha8", ref, (8, 8)), tmp_path / "alpha8")
+    plain = import_reference(save("alpha4", doubled, (4, 4)), tmp_path / "alpha4")
+    spec, _, _ = load_adapters(tmp_path / "alpha8" / "relvid_adapters.safetensors")
+    assert spec.alpha_of("relation") == 8.0 and spec.alpha_of("ffn") == 8.0 and spec.rank_of("relation") == 4
+    base_state = {k: v.clone() for k, v in tiny().state_dict().items()}
+    outputs = []
+    for path in (scaled, plain):
+        pipe = fresh_pipeline(base_state)
+        pipe.load_lora_weights(path.parent)
+        with torch.no_grad():
+            outputs.append(pipe.transformer(**inputs())[0])
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
+    base = fresh_pipeline(base_state).transformer
+    with torch.no_grad():
+        assert not torch.allclose(base(**inputs())[0], outputs[0], atol=1e-3)  # the LoRA acts
+
+
+def test_import_reference_warns_when_the_file_stores_no_alpha_and_flags_override(tmp_path):
+    ref, _ = reference_state(rank=4)
+    torch.save({"state_dict": ref}, tmp_path / "bare.pt")
+    with pytest.warns(UserWarning, match="bare.pt stores no qkv_proj_lora_alpha or out_proj_lora_alpha"):
+        import_reference(tmp_path / "bare.pt", tmp_path / "bare")
+    assert load_adapters(tmp_path / "bare" / "relvid_adapters.safetensors")[0].alpha_of("relation") == 4.0
+    torch.save({"state_dict": ref, "kwargs": {"qkv_proj_lora_alpha": 8, "out_proj_lora_alpha": 8}},
+               tmp_path / "stored.pt")
+    import_reference(tmp_path / "stored.pt", tmp_path / "flags", qkv_alpha=16.0)  # a flag beats the file
+    spec = load_adapters(tmp_path / "flags" / "relvid_adapters.safetensors")[0]
+    assert spec.alpha_of("relation") == 16.0 and spec.alpha_of("ffn") == 8.0
