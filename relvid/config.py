@@ -141,6 +141,8 @@ class TrainerConfig:
     # steps between progress-bar redraws; 0: every step on a terminal, about 50 redraws per run
     # otherwise (a log file, a Slurm job, CI), so a log holds lines a person can read
     progress_refresh: int = 0
+    # true: bit-exact reruns and resumes on the same GPU model and software (deterministic kernels,
+    # memory-efficient attention on a GPU; slower); false: on GPUs equal in distribution only
     deterministic: bool = False
 
 
@@ -512,6 +514,9 @@ def _check(cfg: DictConfig) -> None:
     _require(cfg.trainer.checkpoint_every >= 1, "trainer.checkpoint_every", "must be >= 1")
     _require(cfg.trainer.progress_refresh >= 0, "trainer.progress_refresh",
              "must be >= 0 (0: every step on a terminal, about 50 redraws per run in a log)")
+    _require(not cfg.trainer.deterministic or cfg.speed.sdpa_backend in ("auto", "efficient", "math"),
+             "speed.sdpa_backend", f"{cfg.speed.sdpa_backend}'s attention backward is not deterministic, which "
+             "trainer.deterministic=true asks for: use auto (efficient on a GPU), efficient or math")
     _require(cfg.model.codec in ("mochi", "toy"), "model.codec", "must be mochi or toy")
     _require(cfg.model.text_encoder in ("t5", "toy"), "model.text_encoder", "must be t5 or toy")
     _check_speed(cfg)

@@ -29,5 +29,10 @@ def derive_seed(*ints: int) -> int:
 
 
 def generator_for(*ints: int, device: str | torch.device = "cpu") -> torch.Generator:
-    """A fresh ``torch.Generator`` seeded with ``derive_seed(*ints)``."""
+    """A fresh ``torch.Generator`` seeded with ``derive_seed(*ints)``.
+
+    Keep the default CPU generator for draws that must be the same everywhere and move the result:
+    a CUDA generator's numbers depend on the GPU model, since its kernels split the draw by the
+    number of multiprocessors.
+    """
     return torch.Generator(device=device).manual_seed(derive_seed(*ints))

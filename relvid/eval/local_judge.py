@@ -23,6 +23,15 @@ class VLMWeightsError(UserError, FileNotFoundError):
     """No usable local VLM folder."""
 
 
+def check_vlm_folder(path: str | os.PathLike | None) -> Path:
+    """The folder of a local VLM, checked to hold a config.json (without loading anything)."""
+    if path is None or not (Path(path) / "config.json").is_file():
+        raise VLMWeightsError(
+            f"VLM folder {path!r} has no config.json: download Qwen/Qwen2.5-VL-7B-Instruct (or -72B) with "
+            "`huggingface-cli download ... --local-dir DIR` on a machine with internet and pass --vlm-path DIR")
+    return Path(path)
+
+
 class LocalVLMJudge:
     """Judge.ask with a Qwen2.5-VL-class model: keyframes as images in one user turn, then sampled generation.
 
@@ -50,18 +59,21 @@ class LocalVLMJudge:
     @classmethod
     def from_folder(cls, path: str | os.PathLike | None, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None, **kwargs) -> LocalVLMJudge:
+        """The judge from a local folder, its weights loaded onto `device` in `dtype` (default: bf16 on
+        a GPU, float32 on the CPU)."""
         import json
 
         from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
-        if path is None or not (Path(path) / "config.json").is_file():
-            raise VLMWeightsError(
-                f"VLM folder {path!r} has no config.json: download Qwen/Qwen2.5-VL-7B-Instruct (or -72B) with "
-                "`huggingface-cli download ... --local-dir DIR` on a machine with internet and pass --vlm-path DIR")
-        path = Path(path)
+        path = check_vlm_folder(path)
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         if dtype is None:
-            dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True)
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        # device_map: the weights are read straight onto the device, never whole into host memory first
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, device_map=device,
+                                                            local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
         template = None  # the processor's template (chat_template.json/.jinja) knows image items

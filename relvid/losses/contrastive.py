@@ -20,12 +20,21 @@ Choices where the paper is silent (facts from the public reference code, ali-vil
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def float32_region(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off on `device`: under Lightning's bf16-mixed the cosines would otherwise be bf16,
+    rounded by up to ~4e-3 before the division by tau (0.07) magnifies the error ~14 times."""
+    if not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def frame_features(output: Tensor) -> Tensor:
@@ -45,7 +54,7 @@ def relational_dynamics(frames: Tensor) -> Tensor:
 
 
 def relational_contrastive_loss(anchors: Tensor, positives: Tensor, negatives: Tensor, tau: float = 0.07) -> Tensor:
-    """Multi-positive InfoNCE, mean over anchors, in float32.
+    """Multi-positive InfoNCE, mean over anchors, in float32 (also inside an autocast region).
 
     anchors (N, C), positives (N, P, C) with P >= 1, negatives (N, Q, C). Features are L2-normalized,
     logits = cosine / tau; per anchor -log(sum_pos exp / (sum_pos exp + sum_neg exp)).
@@ -59,13 +68,14 @@ def relational_contrastive_loss(anchors: Tensor, positives: Tensor, negatives: T
         raise ValueError(
             f"relational_contrastive_loss: negatives must have shape (N={n}, Q, C={c}), got {tuple(negatives.shape)}"
         )
-    a = F.normalize(anchors.float(), dim=-1)  # (N, C)
-    others = F.normalize(torch.cat([positives, negatives], dim=1).float(), dim=-1)  # (N, P+Q, C)
-    logits = torch.einsum("nc,nkc->nk", a, others) / tau  # (N, P+Q)
-    n_pos = positives.shape[1]
-    # logsumexp keeps exp(1/0.07) ~ 1.6e6 per term from overflowing in low precision
-    loss = torch.logsumexp(logits, dim=1) - torch.logsumexp(logits[:, :n_pos], dim=1)  # (N,)
-    return loss.mean()
+    with float32_region(anchors.device):
+        a = F.normalize(anchors.float(), dim=-1)  # (N, C)
+        others = F.normalize(torch.cat([positives, negatives], dim=1).float(), dim=-1)  # (N, P+Q, C)
+        logits = torch.einsum("nc,nkc->nk", a, others) / tau  # (N, P+Q)
+        n_pos = positives.shape[1]
+        # logsumexp keeps exp(1/0.07) ~ 1.6e6 per term from overflowing
+        loss = torch.logsumexp(logits, dim=1) - torch.logsumexp(logits[:, :n_pos], dim=1)  # (N,)
+        return loss.mean()
 
 
 def _randperm(n: int, generator: torch.Generator | None) -> Tensor:
@@ -195,7 +205,8 @@ def rcl_loss_for_batch(
     tau: float = 0.07,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor | None, dict]:
-    """RCL of a batch of model outputs (B, C, F, H, W) against the memory bank; does not push.
+    """RCL of a batch of model outputs (B, C, F, H, W) against the memory bank, in float32 even inside an
+    autocast region; does not push.
 
     Anchors are each video's F-1 frame differences; videos without positives (no other clip in the
     bank) are skipped, and the loss is the mean over the anchors of the remaining videos, or None
@@ -205,8 +216,9 @@ def rcl_loss_for_batch(
     """
     if n_pos < 1 or n_neg < 0:
         raise ValueError(f"rcl_loss_for_batch: need n_pos >= 1 and n_neg >= 0, got n_pos={n_pos}, n_neg={n_neg}")
-    frames = frame_features(output.float())  # (B, F, C)
-    dynamics = relational_dynamics(frames)  # (B, F-1, C)
+    with float32_region(output.device):  # the loss of each video is float32 too (relational_contrastive_loss)
+        frames = frame_features(output.float())  # (B, F, C)
+        dynamics = relational_dynamics(frames)  # (B, F-1, C)
     clips = _clip_list(clip_index)
     if len(clips) != output.shape[0]:
         raise ValueError(f"rcl_loss_for_batch: {len(clips)} clip indices for a batch of {output.shape[0]} videos")

@@ -32,7 +32,7 @@ from relvid.models.lora import (
     inject_triplet,
     lora_parameters,
 )
-from relvid.seeding import derive_seed
+from relvid.seeding import derive_seed, generator_for
 from relvid.training.safety import check_finite_gradients, check_finite_loss
 
 CHECKPOINT_FORMAT = 1
@@ -60,6 +60,30 @@ def wants_gpu(cfg: DictConfig) -> bool:
     return accel in ("gpu", "cuda") or (accel == "auto" and torch.cuda.is_available())
 
 
+def training_speed(cfg: DictConfig) -> DictConfig:
+    """The speed section the transformer is set up with: cfg.speed, except that trainer.deterministic on a
+    GPU turns sdpa_backend=auto into efficient, the kernel whose backward runs deterministically under
+    torch.use_deterministic_algorithms (cuDNN's and flash's backward need not)."""
+    speed = cfg.speed
+    if (cfg.trainer.deterministic and wants_gpu(cfg) and speed.attention != "diffusers"
+            and speed.sdpa_backend == "auto"):
+        speed = OmegaConf.merge(speed, {"sdpa_backend": "efficient"})
+    return speed
+
+
+def training_noise(shape: torch.Size | tuple[int, ...], seed: int, step: int, rank: int,
+                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The noise (shape) and noise levels sigma (B,) of one training step, float32 on `device`.
+
+    Drawn on the CPU and moved, as sampling draws its noise: a CUDA generator's stream depends on the
+    GPU model, so the same run would train on other noise on another GPU (or on the CPU).
+    """
+    gen = generator_for(seed, step, rank, _NOISE_STREAM)  # a CPU generator
+    noise = torch.randn(tuple(shape), generator=gen, dtype=torch.float32)
+    sigma = sample_sigmas(shape[0], gen)  # (B,), from the same stream, after the noise
+    return noise.to(device), sigma.to(device)
+
+
 def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str, min_ratio: float) -> float:
     """Linear warm-up from lr/warmup to lr, then cosine decay to min_ratio * lr (or constant)."""
     if warmup_steps > 0 and step < warmup_steps:
@@ -79,7 +103,7 @@ class RelationModule(L.LightningModule):
         self.cfg = cfg
         self.spec = spec_from_config(cfg)
         self.transformer = transformer if transformer is not None else load_transformer(cfg.model, wants_gpu(cfg))
-        apply_speed_config(self.transformer, cfg.speed)
+        apply_speed_config(self.transformer, training_speed(cfg))
         self.transformer.requires_grad_(False)
         # from_pretrained returns eval mode; LoRA dropout (lora.dropout) needs train mode.
         self.transformer.train()
@@ -87,6 +111,7 @@ class RelationModule(L.LightningModule):
         self.memory_bank = None  # attached by callbacks.MemoryBankCallback
         self.selections: list[str] = []  # the LoRA selected at each step this process ran
         self.strict_loading = False  # checkpoints hold the adapters only, not the frozen base
+        self._sdpa_flags: tuple[bool, bool] | None = None  # flash / cuDNN SDPA before a deterministic run
 
     # --- the step -------------------------------------------------------------------------
     def select_lora(self, step: int) -> str:
@@ -140,9 +165,7 @@ class RelationModule(L.LightningModule):
         self.selections.append(selection)
 
         z0 = batch["latents"].float()  # (B, C, f, h, w), drawn from the cached posterior
-        gen = torch.Generator(device=z0.device).manual_seed(derive_seed(seed, step, rank, _NOISE_STREAM))
-        noise = torch.randn(z0.shape, generator=gen, device=z0.device, dtype=torch.float32)
-        sigma = sample_sigmas(z0.shape[0], gen, device=z0.device)  # (B,)
+        noise, sigma = training_noise(z0.shape, seed, step, rank, z0.device)  # (B, C, f, h, w), (B,)
         z_sigma = noisy_latents(z0, noise, sigma)
         target = velocity_target(z0, noise)
         pred = self(z_sigma, model_timestep(sigma), batch["text_embeds"], batch["text_mask"])
@@ -179,6 +202,22 @@ class RelationModule(L.LightningModule):
         out["loss"] = loss
         out["selection"] = selection
         return out
+
+    # --- deterministic mode (trainer.deterministic) ---------------------------------------------
+    def on_fit_start(self) -> None:
+        if self.cfg.trainer.deterministic and self.device.type == "cuda":
+            # speed.attention=diffusers leaves the kernel to SDPA: keep to those with a deterministic
+            # backward (the packed path names its own: training_speed)
+            self._sdpa_flags = (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.cudnn_sdp_enabled())
+            torch.backends.cuda.enable_flash_sdp(False)
+            torch.backends.cuda.enable_cudnn_sdp(False)
+
+    def on_fit_end(self) -> None:
+        if self._sdpa_flags is not None:
+            flash, cudnn = self._sdpa_flags
+            torch.backends.cuda.enable_flash_sdp(flash)
+            torch.backends.cuda.enable_cudnn_sdp(cudnn)
+            self._sdpa_flags = None
 
     # --- optimizer --------------------------------------------------------------------------
     def on_before_optimizer_step(self, optimizer) -> None:

@@ -193,3 +193,24 @@ def test_rcl_is_reproducible_with_a_seeded_generator():
     a, _ = rcl_loss_for_batch(output, [0], bank, n_pos=2, n_neg=6, generator=torch.Generator().manual_seed(9))
     b, _ = rcl_loss_for_batch(output, [0], bank, n_pos=2, n_neg=6, generator=torch.Generator().manual_seed(9))
     assert torch.equal(a, b)
+
+
+def test_rcl_is_float32_under_bf16_autocast():
+    """Lightning's bf16-mixed wraps the step in autocast: the cosines must still be float32 (a bf16 cosine
+    is rounded by up to ~4e-3, which the division by tau = 0.07 turns into ~0.06 of a logit)."""
+    g = torch.Generator().manual_seed(0)
+    anchors, positives, negatives = (torch.randn(*s, 64, generator=g) for s in ((6,), (6, 4), (6, 10)))
+    reference = relational_contrastive_loss(anchors, positives, negatives)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = relational_contrastive_loss(anchors, positives, negatives)
+    assert got.dtype == torch.float32
+    assert abs(got.item() - reference.item()) < 1e-6
+
+    bank = MemoryBank(8)
+    bank.push([0, 1, 2], torch.randn(3, 5, 64, generator=g), torch.randn(3, 6, 64, generator=g))
+    output = torch.randn(2, 64, 6, 2, 2, generator=g)  # (B, C, F, H, W)
+    reference, _ = rcl_loss_for_batch(output, [3, 4], bank, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = rcl_loss_for_batch(output, [3, 4], bank, generator=torch.Generator().manual_seed(1))
+    assert got.dtype == torch.float32
+    assert abs(got.item() - reference.item()) < 1e-6

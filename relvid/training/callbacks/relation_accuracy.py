@@ -4,18 +4,28 @@ Rank zero samples each prompt with the inference adapters (fixed seeds, so value
 steps are comparable), asks the VLM judge the paper's question `repeats` times per video and logs
 val/relation_accuracy (mean over repeats), its std and the unparseable answers; each evaluation
 is also appended to <output_dir>/relation_accuracy.jsonl.
+
+A local judge is loaded at the first evaluation, not at setup: by then Lightning has moved the
+model to its GPU, so the judge's weights go straight there in bf16 instead of through host memory
+in float32. One larger than LARGE_JUDGE_BYTES is dropped after each evaluation and read again at
+the next, so that it does not hold GPU memory the training needs.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
 import lightning as L
+import torch
 from omegaconf import DictConfig
 
 from relvid.inference.generate import generate_video, inference_scope
 from relvid.training.callbacks.preview import PreviewPromptError, select_prompts
+
+# A local judge with more weights than this (bytes) is freed after each evaluation (a 7B VLM in bf16: ~16 GB).
+LARGE_JUDGE_BYTES = 1 << 30
 
 
 class RelationAccuracyCallback(L.Callback):
@@ -73,13 +83,32 @@ class RelationAccuracyCallback(L.Callback):
                                      f"{negative!r}")
         self._prompts = {t: available[t] for t in [*self._texts, negative] if t in available}
         self.question = judge_question(self.cfg.relation)
-        self._judge = self._build_judge(pl_module)
+        judge = self.cfg.relation_accuracy.judge
+        if judge.kind == "local":  # a wrong folder fails now, not steps later; the weights load at first use
+            from relvid.eval.local_judge import check_vlm_folder
+
+            check_vlm_folder(judge.vlm_path)
 
     def _build_judge(self, pl_module: L.LightningModule):
+        """The judge, on the module's device (where Lightning has put it by the first evaluation)."""
         from relvid.eval.evaluate import build_judge
 
         return build_judge(self.cfg.relation_accuracy.judge, pl_module.device,
                            default_cache=self.out_dir / "judge_cache")
+
+    def _release_judge(self) -> None:
+        """Drop a large local judge (its GPU memory goes back to the training); keep anything smaller."""
+        model = getattr(self._judge, "model", None)
+        if model is None:
+            return  # the API judge holds no weights
+        size = sum(p.numel() * p.element_size() for p in model.parameters())
+        if size > LARGE_JUDGE_BYTES:
+            device = self._judge.device
+            self._judge = None
+            del model
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -98,12 +127,15 @@ class RelationAccuracyCallback(L.Callback):
             videos = [generate_video(pl_module.transformer, self._codec, *self._prompts[text], negative,
                                      seed=self.seed + i, settings=self.settings, device=pl_module.device)
                       for i, text in enumerate(self._texts)]
+        if self._judge is None:
+            self._judge = self._build_judge(pl_module)
         result = judge_videos(self._judge, videos, self.question, repeats=self.repeats)
         metrics = {"val/relation_accuracy": result["mean"], "val/relation_accuracy_std": result["std"],
                    "val/judge_unparseable": float(result["unparseable"])}
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=step)
         record = {"step": step, "judge": self._judge.name, "prompts": self._texts, **result}
+        self._release_judge()
         self.history.append(record)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / "relation_accuracy.jsonl", "a", encoding="utf-8") as f:
