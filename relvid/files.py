@@ -54,3 +54,22 @@ def writable_folder(path: str | os.PathLike) -> str | None:
     except OSError as err:
         return f"{err.filename or path}: {err.strerror or err}"
     return None
+
+
+def swap_in_folder(new: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Put the finished folder ``new`` at ``target`` (a checkpoint written as a folder, by DeepSpeed),
+    replacing what was there by two renames in the same parent folder: a crash between them leaves
+    the old folder under a dot-name and the new one under its own dot-name, never a folder holding
+    files of two saves. Returns ``target``."""
+    import shutil
+
+    new, target = Path(new), Path(target)
+    old = target.with_name(f".{target.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    if old.exists():
+        shutil.rmtree(old)
+    return target

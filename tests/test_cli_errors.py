@@ -98,3 +98,4 @@ def test_resuming_with_another_lora_rank_is_one_line(tmp_path, random_cache, rep
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("relvid train: error: ") and "rank" in err[0]
     assert not (tmp_path / "run" / "checkpoints" / "on_exception.ckpt").exists()
+

@@ -51,7 +51,8 @@ def cmd_import_reference(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("export", help="write the inference LoRA (relation + ffn) as a diffusers file")
     p.add_argument("source",
-                   help="a relvid checkpoint (.ckpt), relvid_adapters.safetensors, or a run's adapters/ folder")
+                   help="a relvid checkpoint (.ckpt file, or .ckpt folder under DeepSpeed), "
+                        "relvid_adapters.safetensors, or a run's adapters/ folder")
     p.add_argument("--out", required=True, help="output folder for pytorch_lora_weights.safetensors")
     p.add_argument("--triplet", action="store_true", help="also write the full triplet in relvid's format")
     p.add_argument("--overwrite", action="store_true", help="replace the files if --out already holds them")

@@ -38,8 +38,8 @@ def _add_sampling_flags(p: argparse.ArgumentParser, section: str) -> None:
 
 def _add_what_flags(p: argparse.ArgumentParser, section: str) -> None:
     alias(p, "--adapters", key=f"{section}.adapters",
-          help="a .ckpt, relvid_adapters.safetensors, a run's adapters/ folder, or a diffusers LoRA "
-               "(relvid export / import-reference output); default: <output_dir>/adapters")
+          help="a .ckpt (file, or folder under DeepSpeed), relvid_adapters.safetensors, a run's adapters/ folder, "
+               "or a diffusers LoRA (relvid export / import-reference output); default: <output_dir>/adapters")
     alias(p, "--base", key=f"{section}.base", action="store_true", help="the base model without adapters")
     alias(p, "--prompt", "-p", key=f"{section}.prompts", action="append", help="repeatable")
     alias(p, "--prompts-file", key=f"{section}.prompts_file", help="one prompt per line")

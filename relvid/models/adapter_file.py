@@ -2,17 +2,22 @@
 validating it, reading the adapters out of a training checkpoint, and loading any adapter source
 (a .ckpt, our triplet file, a run's adapters/ folder, a diffusers LoRA file) into a transformer.
 
+A training checkpoint is a file, or, under the DeepSpeed strategies, a folder of DeepSpeed's own
+files: both are read here, every file with weights_only=True (no code in a file ever runs).
+
 The triplet file is safetensors with every adapter's LoRA weights under "<adapter>/<module>.lora_A|B.weight"
 and the TripletSpec (placement, ranks, alpha, branches) as JSON metadata, so it loads without a config.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,28 +135,197 @@ class CheckpointError(UserError, ValueError):
     """A file that is not a readable relvid checkpoint."""
 
 
+def _lora_state(tensors: dict[str, torch.Tensor], where: Path, others: bool) -> dict[str, torch.Tensor]:
+    """adapter_state_dict-style LoRA tensors from a module's state ("transformer.<module>.lora_A.<adapter>.weight");
+    other tensors are refused, or skipped when ``others`` (a DeepSpeed module state also holds buffers)."""
+    state: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        match = _LORA_KEY.match(key)
+        if match is None:
+            if others and ".lora_" not in key:
+                continue
+            raise CheckpointError(f"{where}: unexpected tensor {key!r} in state_dict (expected LoRA weights only)")
+        state[f"{match['adapter']}/{match['module']}.{match['ab']}.weight"] = value
+    if not state:
+        raise CheckpointError(f"{where} holds no LoRA tensors")
+    return state
+
+
 def adapters_from_checkpoint(path: str | Path) -> tuple[TripletSpec, dict[str, torch.Tensor]]:
-    """(spec, adapter state with keys "<adapter>/<module>.lora_{A,B}.weight") from a .ckpt file."""
+    """(spec, adapter state with keys "<adapter>/<module>.lora_{A,B}.weight") from a training checkpoint:
+    a .ckpt file, or a DeepSpeed checkpoint folder."""
     path = Path(path)
+    if path.is_dir():
+        return _adapters_from_deepspeed(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle/zip errors of many kinds: report the file
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0][:200]})") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint ({_first_line(err)})") from None
     meta = ckpt.get("relvid") if isinstance(ckpt, dict) else None
     if meta is None:
         raise CheckpointError(f"{path} has no 'relvid' section: it was not written by `relvid train`")
-    state: dict[str, torch.Tensor] = {}
-    for key, value in ckpt.get("state_dict", {}).items():
-        match = _LORA_KEY.match(key)
-        if match is None:
-            raise CheckpointError(f"{path}: unexpected tensor {key!r} in state_dict (expected LoRA weights only)")
-        state[f"{match['adapter']}/{match['module']}.{match['ab']}.weight"] = value
-    if not state:
-        raise CheckpointError(f"{path} holds no LoRA tensors")
-    return TripletSpec.from_dict(meta["spec"]), state
+    return TripletSpec.from_dict(meta["spec"]), _lora_state(ckpt.get("state_dict", {}), path, others=False)
+
+
+def _first_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+
+
+# --- DeepSpeed checkpoint folders ----------------------------------------------------------------------
+# Under trainer.strategy=deepspeed_stage_N, Lightning has DeepSpeed write every checkpoint (step000200.ckpt,
+# last.ckpt, hpc_ckpt_1.ckpt) as a folder:
+#   latest                                          the tag, "checkpoint"; written after the rank's files
+#   <tag>/mp_rank_00_model_states.pt                ZeRO-1/2: the trainable tensors (the LoRA) and Lightning's
+#                                                   state (global_step, loops, relvid's section)
+#   <tag>/zero_pp_rank_<r>_mp_rank_00_model_states.pt   ZeRO-3 instead: one per rank, each with Lightning's state
+#                                                   and the LoRA as empty placeholders (it is partitioned)
+#   <tag>/[bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt   one per data-parallel rank: the optimizer state
+#                                                   and the fp32 master copy of the rank's share of the LoRA
+#   zero_to_fp32.py, zero_to_torch.py               DeepSpeed's own scripts (relvid never runs them)
+DEEPSPEED_LATEST = "latest"
+_DS_MODEL = re.compile(r"^(?:zero_pp_rank_(?P<rank>\d+)_)?mp_rank_00_model_states\.pt$")
+_DS_OPTIM = re.compile(r"^(?:bf16_)?zero_pp_rank_(?P<rank>\d+)_mp_rank_00_optim_states\.pt$")
+
+
+def is_deepspeed_checkpoint(path: str | os.PathLike) -> bool:
+    """A folder DeepSpeed wrote (or began to write) a checkpoint into: a *.ckpt folder, or one holding
+    DeepSpeed's 'latest' file or model states."""
+    path = Path(path)
+    return path.is_dir() and (path.suffix == ".ckpt" or (path / DEEPSPEED_LATEST).is_file()
+                              or any(path.glob("*/*_model_states.pt")))
+
+
+@dataclass(frozen=True)
+class DeepSpeedCheckpoint:
+    """The files of a whole DeepSpeed checkpoint folder and what its first model-states file says."""
+
+    path: Path
+    stage: int  # ZeRO stage
+    world_size: int  # data-parallel ranks that wrote it
+    states: Path  # rank 0's model states: Lightning's checkpoint (global_step, relvid, ...) lives here
+    files: tuple[Path, ...]  # every model and optimizer file, in rank order
+
+
+def _incomplete(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"{path} is an incomplete DeepSpeed checkpoint ({what}): its save was cut short or "
+                           "files were removed; use another checkpoint of the run")
+
+
+def _torch_load(file: Path, mmap: bool, safe_globals: Sequence = ()) -> dict:
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # zip, EOF and unpickling errors of many kinds: name the file
+        raise CheckpointError(f"{file} is not readable ({_first_line(err)}); use another checkpoint of the "
+                              "run") from None
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"{file} does not hold a DeepSpeed checkpoint state")
+    return loaded
+
+
+def open_deepspeed_checkpoint(path: str | os.PathLike, mmap: bool = True) -> tuple[DeepSpeedCheckpoint, dict]:
+    """The layout of a DeepSpeed checkpoint folder, checked to be whole (its 'latest' tag, rank 0's model
+    states, one optimizer file per rank), and rank 0's model states (read with weights_only=True).
+    Raises CheckpointError naming what is missing or unreadable."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} not found")
+    latest = path / DEEPSPEED_LATEST
+    if not latest.is_file():
+        raise _incomplete(path, f"no '{DEEPSPEED_LATEST}' file, which DeepSpeed writes at the end of a save")
+    tag = latest.read_text(errors="replace").strip()
+    if not tag or tag in (".", "..") or Path(tag).name != tag:
+        raise CheckpointError(f"{latest}: {tag!r} is not a DeepSpeed checkpoint tag (a folder name)")
+    tag_dir = path / tag
+    if not tag_dir.is_dir():
+        raise _incomplete(path, f"'latest' names {tag!r}, which is not a folder there")
+    models = {m["rank"]: f for f in tag_dir.iterdir() if (m := _DS_MODEL.match(f.name))}
+    optims = {int(m["rank"]): f for f in tag_dir.iterdir() if (m := _DS_OPTIM.match(f.name))}
+    states = models.get(None, models.get("0"))
+    if states is None:
+        raise _incomplete(path, f"no mp_rank_00_model_states.pt in {tag}/")
+    meta = _torch_load(states, mmap)
+    if "relvid" not in meta or "global_step" not in meta:
+        raise CheckpointError(f"{path} was not written by `relvid train` (no relvid section in {states.name})")
+    world = int(meta.get("dp_world_size") or 1)
+    stage = int(((meta.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0))
+    files = [states]
+    for rank in range(world):
+        if stage >= 3 and rank > 0:
+            if str(rank) not in models:
+                raise _incomplete(path, f"{world} ranks wrote it; zero_pp_rank_{rank}_mp_rank_00_model_states.pt "
+                                        f"is missing from {tag}/")
+            files.append(models[str(rank)])
+        if stage >= 1:
+            if rank not in optims:
+                raise _incomplete(path, f"{world} ranks wrote it; zero_pp_rank_{rank}_mp_rank_00_optim_states.pt "
+                                        f"is missing from {tag}/")
+            files.append(optims[rank])
+    return DeepSpeedCheckpoint(path, stage, world, states, tuple(files)), meta
+
+
+def _deepspeed_safe_globals(path: Path) -> list:
+    """The few DeepSpeed classes its optimizer files hold, allowed for weights_only reading: plain records
+    (loss-scale settings, the ZeRO stage, a fragment's offset), built without running code from the file."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        raise CheckpointError(f"{path} is a DeepSpeed checkpoint folder: reading its optimizer files needs "
+                              "deepspeed (pip install deepspeed)") from None
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def read_deepspeed_checkpoint(path: str | os.PathLike, mmap: bool = True) -> dict:
+    """Rank 0's model states of a DeepSpeed checkpoint folder (Lightning's checkpoint: global_step, relvid,
+    loops), after checking that the folder is whole and that every file in it reads with
+    weights_only=True, so DeepSpeed, which reads them with pickle, meets no file that runs code."""
+    layout, meta = open_deepspeed_checkpoint(path, mmap=mmap)
+    allowed = _deepspeed_safe_globals(layout.path) if len(layout.files) > 1 else []
+    for file in layout.files[1:]:
+        _torch_load(file, mmap, allowed)
+    return meta
+
+
+@contextlib.contextmanager
+def _weights_only_everywhere() -> Iterator[None]:
+    """Every torch.load in the block reads with weights_only=True, whatever its caller asked for
+    (DeepSpeed's own readers ask for pickle)."""
+    name = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+    before = os.environ.get(name)
+    os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
+def _adapters_from_deepspeed(path: Path) -> tuple[TripletSpec, dict[str, torch.Tensor]]:
+    layout, meta = open_deepspeed_checkpoint(path, mmap=False)
+    spec = TripletSpec.from_dict(meta["relvid"]["spec"])
+    if layout.stage < 3:  # the LoRA is whole in rank 0's model states, as the training module held it
+        return spec, _lora_state(meta.get("module") or {}, layout.states, others=True)
+    # ZeRO-3: the LoRA exists only as each rank's share of the fp32 master weights; DeepSpeed's own
+    # consolidation puts it together, with every file read as weights_only
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    allowed = _deepspeed_safe_globals(path)
+    tag = (path / DEEPSPEED_LATEST).read_text().strip()
+    try:
+        with _weights_only_everywhere(), torch.serialization.safe_globals(allowed), \
+                contextlib.redirect_stdout(io.StringIO()):
+            tensors = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag, exclude_frozen_parameters=True)
+    except Exception as err:
+        raise CheckpointError(f"{path}: DeepSpeed could not put the ZeRO-3 shards together ({_first_line(err)}); "
+                              f"consolidate it with `python {path / 'zero_to_fp32.py'} {path} <out folder>` on a "
+                              "machine you trust, or use the run's adapters/ folder") from None
+    return spec, _lora_state(tensors, path, others=True)
 
 
 DIFFUSERS_ADAPTER_NAME = "relvid_inference"
@@ -172,6 +346,13 @@ class AdapterSource:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file; of a folder (a DeepSpeed checkpoint), the sha256 of its files' relative
+    names and sha256s, in name order."""
+    path = Path(path)
+    if path.is_dir():
+        listing = "".join(f"{f.relative_to(path).as_posix()}\t{file_sha256(f)}\n"
+                          for f in sorted(path.rglob("*")) if f.is_file())
+        return hashlib.sha256(listing.encode()).hexdigest()
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -180,13 +361,16 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def resolve_adapter_file(source: str | os.PathLike) -> tuple[Path, str]:
-    """(file, kind) for a checkpoint, an adapter file or a folder holding one."""
+    """(file, kind) for a checkpoint (a .ckpt file or DeepSpeed checkpoint folder), an adapter file or a
+    folder holding one."""
     path = Path(source).expanduser()
     if path.is_dir():
         # import-reference writes both files; our triplet file carries the exact spec, so prefer it.
         for name, kind in ((ADAPTER_FILE_NAME, "relvid"), (DIFFUSERS_WEIGHT_NAME, "diffusers")):
             if (path / name).is_file():
                 return path / name, kind
+        if is_deepspeed_checkpoint(path):
+            return path, "checkpoint"
         raise FileNotFoundError(f"{path} holds neither {ADAPTER_FILE_NAME} nor {DIFFUSERS_WEIGHT_NAME}: pass a "
                                 "run's adapters/ folder, an export folder, a .ckpt or an adapter file")
     if not path.is_file():

@@ -12,7 +12,8 @@ from diffusers import MochiTransformer3DModel
 from relvid.config import TinyModelConfig
 from relvid.models.weights import WeightsNotFoundError, check_diffusers_config, find_component_folder
 
-__all__ = ["WeightsNotFoundError", "find_transformer_folder", "load_transformer", "tiny_transformer"]
+__all__ = ["WeightsNotFoundError", "find_transformer_folder", "load_transformer", "tiny_transformer",
+           "weights_variant"]
 
 DOWNLOAD_HINT = (
     "download genmo/mochi-1-preview in diffusers format (e.g. `huggingface-cli download "
@@ -50,18 +51,44 @@ def tiny_transformer(seed: int = 0, **overrides: int) -> MochiTransformer3DModel
     return model
 
 
-def load_transformer(model_cfg, on_gpu: bool = False) -> MochiTransformer3DModel:
-    """Build the backbone described by a `ModelConfig`, frozen, in its training dtype."""
+def weights_variant(folder: Path, dtype: torch.dtype) -> str | None:
+    """"bf16" when the folder also holds the weights stored in bf16 (diffusers' variant files, as
+    genmo/mochi-1-preview ships them) and the model is wanted in bf16: read as stored, they stay
+    memory-mapped, where converting the default files would copy every tensor."""
+    from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME
+    from diffusers.utils.hub_utils import _add_variant
+
+    if dtype != torch.bfloat16:
+        return None
+    names = (_add_variant(SAFETENSORS_WEIGHTS_NAME, "bf16"), _add_variant(SAFE_WEIGHTS_INDEX_NAME, "bf16"))
+    return "bf16" if any((folder / name).is_file() for name in names) else None
+
+
+def load_transformer(model_cfg, on_gpu: bool = False,
+                     device: torch.device | str | None = None) -> MochiTransformer3DModel:
+    """Build the backbone described by a `ModelConfig`, frozen, in its training dtype, on `device`
+    (None: the CPU).
+
+    From a folder the safetensors files are memory-mapped: on the CPU, weights stored in the wanted
+    dtype are not copied, so the processes of one machine share one copy (the page cache). On a GPU
+    each tensor goes straight from the file to the device, so host memory never holds the whole model.
+    """
     dtype = resolve_dtype(model_cfg.dtype, on_gpu)
     if model_cfg.preset == "tiny":
         tiny = model_cfg.tiny
         model = tiny_transformer(**{k: tiny[k] for k in tiny})
         if dtype != torch.float32:
             model = model.to(dtype)
+        if device is not None:
+            model = model.to(device)
     else:
         folder = find_transformer_folder(model_cfg.path)
         check_diffusers_config(folder, MochiTransformer3DModel, DOWNLOAD_HINT)
-        model = MochiTransformer3DModel.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+        target = torch.device(device) if device is not None else torch.device("cpu")
+        placement = {} if target.type == "cpu" else {"device_map": {"": target}}
+        model = MochiTransformer3DModel.from_pretrained(folder, torch_dtype=dtype, local_files_only=True,
+                                                        low_cpu_mem_usage=True,
+                                                        variant=weights_variant(folder, dtype), **placement)
     model.requires_grad_(False)
     if model_cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()

@@ -34,6 +34,7 @@ from relvid.models.lora import (
 )
 from relvid.seeding import derive_seed, generator_for
 from relvid.training.safety import check_finite_gradients, check_finite_loss
+from relvid.training.strategies import base_load_device
 
 CHECKPOINT_FORMAT = 1
 
@@ -102,7 +103,9 @@ class RelationModule(L.LightningModule):
         super().__init__()
         self.cfg = cfg
         self.spec = spec_from_config(cfg)
-        self.transformer = transformer if transformer is not None else load_transformer(cfg.model, wants_gpu(cfg))
+        if transformer is None:  # each rank loads the base where its strategy keeps it (memory-mapped)
+            transformer = load_transformer(cfg.model, wants_gpu(cfg), device=base_load_device(cfg))
+        self.transformer = transformer
         apply_speed_config(self.transformer, training_speed(cfg))
         self.transformer.requires_grad_(False)
         # from_pretrained returns eval mode; LoRA dropout (lora.dropout) needs train mode.

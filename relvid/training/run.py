@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from relvid.config import ConfigError, check_accelerator, save_config
 from relvid.data.datamodule import RelationDataModule
 from relvid.errors import OutputExistsError
+from relvid.files import writable_folder
 from relvid.models.adapter_file import ADAPTER_FILE_NAME
 from relvid.training.callbacks.adapter_export import FinalAdapters
 from relvid.training.callbacks.crash_checkpoint import CrashCheckpoint
@@ -51,38 +52,57 @@ def checkpoint_dir(cfg: DictConfig) -> Path:
 
 
 def checkpoint_step(path: Path) -> int | None:
-    """The global step a checkpoint file holds, or None when it cannot be read (truncated, foreign)."""
+    """The global step a checkpoint holds (a file, or a DeepSpeed checkpoint folder, checked to be whole
+    with every file readable), or None when it cannot be read (truncated, partial, foreign)."""
     import torch
 
+    from relvid.models.adapter_file import read_deepspeed_checkpoint
+
     try:
+        if path.is_dir():
+            return int(read_deepspeed_checkpoint(path)["global_step"])
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return int(checkpoint["global_step"]) if isinstance(checkpoint, dict) and "relvid" in checkpoint else None
-    except Exception:  # any unreadable file is simply not a candidate
+    except Exception:  # any unreadable checkpoint is simply not a candidate
         return None
 
 
-def newest_checkpoint(ckpt_dir: Path) -> tuple[Path, int] | None:
-    """The run's checkpoint with the most steps (step files, last.ckpt, on_exception.ckpt alike; the
-    newest file on a tie), skipping files that cannot be read."""
+def newest_checkpoint(ckpt_dir: Path, skipped: list[Path] | None = None) -> tuple[Path, int] | None:
+    """The run's checkpoint with the most steps, skipping those that cannot be read (appended to
+    ``skipped`` when given). Candidates: the checkpoints in ``ckpt_dir`` (step checkpoints, last.ckpt,
+    on_exception.ckpt; files, or folders under DeepSpeed) and the Slurm requeue checkpoints
+    (hpc_ckpt_<n>.ckpt) that Lightning writes into the run's folder, ``ckpt_dir``'s parent. On equal
+    steps a step or on_exception checkpoint wins, then last.ckpt (which DeepSpeed rewrites in place, file
+    by file), then a requeue checkpoint (written when the signal came, not between two steps); then the
+    newest."""
+    candidates = [*sorted(ckpt_dir.glob("*.ckpt")), *sorted(ckpt_dir.parent.glob("hpc_ckpt_*.ckpt"))]
     found = []
-    for path in ckpt_dir.glob("*.ckpt") if ckpt_dir.is_dir() else []:
-        step = checkpoint_step(path) if path.is_file() else None
+    for path in candidates:
+        if path.name.startswith("."):  # a write in progress (relvid.files.atomic_path)
+            continue
+        step = checkpoint_step(path)
         if step is not None:
-            found.append((step, path.stat().st_mtime, path))
+            rank = 0 if path.name.startswith("hpc_ckpt_") else 1 if path.name == "last.ckpt" else 2
+            found.append((step, rank, path.stat().st_mtime, path))
+        elif skipped is not None:
+            skipped.append(path)
     if not found:
         return None
-    step, _, path = max(found)
+    step, _, _, path = max(found)
     return path, step
 
 
 def resolve_resume(cfg: DictConfig) -> str | None:
     """The checkpoint to resume from (None for a fresh run); refuses to write over another run."""
+    import shutil
+
     out, ckpt_dir = Path(cfg.output_dir), checkpoint_dir(cfg)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir: {out} is a file; give a folder")
     if cfg.resume is None:
-        left = [p.name for p in (*sorted(ckpt_dir.glob("*.ckpt")), out / "config.yaml", out / "adapters")
-                if p.exists()] if out.is_dir() else []
+        # Lightning resumes a Slurm job from hpc_ckpt_<n>.ckpt by itself when no checkpoint is given
+        saved = [*sorted(ckpt_dir.glob("*.ckpt")), *sorted(out.glob("hpc_ckpt_*.ckpt"))] if out.is_dir() else []
+        left = [p.name for p in (*saved, out / "config.yaml", out / "adapters") if p.exists()]
         # Rank 0 decides: the other ranks start once it has begun writing this very run's files.
         other_rank = int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("RANK", "0")) > 0
         if left and not other_rank:
@@ -91,22 +111,43 @@ def resolve_resume(cfg: DictConfig) -> str | None:
                     f"{out} already holds another run ({', '.join(left[:3])}{', ...' if len(left) > 3 else ''}): "
                     "resume it with resume=last, train into a new output_dir, or set overwrite=true to start "
                     "afresh there (its checkpoints and adapters are then deleted)")
-            for ckpt in ckpt_dir.glob("*.ckpt"):  # overwrite=true: the old run's state goes, so resume=last
-                ckpt.unlink()  # can never pick it up again
+            for ckpt in saved:  # overwrite=true: the old run's state goes, so resume=last can never pick it up
+                if ckpt.is_dir() and not ckpt.is_symlink():
+                    shutil.rmtree(ckpt)  # a DeepSpeed checkpoint folder
+                else:
+                    ckpt.unlink()
             (out / "adapters" / ADAPTER_FILE_NAME).unlink(missing_ok=True)
         return None
     if cfg.resume == "last":
-        newest = newest_checkpoint(ckpt_dir)
+        skipped: list[Path] = []
+        newest = newest_checkpoint(ckpt_dir, skipped)
+        unreadable = f" (unreadable: {', '.join(str(p) for p in skipped)})" if skipped else ""
         if newest is None:
-            raise ConfigError(f"resume=last: {ckpt_dir} holds no readable checkpoint; leave resume unset to start "
-                              "this run from the beginning")
+            raise ConfigError(f"resume=last: {ckpt_dir} holds no readable checkpoint{unreadable}; leave resume unset "
+                              "to start this run from the beginning")
         path, step = newest
-        print(f"relvid: resuming from {path} (step {step})", flush=True)
-        return str(path)
-    from relvid.training.safety import load_checkpoint_file
+        kind = ", the Slurm requeue checkpoint" if path.name.startswith("hpc_ckpt_") else ""
+        print(f"relvid: resuming from {path} (step {step}{kind}){'; skipped' + unreadable if skipped else ''}",
+              flush=True)
+    else:
+        from relvid.training.safety import load_checkpoint_file
 
-    path = Path(cfg.resume)
-    load_checkpoint_file(path)  # a missing, truncated or foreign file fails here, with its name
+        path = Path(cfg.resume)
+        load_checkpoint_file(path)  # a missing, truncated, partial or foreign checkpoint fails here, with its name
+    strategy = str(cfg.trainer.strategy)
+    if path.is_dir() and not strategy.startswith("deepspeed"):
+        raise ConfigError(f"resume: {path} is a DeepSpeed checkpoint folder, which trainer.strategy={strategy} "
+                          "cannot read: resume with the deepspeed_stage_N strategy that wrote it")
+    if strategy.startswith("deepspeed"):
+        if not path.is_dir():
+            raise ConfigError(f"resume: {path} is a checkpoint file; trainer.strategy={strategy} resumes DeepSpeed "
+                              "checkpoint folders only: resume with the strategy that wrote it (ddp, fsdp or auto)")
+        from relvid.models.adapter_file import open_deepspeed_checkpoint
+
+        stage = open_deepspeed_checkpoint(path)[0].stage
+        if f"deepspeed_stage_{stage}" != strategy:
+            raise ConfigError(f"resume: {path} was written by ZeRO stage {stage}; trainer.strategy={strategy} "
+                              f"cannot read it: resume with trainer.strategy=deepspeed_stage_{stage}")
     return str(path)
 
 
@@ -209,6 +250,9 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> Path:
                           "(or set RELVID_CACHE)")
     ckpt_path = resolve_resume(cfg)
     out = Path(cfg.output_dir)
+    problem = writable_folder(out)  # before the cache is read or a model loaded
+    if problem is not None:
+        raise ConfigError(f"output_dir: cannot write into {out} ({problem}); give a folder you can write to")
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = RelationDataModule(
         cfg.data.cache_dir, relation=cfg.relation,

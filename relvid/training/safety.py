@@ -48,10 +48,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def load_checkpoint_file(path, map_location: Any = "cpu") -> dict[str, Any]:
     """A training checkpoint read with weights_only=True; a clear error for a missing, truncated or
-    foreign file."""
+    foreign file. A DeepSpeed checkpoint folder is checked whole, every file in it read with
+    weights_only=True (memory-mapped), and rank 0's model states (Lightning's checkpoint) returned."""
     from relvid.config import ConfigError
 
     path = Path(path)
+    if path.is_dir():
+        from relvid.models.adapter_file import CheckpointError, read_deepspeed_checkpoint
+
+        try:
+            return read_deepspeed_checkpoint(path)
+        except CheckpointError as err:
+            raise ConfigError(f"resume: {err}") from None
     if not path.is_file():
         raise ConfigError(f"resume: checkpoint {path} not found")
     try:

@@ -7,19 +7,31 @@ preset keeps the LoRA out of FSDP's flat parameters, and every preset's Selectio
 gradients of unselected adapters after backward whatever a strategy did to them. DeepSpeed's
 ZeRO optimizer steps flat fp32 partitions and cannot skip single tensors: it is refused while
 hybrid mask training selects adapters (hmt.enabled=true).
+
+trainer.strategy=auto is relvid's DDP whenever the run has more than one process (several devices
+or nodes), never Lightning's stock DDP. A rank that fails (a CUDA out-of-memory error on one GPU)
+ends the ranks Lightning's launcher started with it instead of leaving them waiting in a collective.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
 from relvid.config import ConfigError
+from relvid.files import swap_in_folder
 
 STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed_stage_2", "deepspeed_stage_3")
 DEEPSPEED = ("deepspeed_stage_2", "deepspeed_stage_3")
@@ -59,6 +71,67 @@ def check_strategy(cfg: DictConfig) -> None:
         if str(cfg.trainer.accelerator) == "cpu":
             raise StrategyConfigError(f"trainer.strategy={name} needs CUDA GPUs (Lightning's DeepSpeed strategy); "
                                       "set trainer.accelerator=gpu or use trainer.strategy=ddp")
+        if str(cfg.trainer.precision) == "16-mixed":
+            raise StrategyConfigError(
+                f"trainer.strategy={name} with trainer.precision=16-mixed would train the LoRA in fp16: DeepSpeed's "
+                "fp16 mode casts the fp32 LoRA and every float tensor of the batch to fp16. Use "
+                "trainer.precision=bf16-mixed (or auto), or trainer.strategy=ddp or fsdp for fp16 autocast")
+
+
+def _uses_cuda(cfg: DictConfig) -> bool:
+    accel = str(cfg.trainer.accelerator)
+    return accel in ("gpu", "cuda") or (accel == "auto" and torch.cuda.is_available())
+
+
+def parallel_devices(cfg: DictConfig) -> list[torch.device] | None:
+    """The devices of one node as Lightning reads trainer.accelerator and trainer.devices (None when the
+    accelerator is neither the CPU nor CUDA, or it names GPUs on a machine without any: Lightning then
+    decides, or says what is wrong)."""
+    from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+    from omegaconf import OmegaConf
+
+    accel = str(cfg.trainer.accelerator)
+    if accel not in ("auto", "cpu", "gpu", "cuda"):
+        return None
+    gpu = _uses_cuda(cfg)
+    if gpu and not torch.cuda.is_available():
+        return None
+    kind = CUDAAccelerator if gpu else CPUAccelerator
+    devices = cfg.trainer.devices
+    devices = OmegaConf.to_object(devices) if OmegaConf.is_config(devices) else devices
+    if devices == "auto":
+        devices = kind.auto_device_count()
+    return kind.get_parallel_devices(kind.parse_devices(devices))
+
+
+def process_count(cfg: DictConfig) -> int | None:
+    """How many training processes the run starts (devices per node x nodes); None where unknown."""
+    devices = parallel_devices(cfg)
+    return None if devices is None else len(devices) * int(cfg.trainer.num_nodes)
+
+
+def resolved_strategy(cfg: DictConfig) -> str:
+    """trainer.strategy with `auto` decided: ddp for more than one process, else single (one device)."""
+    name = str(cfg.trainer.strategy)
+    if name != "auto":
+        return name
+    count = process_count(cfg)
+    return "ddp" if int(cfg.trainer.num_nodes) > 1 or (count or 1) > 1 else "single"
+
+
+def base_load_device(cfg: DictConfig) -> torch.device:
+    """Where this process loads the frozen base: straight onto its own GPU where the strategy keeps a whole
+    copy per GPU (one device, ddp, deepspeed_stage_2), so host memory holds no per-rank copy; on the CPU
+    (memory-mapped) where a sharding wrapper takes the weights from there (fsdp, deepspeed_stage_3) and on
+    CPU runs."""
+    if not _uses_cuda(cfg) or resolved_strategy(cfg) in ("fsdp", "deepspeed_stage_3"):
+        return torch.device("cpu")
+    devices = parallel_devices(cfg)
+    # the node-local rank: Lightning's launcher and torchrun set LOCAL_RANK, srun SLURM_LOCALID
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
+    if not devices or local_rank >= len(devices):
+        return torch.device("cpu")  # not this process's GPU for sure: Lightning moves the model itself
+    return devices[local_rank]
 
 
 def clean_name(name: str) -> str:
@@ -117,21 +190,113 @@ class SelectionGuard:
         """Gradient work a strategy owes the LoRA before the optimizer step (none by default)."""
 
 
+# Seconds a rank waits, once a rank it started has failed, for its own error to end it first (the same
+# error on every rank reads better from the first one than as a killed process).
+RANK_FAILURE_GRACE_S = 10.0
+
+
+def watch_ranks(procs: list[subprocess.Popen], stopping: threading.Event, grace_s: float = RANK_FAILURE_GRACE_S,
+                poll_s: float = 0.5) -> tuple[int, int] | None:
+    """Wait for the processes to end. When one fails, wait up to `grace_s` for `stopping` (set when this
+    process ends by itself), then kill the others and return (pid, exit code) of the failed one; None when
+    they all succeeded or `stopping` was set."""
+    while not stopping.is_set():
+        codes = [proc.poll() for proc in procs]
+        failed = next(((proc.pid, code) for proc, code in zip(procs, codes, strict=True) if code not in (None, 0)),
+                      None)
+        if failed is not None:
+            if stopping.wait(grace_s):
+                return None
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+            return failed
+        if all(code == 0 for code in codes):
+            return None
+        stopping.wait(poll_s)
+    return None
+
+
+class EndRanksTogether:
+    """Strategy mixin: with Lightning's own launcher (several GPUs of one machine, no torchrun or srun),
+    rank 0 started the other ranks. When one of them fails (a CUDA out-of-memory error on one GPU), rank 0
+    ends them all; when rank 0 fails, it ends the ranks it started. Otherwise the survivors would wait for
+    the failed rank in a collective until the distributed timeout (30 minutes). torchrun ends the other
+    workers itself; under srun that is `--kill-on-bad-exit=1`."""
+
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        self._ending = threading.Event()
+        started = list(getattr(self.launcher, "procs", None) or [])  # empty on the ranks rank 0 started
+        if started:
+            threading.Thread(target=self._watch, args=(started,), name="relvid-ranks", daemon=True).start()
+
+    def _watch(self, started: list[subprocess.Popen]) -> None:
+        failed = watch_ranks(started, self._ending)
+        if failed is not None:
+            pid, code = failed
+            print(f"relvid: a training process (pid {pid}) ended with exit code {code} (its error is above); "
+                  "ending the other ranks, which would otherwise wait for it until the distributed timeout. "
+                  "resume=last continues from the newest step checkpoint.", file=sys.stderr, flush=True)
+            os._exit(1)
+
+    def on_exception(self, exception: BaseException) -> None:
+        super().on_exception(exception)
+        ending = getattr(self, "_ending", None)
+        if ending is not None:
+            ending.set()
+        if isinstance(exception, KeyboardInterrupt):
+            return  # Lightning ends the ranks it started itself
+        running = [proc for proc in getattr(self.launcher, "procs", None) or [] if proc.poll() is None]
+        if not running:
+            return
+        print(f"relvid: rank {self.global_rank} failed; ending the other ranks of this machine, which would "
+              "otherwise wait for it until the distributed timeout", file=sys.stderr, flush=True)
+        deadline = time.monotonic() + RANK_FAILURE_GRACE_S / 2
+        for proc in running:  # ranks failing with the same error end by themselves: let them say why
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    def teardown(self) -> None:
+        ending = getattr(self, "_ending", None)
+        if ending is not None:
+            ending.set()  # after fit, no collective waits for another rank
+        super().teardown()
+
+
 def _ddp_strategy_class():
     from lightning.pytorch.strategies import DDPStrategy
 
-    class RelvidDDPStrategy(SelectionGuard, DDPStrategy):
-        """DDP with the selection guard."""
+    class RelvidDDPStrategy(SelectionGuard, EndRanksTogether, DDPStrategy):
+        """DDP with the selection guard; a failed rank ends the others."""
 
     return RelvidDDPStrategy
 
 
+def ddp_strategy():
+    # Unselected adapters sit outside the forward in a step; DDP must not wait for their grads.
+    # DDP leaves their grads None by itself; the guard makes that independent of DDP internals.
+    return _ddp_strategy_class()(find_unused_parameters=True)
+
+
 def _fsdp_strategy_class():
+    from lightning.pytorch.plugins.precision import FSDPPrecision, Precision
     from lightning.pytorch.strategies import FSDPStrategy
 
     from relvid.models.lora import lora_parameters
 
-    class RelvidFSDPStrategy(SelectionGuard, FSDPStrategy):
+    class LoraFSDPPrecision(FSDPPrecision):
+        """FSDPPrecision whose norm clipping (optim.grad_clip) works: the optimizer holds the LoRA only,
+        which FSDP leaves whole on every rank with gradients already averaged (after_backward), so the
+        plain norm over it is the global norm, as under DDP. Lightning's FSDPPrecision refuses norm
+        clipping because its sharded flat parameters would need FSDP's own collective clip_grad_norm_."""
+
+        def clip_grad_by_norm(self, optimizer, clip_val: int | float) -> None:
+            Precision.clip_grad_by_norm(self, optimizer, clip_val)
+
+    class RelvidFSDPStrategy(SelectionGuard, EndRanksTogether, FSDPStrategy):
         """FSDP shards the frozen base per Mochi block; the LoRA stays whole on every rank.
 
         FSDP1 flattens each unit into one tensor of one dtype, and relvid keeps fp32 LoRA on a bf16
@@ -153,6 +318,16 @@ def _fsdp_strategy_class():
                                             mixed_precision=self.mixed_precision_config,
                                             sharding_strategy=self.sharding_strategy, device_id=device_id,
                                             ignored_states=lora, **self.kwargs)
+
+        @property
+        def precision_plugin(self) -> FSDPPrecision:
+            return FSDPStrategy.precision_plugin.fget(self)
+
+        @precision_plugin.setter
+        def precision_plugin(self, plugin) -> None:
+            if type(plugin) is FSDPPrecision:  # the one Lightning makes from Trainer(precision=...)
+                plugin = LoraFSDPPrecision(plugin.precision, plugin.scaler)
+            FSDPStrategy.precision_plugin.fset(self, plugin)
 
         @property
         def mixed_precision_config(self):
@@ -223,12 +398,56 @@ def fsdp_strategy(cfg: DictConfig):
 
 
 def _deepspeed_strategy_class():
+    from lightning.pytorch.plugins.precision import DeepSpeedPrecision
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
     from relvid.models.lora import lora_parameters
 
-    class RelvidDeepSpeedStrategy(DeepSpeedStrategy):
-        """DeepSpeed whose resumed checkpoints still show the module its LoRA tensors."""
+    class LoraDeepSpeedPrecision(DeepSpeedPrecision):
+        """bf16-mixed as under DDP: autocast in the step, the batch and the fp32 LoRA left as they are.
+
+        Lightning's DeepSpeedPrecision casts every float tensor of the batch to bf16 (the latents would be
+        rounded before noise is added) and relies on DeepSpeed's bf16 mode, which casts the LoRA to bf16;
+        relvid's DeepSpeed config turns that mode off (deepspeed_strategy) and casts what it needs itself.
+        """
+
+        def convert_input(self, data: Any) -> Any:
+            return data
+
+        def forward_context(self):
+            import contextlib
+
+            if self.precision == "bf16-mixed":
+                return torch.autocast("cuda", dtype=torch.bfloat16)
+            return contextlib.nullcontext()
+
+    class RelvidDeepSpeedStrategy(EndRanksTogether, DeepSpeedStrategy):
+        """DeepSpeed in fp32 mode with bf16 autocast; resumed checkpoints still show the module its LoRA."""
+
+        @property
+        def precision_plugin(self) -> DeepSpeedPrecision:
+            return DeepSpeedStrategy.precision_plugin.fget(self)
+
+        @precision_plugin.setter
+        def precision_plugin(self, plugin) -> None:
+            if type(plugin) is DeepSpeedPrecision:  # the one Lightning makes from Trainer(precision=...)
+                plugin = LoraDeepSpeedPrecision(plugin.precision)
+            DeepSpeedStrategy.precision_plugin.fset(self, plugin)
+
+        def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+            # DeepSpeed writes a folder file by file, and rewrites last.ckpt/ in place: a crash midway
+            # would leave files of two saves side by side. Every rank writes into a staging folder;
+            # once all are done, rank 0 swaps it in by renames.
+            target = Path(self.broadcast(str(filepath)))
+            staging = target.with_name(f".{target.name}.staging")
+            if self.is_global_zero and staging.exists():
+                shutil.rmtree(staging)
+            self.barrier("relvid_deepspeed_staging")
+            super().save_checkpoint(checkpoint, staging, storage_options)
+            self.barrier("relvid_deepspeed_saved")
+            if self.is_global_zero:
+                swap_in_folder(staging, target)
+            self.barrier("relvid_deepspeed_swapped")
 
         def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict[str, Any]:
             checkpoint = super().load_checkpoint(checkpoint_path, weights_only)
@@ -251,23 +470,30 @@ def _state_key(param_name: str) -> str:
 
 
 def deepspeed_strategy(cfg: DictConfig, stage: int):
-    return _deepspeed_strategy_class()(
+    strategy = _deepspeed_strategy_class()(
         stage=stage,
         # relvid's AdamW (configure_optimizers) is stepped by ZeRO; nothing offloaded by default
         offload_optimizer=False,
         offload_parameters=False,
         exclude_frozen_parameters=True,  # checkpoints hold the LoRA, not the frozen 10B base
     )
+    # Without these keys Lightning turns on DeepSpeed's bf16 (fp16) mode for bf16-mixed (16-mixed), which
+    # casts every parameter, the fp32 LoRA included, to bf16: ZeRO would step bf16 weights through fp32
+    # master copies and the saved adapters would come out bf16. The frozen base is bf16 already
+    # (model.dtype); autocast runs the step in bf16 as under DDP (LoraDeepSpeedPrecision).
+    strategy.config["bf16"] = {"enabled": False}
+    strategy.config["fp16"] = {"enabled": False}
+    return strategy
 
 
 def build_strategy(cfg: DictConfig):
     """A Lightning strategy object (or name) for ``cfg.trainer.strategy``."""
     check_strategy(cfg)
-    name = cfg.trainer.strategy
-    if name == "ddp":
-        # Unselected adapters sit outside the forward in a step; DDP must not wait for their grads.
-        # DDP leaves their grads None by itself; the guard makes that independent of DDP internals.
-        return _ddp_strategy_class()(find_unused_parameters=True)
+    name = resolved_strategy(cfg)
+    if name == "ddp":  # trainer.strategy=auto too, with several processes: Lightning's stock DDP would
+        return ddp_strategy()  # fail on the first step that leaves adapters out, and skip the guard
+    if name == "single":
+        return "auto"  # one device: Lightning's single-device strategy
     if name == "fsdp":
         return fsdp_strategy(cfg)
     if name in DEEPSPEED:

@@ -202,9 +202,11 @@ def launch(work, repo_root, strategy, *overrides):
 
 
 @pytest.mark.distributed
-def test_fsdp_two_cpu_processes_keep_the_selection_rule_and_lora_only_checkpoints(tmp_path, repo_root, random_cache):
+def test_fsdp_two_cpu_processes_keep_the_selection_rule_and_lora_only_checkpoints_and_clip(tmp_path, repo_root,
+                                                                                          random_cache):
     random_cache(n_clips=4, relation="shaking_hands", seed=2)
-    record, _ = launch(tmp_path, repo_root, "fsdp")
+    # optim.grad_clip > 0: Lightning's FSDP precision refused norm clipping at the first optimizer step
+    record, _ = launch(tmp_path, repo_root, "fsdp", "optim.grad_clip=0.01")
     assert record["strategy"] == "RelvidFSDPStrategy"
     assert set(record["selections"]) - {"relation"}  # subject LoRAs were selected at some step
     assert [SELECTED[s] for s in record["selections"]] == record["moved"]

@@ -17,6 +17,10 @@ class CrashCheckpoint(L.Callback):
     nothing is written then and the run's last step checkpoint stays the newest. Lightning's
     OnExceptionCheckpoint also makes `fit(ckpt_path=None)` silently mean "last"; relvid decides what to
     resume itself (training.run.resolve_resume), so it uses this plain callback instead.
+
+    With several processes nothing is written either: saving is collective (every rank meets in a
+    barrier), and an exception usually ends one rank alone (a CUDA out-of-memory error on one GPU), so
+    the others would never arrive and the run would hang instead of failing.
     """
 
     FILENAME = INTERRUPT_CHECKPOINT
@@ -34,6 +38,11 @@ class CrashCheckpoint(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if trainer.global_step == 0:
             return  # nothing trained yet: nothing to save
+        if trainer.world_size > 1:
+            print(f"relvid: rank {trainer.global_rank} failed ({trainer.global_step} steps done); no "
+                  "crash checkpoint is written with several processes (saving needs every rank, and the others "
+                  "may never get there). resume=last continues from the newest step checkpoint.", flush=True)
+            return
         if not self.at_boundary:
             print(f"relvid: the run stopped inside step {trainer.global_step + 1}; no crash checkpoint is written "
                   "(it would hold half a step). resume=last continues from the newest step checkpoint.", flush=True)
