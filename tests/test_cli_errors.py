@@ -99,3 +99,14 @@ def test_resuming_with_another_lora_rank_is_one_line(tmp_path, random_cache, rep
     assert len(err) == 1 and err[0].startswith("relvid train: error: ") and "rank" in err[0]
     assert not (tmp_path / "run" / "checkpoints" / "on_exception.ckpt").exists()
 
+
+
+def test_a_missing_adapter_source_is_one_line(tmp_path, capsys):
+    from tests.helpers.configs import TINY
+
+    (tmp_path / "empty").mkdir()
+    for source, expected in ((tmp_path / "nope.safetensors", "adapter source not found"),
+                             (tmp_path / "empty", "holds neither relvid_adapters.safetensors nor")):
+        assert main(["sample", "--prompt", "x", "--adapters", str(source), "--out", str(tmp_path / "s"), *TINY]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("relvid sample: error: ") and expected in err and "\n" not in err

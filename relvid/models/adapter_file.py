@@ -26,7 +26,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from relvid.errors import UserError
+from relvid.errors import InputNotFoundError, UserError
 from relvid.files import atomic_path
 from relvid.models.lora import (
     LoRAConfigError,
@@ -85,7 +85,7 @@ def load_adapters(path: str | os.PathLike) -> tuple[TripletSpec, dict[str, torch
     """Read an adapter file: (spec, adapter_state_dict-style tensors, the extra metadata given at save)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"adapter file not found: {path}")
+        raise InputNotFoundError(f"adapter file not found: {path}")
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
             header = dict(f.metadata() or {})
@@ -371,10 +371,10 @@ def resolve_adapter_file(source: str | os.PathLike) -> tuple[Path, str]:
                 return path / name, kind
         if is_deepspeed_checkpoint(path):
             return path, "checkpoint"
-        raise FileNotFoundError(f"{path} holds neither {ADAPTER_FILE_NAME} nor {DIFFUSERS_WEIGHT_NAME}: pass a "
+        raise InputNotFoundError(f"{path} holds neither {ADAPTER_FILE_NAME} nor {DIFFUSERS_WEIGHT_NAME}: pass a "
                                 "run's adapters/ folder, an export folder, a .ckpt or an adapter file")
     if not path.is_file():
-        raise FileNotFoundError(f"adapter source not found: {path}")
+        raise InputNotFoundError(f"adapter source not found: {path}")
     if path.suffix == ".ckpt":
         return path, "checkpoint"
     if path.suffix != ".safetensors":
