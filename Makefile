@@ -80,6 +80,23 @@ bench: $(VENV)/.installed ## benchmark training step + CFG sample on one GPU (fu
 bench-tiny: $(VENV)/.installed ## the benchmark with the tiny model on the CPU (seconds)
 	$(PY) experiments/bench/bench.py --tiny $(ARGS)
 
+# PY=<interpreter> on the command line: that interpreter as it is (relvid importable from this folder), no .venv
+GPU_CHECK_DEPS := $(if $(filter command line,$(origin PY)),,$(VENV)/.installed)
+gpu-check: $(GPU_CHECK_DEPS) ## self-test on a CUDA machine, tables in outputs/gpu-check: make gpu-check [PY=python3] [ARGS="--stage 1"]
+	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(PY) experiments/bench/gpu_check.py $(if $(OUT),--out $(OUT)) $(ARGS)
+
+WHEELS ?= wheels
+WHEEL_PYTHON ?= 3.11
+# the target's glibc (2.28: RHEL/Rocky 8, Ubuntu 20.04 and later) and every older manylinux tag it runs
+WHEEL_PLATFORMS ?= $(foreach v,28 27 26 25 24 23 22 21 20 19 18 17,manylinux_2_$(v)_x86_64) manylinux2014_x86_64
+wheels: ## relvid and every dependency as wheels for an offline Linux GPU machine: make wheels WHEELS=dir [WHEEL_PYTHON=3.11]
+	mkdir -p $(WHEELS)
+	$(PYTHON) -m pip wheel --quiet --no-deps --wheel-dir $(WHEELS) .
+	$(PYTHON) -m pip download --dest $(WHEELS) --find-links $(WHEELS) --only-binary=:all: \
+		$(foreach p,$(WHEEL_PLATFORMS),--platform $(p)) --python-version $(WHEEL_PYTHON) \
+		'relvid[video]==$(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' relvid/__init__.py)' pytest
+	@echo "wheels for Python $(WHEEL_PYTHON) on $(firstword $(WHEEL_PLATFORMS)) in $(WHEELS)/ (docs/gpu.md: installing offline)"
+
 tensorboard: $(VENV)/.installed ## serve the TensorBoard logs of all runs under outputs/
 	$(VENV)/bin/tensorboard --logdir outputs
 
@@ -87,4 +104,4 @@ clean: ## remove caches and build files (keeps .venv and outputs/)
 	rm -rf .pytest_cache build *.egg-info
 	find . -name __pycache__ -prune -exec rm -rf {} +
 
-.PHONY: help install test lint test-all train resume smoke export demo toy-base preprocess mask-sheet sample evaluate bench bench-tiny tensorboard clean
+.PHONY: help install test lint test-all train resume smoke export demo toy-base preprocess mask-sheet sample evaluate bench bench-tiny gpu-check wheels tensorboard clean

@@ -77,6 +77,8 @@ class LoRAConfig:
     # Adapters kept at their initial (zero) update, the paper's Table 2 ablations "w/o relation /
     # subject / FFN LoRA": they stay in the triplet and the selection schedule but never learn.
     frozen: List[str] = field(default_factory=list)  # any of relation, subject1, subject2, ffn
+    # fp32 (ours: the LoRA and its AdamW state in full precision) | bf16 (reference code: cast with the base)
+    dtype: str = "fp32"
 
 
 @dataclass
@@ -91,6 +93,10 @@ class HMTConfig:
     # The mask weight applies to samples drawn with noise level sigma <= max_sigma; above it the loss is
     # plain. 1.0: every level (paper). A probe, not the method: see experiments/toy/NOTES.md.
     max_sigma: float = 1.0
+    # Adapters outside this step's selection. skip (paper's words): left out of the forward, grad None,
+    # AdamW leaves them exactly as they are. zero_grad (reference code): in the forward multiplied by 0,
+    # so their gradient is zero and AdamW's momentum and weight decay still move them.
+    unselected: str = "skip"
 
 
 @dataclass
@@ -103,6 +109,16 @@ class RCLConfig:
     n_neg: int = 10
     bank_size: int = 64
     tau: float = 0.07
+    # videos (paper): one FIFO of bank_size videos, positives and negatives drawn from it | split
+    # (reference code): positives from the last positive_videos videos, negatives from the last
+    # negative_frames single frames
+    bank: str = "videos"
+    positive_videos: int = 10
+    negative_frames: int = 64
+    exclude_same_clip: bool = True  # positives never come from the current clip (reference: they may)
+    # sample (ours): n_neg negatives, the current frames drawn at random when there are >= n_neg of them |
+    # all_current (reference): every current frame, plus max(n_neg - frames, 0) from the bank
+    negatives: str = "sample"
 
 
 @dataclass
@@ -122,7 +138,11 @@ class OptimConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     warmup_steps: int = 200
+    # first_step (ours): the first step at lr / warmup_steps | zero (reference code): at lr 0
+    warmup_from: str = "first_step"
     schedule: str = "cosine"  # cosine | constant (after warm-up)
+    # the cosine's horizon in steps; null: trainer.max_steps (reference code: 3000, stopped at 2000 / 1800)
+    schedule_steps: Optional[int] = None
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
     grad_clip: float = 0.0  # max grad norm; 0 disables
 
@@ -148,12 +168,14 @@ class TrainerConfig:
 
 @dataclass
 class SpeedConfig:
-    """Fast paths for the transformer; each matches the reference diffusers path within bf16 tolerance."""
+    """Fast paths for the transformer; each matches the reference diffusers path within bf16 tolerance.
+    Training reads them all; sample and evaluate read attention, sdpa_backend and compile."""
 
     attention: str = "auto"  # auto (= packed) | diffusers (reference) | packed (no host syncs, packed text tokens)
-    sdpa_backend: str = "auto"  # auto (cuDNN on Hopper+, else flash; math on CPU) | flash | cudnn | efficient | math
+    # auto: cuDNN on Hopper+ (falls back to flash, once, if it fails at run time), else flash; math on CPU
+    sdpa_backend: str = "auto"  # auto | flash | cudnn | efficient | math (an explicit one never falls back)
     checkpoint: str = "full"  # full | save_attention (keep attention outputs, recompute the rest; ~5 GiB at 61x480x848)
-    compile: bool = False  # regional torch.compile of each transformer block
+    compile: bool = False  # regional torch.compile of each transformer block (text length dynamic)
 
 
 # The clip size of the paper's exemplars and samples: 61 frames of 480x848 at 30 fps.
@@ -482,6 +504,12 @@ def _check(cfg: DictConfig) -> None:
     _require(abs(sum(probs) - 1.0) < 1e-6, "hmt.probs", f"must sum to 1, got {sum(probs):.6f}")
     _require(cfg.hmt.weighting in ("linear", "squared"), "hmt.weighting", "must be linear or squared")
     _require(cfg.hmt.relation_mask in ("union", "sum"), "hmt.relation_mask", "must be union or sum")
+    _require(cfg.hmt.unselected in ("skip", "zero_grad"), "hmt.unselected", "must be skip or zero_grad")
+    _require(cfg.lora.dtype in ("fp32", "bf16"), "lora.dtype", "must be fp32 or bf16")
+    _require(cfg.rcl.bank in ("videos", "split"), "rcl.bank", "must be videos or split")
+    _require(cfg.rcl.positive_videos >= 1 and cfg.rcl.negative_frames >= 1, "rcl.positive_videos/negative_frames",
+             "must be >= 1")
+    _require(cfg.rcl.negatives in ("sample", "all_current"), "rcl.negatives", "must be sample or all_current")
     _require(_finite(cfg.hmt.lambda_m) and cfg.hmt.lambda_m >= 0, "hmt.lambda_m",
              f"must be a finite number >= 0, got {cfg.hmt.lambda_m}")
     _require(0 <= cfg.hmt.max_sigma <= 1, "hmt.max_sigma", f"must lie in [0, 1], got {cfg.hmt.max_sigma}")
@@ -526,6 +554,9 @@ def _check(cfg: DictConfig) -> None:
 def _check_optim(optim) -> None:
     _require(_finite(optim.lr) and optim.lr > 0, "optim.lr", f"must be a finite number > 0, got {optim.lr}")
     _require(optim.schedule in ("cosine", "constant"), "optim.schedule", "must be cosine or constant")
+    _require(optim.warmup_from in ("first_step", "zero"), "optim.warmup_from", "must be first_step or zero")
+    _require(optim.schedule_steps is None or optim.schedule_steps > optim.warmup_steps, "optim.schedule_steps",
+             f"must be null (trainer.max_steps) or larger than optim.warmup_steps ({optim.warmup_steps})")
     betas = list(optim.betas)
     _require(len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas), "optim.betas",
              f"must be two numbers in [0, 1) (AdamW's moment decays, e.g. [0.9, 0.999]), got {betas}")

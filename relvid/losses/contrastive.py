@@ -129,23 +129,41 @@ class MemoryBank:
         for i, clip in enumerate(clips):
             self._entries.append(_Entry(clip, dynamics[i], frames[i]))
 
-    def positives(self, exclude_clip: int, n_pos: int, generator: torch.Generator | None) -> Tensor | None:
-        """Dynamics (P, F-1, C) of up to n_pos random entries whose clip != exclude_clip; None if none."""
+    def positives(self, exclude_clip: int | None, n_pos: int, generator: torch.Generator | None) -> Tensor | None:
+        """Dynamics (P, F-1, C) of up to n_pos random entries whose clip != exclude_clip (any entry when
+        exclude_clip is None); None if none."""
+        return self.draw_positives(exclude_clip, n_pos, generator)[0]
+
+    def draw_positives(self, exclude_clip: int | None, n_pos: int, generator: torch.Generator | None
+                       ) -> tuple[Tensor | None, list[int]]:
+        """positives() and the drawn entries' places in the bank (oldest first)."""
         if n_pos < 1:
             raise ValueError(f"MemoryBank.positives: n_pos must be >= 1, got {n_pos}")
-        candidates = [e for e in self._entries if e.clip != int(exclude_clip)]
-        if not candidates:
-            return None
-        picked = _randperm(len(candidates), generator)[:n_pos]
-        return torch.stack([candidates[i].dynamics for i in picked.tolist()])  # (P, F-1, C)
+        places = [i for i, e in enumerate(self._positive_entries())
+                  if exclude_clip is None or e.clip != int(exclude_clip)]
+        if not places:
+            return None, []
+        picked = [places[i] for i in _randperm(len(places), generator)[:n_pos].tolist()]
+        entries = self._positive_entries()
+        return torch.stack([entries[i].dynamics for i in picked]), picked  # (P, F-1, C)
 
     def negatives(self, n: int, generator: torch.Generator | None) -> Tensor | None:
         """Up to n random single-frame features (n', C) from all frames in the bank; None if empty or n < 1."""
-        if n < 1 or not self._entries:
-            return None
-        pool = torch.cat([e.frames for e in self._entries])  # (N * F, C)
+        return self.draw_negatives(n, generator)[0]
+
+    def draw_negatives(self, n: int, generator: torch.Generator | None) -> tuple[Tensor | None, list[int]]:
+        """negatives() and the drawn frames' places in the bank's frame pool (oldest first)."""
+        pool = self._frame_pool()
+        if n < 1 or pool is None:
+            return None, []
         picked = _randperm(pool.shape[0], generator)[:n]
-        return pool[picked]  # (n', C)
+        return pool[picked], picked.tolist()  # (n', C)
+
+    def _positive_entries(self) -> list[_Entry]:
+        return list(self._entries)
+
+    def _frame_pool(self) -> Tensor | None:
+        return torch.cat([e.frames for e in self._entries]) if self._entries else None  # (N * F, C)
 
     def state_dict(self) -> dict:
         if not self._entries:
@@ -175,6 +193,48 @@ class MemoryBank:
             self.push(clips, state["dynamics"], state["frames"])
 
 
+class SplitMemoryBank(MemoryBank):
+    """The reference code's two FIFOs: the dynamics of the last `positive_videos` videos (positives)
+    and the last `negative_frames` single-frame features (negatives), filled by the same push."""
+
+    def __init__(self, positive_videos: int = 10, negative_frames: int = 64) -> None:
+        super().__init__(positive_videos)
+        if negative_frames < 1:
+            raise ValueError(f"SplitMemoryBank: negative_frames must be >= 1, got {negative_frames}")
+        self.negative_frames = negative_frames
+        self._frames: deque[Tensor] = deque(maxlen=negative_frames)  # (C,) each
+
+    def push(self, clip_index: Tensor | list[int], dynamics: Tensor, frames: Tensor) -> None:
+        super().push(clip_index, dynamics, frames)
+        for video in frames.detach().to("cpu", torch.float32).clone():
+            self._frames.extend(video)  # frame by frame, oldest first
+
+    def _frame_pool(self) -> Tensor | None:
+        return torch.stack(list(self._frames)) if self._frames else None  # (n, C)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["negative_frames"] = self.negative_frames
+        state["frame_pool"] = self._frame_pool() if self._frames else torch.zeros(0)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(state.get("negative_frames", -1)) != self.negative_frames:
+            raise ValueError(
+                "SplitMemoryBank.load_state_dict: the saved bank is not a split bank of "
+                f"{self.negative_frames} frames (rcl.bank / rcl.negative_frames differ from the run that saved it)")
+        super().load_state_dict(state)
+        self._frames.clear()
+        self._frames.extend(state["frame_pool"])
+
+
+def make_memory_bank(rcl) -> MemoryBank:
+    """The bank rcl.bank names: videos (one FIFO of rcl.bank_size videos) or split (reference code)."""
+    if rcl.bank == "split":
+        return SplitMemoryBank(int(rcl.positive_videos), int(rcl.negative_frames))
+    return MemoryBank(int(rcl.bank_size))
+
+
 def _clip_list(clip_index: Tensor | list[int]) -> list[int]:
     if isinstance(clip_index, Tensor):
         if clip_index.dim() != 1:
@@ -184,16 +244,19 @@ def _clip_list(clip_index: Tensor | list[int]) -> list[int]:
 
 
 def _negatives_for_anchor(
-    frames: Tensor, bank: MemoryBank, n_neg: int, generator: torch.Generator | None
-) -> Tensor:
-    """n_neg single-frame features (fewer if the bank is short): current frames first, bank fills the rest."""
+    frames: Tensor, bank: MemoryBank, n_neg: int, generator: torch.Generator | None, all_current: bool = False
+) -> tuple[Tensor, dict]:
+    """n_neg single-frame features (fewer if the bank is short): current frames first, bank fills the
+    rest. With more than n_neg current frames, n_neg of them at random, or all of them (all_current,
+    the reference code). Also returns the draws: {"current": frame indices or None (all), "bank": places}."""
     f = frames.shape[0]
-    if f >= n_neg:
-        return frames[_randperm(f, generator)[:n_neg].to(frames.device)]  # (n_neg, C)
-    from_bank = bank.negatives(n_neg - f, generator)
+    if f >= n_neg and not all_current:
+        picked = _randperm(f, generator)[:n_neg]
+        return frames[picked.to(frames.device)], {"current": picked.tolist(), "bank": []}  # (n_neg, C)
+    from_bank, places = bank.draw_negatives(n_neg - f, generator)
     if from_bank is None:
-        return frames  # (F, C)
-    return torch.cat([frames, from_bank.to(frames.device, torch.float32)])  # (F + n', C)
+        return frames, {"current": None, "bank": []}  # (F, C)
+    return torch.cat([frames, from_bank.to(frames.device, torch.float32)]), {"current": None, "bank": places}
 
 
 def rcl_loss_for_batch(
@@ -204,6 +267,8 @@ def rcl_loss_for_batch(
     n_neg: int = 10,
     tau: float = 0.07,
     generator: torch.Generator | None = None,
+    exclude_same_clip: bool = True,
+    all_current_negatives: bool = False,
 ) -> tuple[Tensor | None, dict]:
     """RCL of a batch of model outputs (B, C, F, H, W) against the memory bank, in float32 even inside an
     autocast region; does not push.
@@ -212,7 +277,9 @@ def rcl_loss_for_batch(
     bank) are skipped, and the loss is the mean over the anchors of the remaining videos, or None
     when none remain. info: "frames" (B, F, C) and "dynamics" (B, F-1, C) detached, for the caller's
     push after the optimizer step; "n_pos" / "n_neg": positives / negatives per anchor (smallest over
-    the videos used; 0 when the loss is None).
+    the videos used; 0 when the loss is None); "draws": per video, per anchor, the bank places of its
+    positives and its negatives' draws (for tests that replay them). exclude_same_clip=False lets a
+    clip's own older entries be its positives; all_current_negatives: see _negatives_for_anchor.
     """
     if n_pos < 1 or n_neg < 0:
         raise ValueError(f"rcl_loss_for_batch: need n_pos >= 1 and n_neg >= 0, got n_pos={n_pos}, n_neg={n_neg}")
@@ -222,13 +289,14 @@ def rcl_loss_for_batch(
     clips = _clip_list(clip_index)
     if len(clips) != output.shape[0]:
         raise ValueError(f"rcl_loss_for_batch: {len(clips)} clip indices for a batch of {output.shape[0]} videos")
-    info: dict = {"frames": frames.detach(), "dynamics": dynamics.detach(), "n_pos": 0, "n_neg": 0}
+    info: dict = {"frames": frames.detach(), "dynamics": dynamics.detach(), "n_pos": 0, "n_neg": 0, "draws": []}
     n_anchor = dynamics.shape[1]
     per_video, used_pos, used_neg = [], [], []
     for b, clip in enumerate(clips):
-        pos_rows, neg_rows = [], []
+        pos_rows, neg_rows, draws = [], [], []
+        info["draws"].append(draws)
         for i in range(n_anchor):
-            pos = bank.positives(clip, n_pos, generator)  # (P, F-1, C) or None
+            pos, places = bank.draw_positives(clip if exclude_same_clip else None, n_pos, generator)  # (P, F-1, C)
             if pos is None:
                 break
             if pos.shape[1:] != dynamics.shape[1:]:
@@ -237,7 +305,10 @@ def rcl_loss_for_batch(
                     f"{tuple(dynamics.shape[1:])}; all clips must have the same latent frames and channels"
                 )
             pos_rows.append(pos[:, i].to(output.device, torch.float32))  # (P, C), same frame-difference index
-            neg_rows.append(_negatives_for_anchor(frames[b], bank, n_neg, generator))  # (Q, C)
+            negatives_i, negative_draws = _negatives_for_anchor(frames[b], bank, n_neg, generator,
+                                                                all_current_negatives)
+            neg_rows.append(negatives_i)  # (Q, C)
+            draws.append({"positives": places, "negatives": negative_draws})
         if not pos_rows:
             continue
         positives = torch.stack(pos_rows)  # (F-1, P, C)

@@ -216,17 +216,22 @@ def inject_triplet(transformer: nn.Module, spec: TripletSpec) -> tuple[str, ...]
     return names
 
 
-def activate(transformer: nn.Module, adapters: Iterable[str]) -> None:
+def activate(transformer: nn.Module, adapters: Iterable[str], zeroed: Iterable[str] = ()) -> None:
     """Put exactly `adapters` in the forward of every LoRA layer; all LoRA params keep requires_grad.
 
     Which adapters learn is decided by the forward alone: an adapter outside it gets grad None and
     AdamW skips it (no momentum, no weight decay), while DDP still sees a fixed parameter set.
+    `zeroed` adapters are in the forward too, with their output multiplied by 0 (the reference
+    code's rule for unselected LoRAs, hmt.unselected=zero_grad): they change nothing, get a zero
+    gradient, and AdamW's momentum and weight decay still move them. Every call restores the scale
+    alpha / rank of the adapters it does not zero.
     """
     wanted = list(dict.fromkeys(adapters))
+    zero = [a for a in dict.fromkeys(zeroed) if a not in wanted]
     layers = _lora_layers(transformer)
     if not layers:
         raise LoRAConfigError("this transformer has no LoRA layers; call inject_triplet first")
-    unknown = sorted(set(wanted) - _injected_adapters(transformer))
+    unknown = sorted(set(wanted + zero) - _injected_adapters(transformer))
     if unknown:
         raise LoRAConfigError(
             f"cannot activate {unknown}: not injected (injected: {sorted(_injected_adapters(transformer))})"
@@ -236,11 +241,21 @@ def activate(transformer: nn.Module, adapters: Iterable[str]) -> None:
             raise LoRAConfigError(f"LoRA layer {name} is merged into its base weight; unmerge it first")
         if layer.disable_adapters:
             layer.enable_adapters(True)
+        # the scales peft set at injection (alpha / rank), kept before any is zeroed
+        scales = layer.__dict__.setdefault("_relvid_scales", dict(layer.scaling))
+        for adapter, scale in scales.items():
+            layer.scaling[adapter] = 0.0 if adapter in zero else scale
         # peft's set_adapter also flips requires_grad; reset below. Layers lacking a name skip it.
-        layer.set_adapter(wanted)
+        layer.set_adapter(wanted + zero)
     for param_name, param in transformer.named_parameters():
         if _LORA_PARAM.match(param_name):
             param.requires_grad_(True)
+
+
+def cast_lora(transformer: nn.Module, dtype: torch.dtype) -> None:
+    """Every LoRA weight to `dtype` (lora.dtype=bf16: the reference code casts them with the base)."""
+    for param in lora_parameters(transformer).values():
+        param.data = param.data.to(dtype)
 
 
 def active_adapters(transformer: nn.Module) -> tuple[str, ...]:

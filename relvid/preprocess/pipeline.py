@@ -4,11 +4,16 @@ Each clip is written atomically as soon as it is done; a rerun skips the clips t
 a clip that cannot be cached (too short, no skeleton, undecodable ...) is recorded with its reason
 in the manifest and the run goes on. Prompt embeddings for previews and evaluation (and the empty
 negative prompt) are written in the same pass, so training never loads the text encoder.
+
+On a GPU the models take turns: the text encoder embeds every text first and is freed, then the mask
+models (Grounded-SAM) and the VAE share the device clip by clip, each moved to the CPU while the other
+works, so peak GPU memory is that of the largest model, not their sum.
 """
 
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import re
 import time
@@ -82,12 +87,78 @@ class ClipJob:
     prepare: Callable[[], PreparedClip]
 
 
+class EmbeddedTexts:
+    """A TextEncoder that serves embeddings made beforehand, so that the real encoder (T5-XXL, ~9 GB) can
+    be freed before the VAE and the mask models need the GPU."""
+
+    def __init__(self, encoder: TextEncoder, texts: list[str]) -> None:
+        self.name, self.dim = encoder.name, encoder.dim
+        texts = list(dict.fromkeys(texts))
+        self._table = dict(zip(texts, encoder.encode(texts), strict=True)) if texts else {}
+
+    def encode(self, texts: list[str]) -> list[tuple]:
+        missing = [t for t in texts if t not in self._table]
+        if missing:
+            raise LookupError(f"texts not embedded beforehand: {missing[:3]}")
+        return [self._table[t] for t in texts]
+
+
+def free_device_memory(device: str) -> None:
+    """Collect what was just dropped and, on a GPU, return its memory to the pool for the next model."""
+    gc.collect()
+    import torch
+
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class DeviceTurns:
+    """Models that take turns on one device: the one about to work is moved there and the one there
+    before goes to the CPU first. On the CPU nothing moves."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.current: object | None = None
+
+    @staticmethod
+    def modules(component: object) -> list:
+        """The torch modules a component holds (MochiCodec.vae, GroundedSam.detector and .sam, ...)."""
+        import torch
+
+        return [v for v in vars(component).values() if isinstance(v, torch.nn.Module)]
+
+    def use(self, component: object) -> None:
+        if self.device == "cpu" or component is self.current or not self.modules(component):
+            return  # a weight-free component (skeleton masks, mask files, the toy codec) needs no turn
+        if self.current is not None:
+            for module in self.modules(self.current):
+                module.to("cpu")
+            free_device_memory(self.device)
+        for module in self.modules(component):
+            module.to(self.device)
+        self.current = component
+
+
+class _MakerOnTurn:
+    """A MaskMaker that takes its turn on the device each time it masks a clip."""
+
+    def __init__(self, maker: MaskMaker, turns: DeviceTurns) -> None:
+        self.maker, self.turns, self.name = maker, turns, maker.name
+
+    def available(self, source: Source) -> str | None:
+        return self.maker.available(source)
+
+    def __call__(self, source: Source, clip):
+        self.turns.use(self.maker)
+        return self.maker(source, clip)
+
+
 def write_clips(cache: ClipCache, jobs: list[ClipJob], codec: Codec, text_encoder: TextEncoder,
                 spatial_rule: str = "any", latent_dtype: str = "bf16", progress: bool = True,
-                desc: str = "preprocess") -> Summary:
+                desc: str = "preprocess", turns: DeviceTurns | None = None) -> Summary:
     """The one cache writer: every job not cached yet is prepared, encoded and added (atomically,
     one clip at a time); a clip that fails is recorded in the manifest with its reason and the others
-    go on."""
+    go on. With ``turns`` the codec takes its turn on the device before each clip's encode."""
     start = time.perf_counter()
     summary = Summary()
     todo = [j for j in jobs if not cache.is_done(j.clip_id)]
@@ -98,7 +169,10 @@ def write_clips(cache: ClipCache, jobs: list[ClipJob], codec: Codec, text_encode
         try:
             meta = {"clip_id": job.clip_id, "relation": job.relation, "caption": job.caption, "source": job.origin,
                     "text_encoder": text_encoder.name}
-            record = encode_clip(job.prepare(), embedded[job.caption], codec, meta, spatial_rule, latent_dtype)
+            prepared = job.prepare()  # decode, masks (a mask model takes its turn on the device here)
+            if turns is not None:
+                turns.use(codec)
+            record = encode_clip(prepared, embedded[job.caption], codec, meta, spatial_rule, latent_dtype)
         # One bad clip never stops the others: every error a clip can raise (decoding, parsing, masks,
         # codec, out of memory) is a ValueError, OSError or RuntimeError subclass; it goes to the manifest.
         except (ValueError, OSError, RuntimeError) as err:
@@ -189,8 +263,10 @@ def run_preprocess(
     prompts: list[str] | None = None,
     config: dict | None = None,
     progress: bool = True,
+    turns: DeviceTurns | None = None,
 ) -> Summary:
-    """Cache every video source not cached yet; returns what was written, skipped and why clips failed."""
+    """Cache every video source not cached yet; returns what was written, skipped and why clips failed.
+    With ``turns`` the mask models and the codec take turns on its device."""
     relation = relation_name(relation)
     check_clip_size(codec, spec)  # a size the codec cannot take fails now, once
     if (Path(cache_root) / MANIFEST_NAME).is_file():
@@ -201,10 +277,13 @@ def run_preprocess(
                       "mask_fallback": fallback.name if fallback else None, "spatial_rule": spatial_rule})
     if prompts is not None:
         write_prompt_embeddings(cache, text_encoder, prompts)
+    if turns is not None:
+        mask_maker = _MakerOnTurn(mask_maker, turns)
+        fallback = _MakerOnTurn(fallback, turns) if fallback is not None else None
     # Absolute sources: `relvid mask-sheet` re-reads the video from any working folder.
     jobs = [ClipJob(s.clip_id, s.caption, relation, str(Path(s.video).resolve()),
                     functools.partial(_prepare_file_source, s, spec, mask_maker, fallback)) for s in sources]
-    return write_clips(cache, jobs, codec, text_encoder, spatial_rule, latent_dtype, progress)
+    return write_clips(cache, jobs, codec, text_encoder, spatial_rule, latent_dtype, progress, turns=turns)
 
 
 def _device(name: str) -> str:
@@ -215,10 +294,13 @@ def _device(name: str) -> str:
     return name
 
 
-def _dtype(name: str):
+def _dtype(name: str, device: str):
+    """model.dtype for ``device``; auto: bf16 on a GPU, fp32 on the CPU (what the loaders pick there)."""
     import torch
 
-    return None if name == "auto" else {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
 def _mask_maker(kind: str, opts, device: str) -> MaskMaker:
@@ -290,20 +372,26 @@ def preprocess(cfg) -> int:
 
     model = cfg.model
     device = _device(opts.device)
-    dtype = _dtype(model.dtype)
+    dtype = _dtype(model.dtype, device)
     mochi = model.path  # MOCHI_PATH is already its fallback
     tiling = {"tiling": opts.vae_tile > 0, "tile": opts.vae_tile or 256,
               "tile_stride": max(8, opts.vae_tile * 3 // 4 // 8 * 8)} if model.codec == "mochi" else {}
-    codec = load_codec(model.codec, model.vae_path or mochi, device=device, dtype=dtype, **tiling)
+    # The VAE and the mask models wait on the CPU (in the dtype they work in) until their turn on the device.
+    codec = load_codec(model.codec, model.vae_path or mochi, device="cpu", dtype=dtype, **tiling)
     check_clip_size(codec, spec)  # before the text encoder, the mask models and any clip
+    prompts = preview_prompts(relation, list(opts.prompts))
+    captions = [s.caption for s, state in plan(sources, out) if state == "todo"]
     t5 = opts.t5_path or os.environ.get("T5_PATH") or model.text_encoder_path or mochi
     text_encoder = load_text_encoder(model.text_encoder, t5, device=device, dtype=dtype)
-    maker = _mask_maker(opts.mask_source, opts, device)
-    fallback = None if opts.mask_fallback == "none" else _mask_maker(opts.mask_fallback, opts, device)
+    texts = EmbeddedTexts(text_encoder, [*prompts, *captions])  # every text the run writes, in one pass
+    del text_encoder  # freed before the VAE and mask models take the device
+    free_device_memory(device)
+    maker = _mask_maker(opts.mask_source, opts, "cpu")
+    fallback = None if opts.mask_fallback == "none" else _mask_maker(opts.mask_fallback, opts, "cpu")
     config = OmegaConf.to_container(command_view(cfg, "preprocess"))
     summary = run_preprocess(
-        sources, out, relation, codec, text_encoder, maker, spec, fallback, opts.spatial_rule, opts.latent_dtype,
-        prompts=preview_prompts(relation, list(opts.prompts)), config=config, progress=opts.progress,
+        sources, out, relation, codec, texts, maker, spec, fallback, opts.spatial_rule, opts.latent_dtype,
+        prompts=prompts, config=config, progress=opts.progress, turns=DeviceTurns(device),
     )
     for source, reason in summary.failed.items():
         print(f"FAILED {source}: {reason}")

@@ -28,6 +28,7 @@ from relvid.models.lora import (
     adapter_names,
     adapter_state_dict,
     adapters_for_selection,
+    cast_lora,
     inference_adapters,
     inject_triplet,
     lora_parameters,
@@ -85,10 +86,13 @@ def training_noise(shape: torch.Size | tuple[int, ...], seed: int, step: int, ra
     return noise.to(device), sigma.to(device)
 
 
-def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str, min_ratio: float) -> float:
-    """Linear warm-up from lr/warmup to lr, then cosine decay to min_ratio * lr (or constant)."""
+def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str, min_ratio: float,
+              warmup_from: str = "first_step") -> float:
+    """Linear warm-up to lr, then cosine decay to min_ratio * lr at step `max_steps` (the horizon:
+    trainer.max_steps, or optim.schedule_steps) or constant. The warm-up starts at lr / warmup_steps
+    (warmup_from=first_step) or at 0 (warmup_from=zero, the reference code's LambdaLR: step / warmup)."""
     if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
+        return (step if warmup_from == "zero" else step + 1) / warmup_steps
     if schedule == "constant":
         return 1.0
     span = max(1, max_steps - warmup_steps)
@@ -111,6 +115,8 @@ class RelationModule(L.LightningModule):
         # from_pretrained returns eval mode; LoRA dropout (lora.dropout) needs train mode.
         self.transformer.train()
         self.adapters = inject_triplet(self.transformer, self.spec)
+        if cfg.lora.dtype == "bf16":  # the reference code's LoRA (and so its AdamW state) in bf16
+            cast_lora(self.transformer, torch.bfloat16)
         self.memory_bank = None  # attached by callbacks.MemoryBankCallback
         self.selections: list[str] = []  # the LoRA selected at each step this process ran
         self.strict_loading = False  # checkpoints hold the adapters only, not the frozen base
@@ -164,7 +170,10 @@ class RelationModule(L.LightningModule):
         torch.manual_seed(derive_seed(seed, step, rank, _GLOBAL_STREAM))
 
         selection = self.select_lora(step)
-        activate(self.transformer, adapters_for_selection(selection, self.spec))
+        active = adapters_for_selection(selection, self.spec)
+        # hmt.unselected=zero_grad: the other adapters stay in the forward multiplied by 0 (reference code)
+        zeroed = [a for a in self.adapters if a not in active] if self.cfg.hmt.unselected == "zero_grad" else []
+        activate(self.transformer, active, zeroed=zeroed)
         self.selections.append(selection)
 
         z0 = batch["latents"].float()  # (B, C, f, h, w), drawn from the cached posterior
@@ -186,7 +195,10 @@ class RelationModule(L.LightningModule):
                 raise RuntimeError("rcl.enabled needs a MemoryBankCallback on the trainer "
                                    "(relvid.training.run adds it)")
             loss_rcl, info = rcl_loss_for_batch(pred.float(), batch["clip_index"], bank, n_pos=int(rcl.n_pos),
-                                                n_neg=int(rcl.n_neg), tau=float(rcl.tau), generator=rcl_gen)
+                                                n_neg=int(rcl.n_neg), tau=float(rcl.tau), generator=rcl_gen,
+                                                exclude_same_clip=bool(rcl.exclude_same_clip),
+                                                all_current_negatives=rcl.negatives == "all_current")
+            out["rcl_draws"] = info["draws"]
             out["rcl_frames"] = info["frames"]
             out["rcl_dynamics"] = info["dynamics"]
             if loss_rcl is None:
@@ -237,10 +249,11 @@ class RelationModule(L.LightningModule):
         params = list(lora_parameters(self.transformer, trained).values())
         optimizer = torch.optim.AdamW(params, lr=float(opt_cfg.lr), betas=tuple(opt_cfg.betas),
                                       eps=float(opt_cfg.eps), weight_decay=float(opt_cfg.weight_decay))
-        max_steps = int(self.cfg.trainer.max_steps)
+        horizon = int(opt_cfg.schedule_steps or self.cfg.trainer.max_steps)
 
         def factor(step: int) -> float:
-            return lr_factor(step, int(opt_cfg.warmup_steps), max_steps, opt_cfg.schedule, float(opt_cfg.min_lr_ratio))
+            return lr_factor(step, int(opt_cfg.warmup_steps), horizon, opt_cfg.schedule, float(opt_cfg.min_lr_ratio),
+                             opt_cfg.warmup_from)
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -19,6 +19,7 @@ from relvid.config import ConfigError, check_accelerator, save_config
 from relvid.data.datamodule import RelationDataModule
 from relvid.errors import OutputExistsError
 from relvid.files import writable_folder
+from relvid.losses.contrastive import make_memory_bank
 from relvid.models.adapter_file import ADAPTER_FILE_NAME
 from relvid.training.callbacks.adapter_export import FinalAdapters
 from relvid.training.callbacks.crash_checkpoint import CrashCheckpoint
@@ -202,10 +203,24 @@ def optional_callbacks(cfg: DictConfig) -> list[L.Callback]:
     return out
 
 
+def training_logger(out: Path):
+    """TensorBoard logs in <out>/tensorboard; where tensorboard is not installed (a bare GPU image),
+    CSV files in <out>/csv instead, said in one line, so training still runs."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None:
+        return TensorBoardLogger(save_dir=str(out), name="tensorboard", version="")
+    from lightning.pytorch.loggers import CSVLogger
+
+    print(f"relvid: tensorboard is not installed; metrics go to {out / 'csv'} (pip install tensorboard for "
+          "TensorBoard logs and preview videos)", flush=True)
+    return CSVLogger(save_dir=str(out), name="csv", version="")
+
+
 def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
     out = Path(cfg.output_dir)
     callbacks: list[L.Callback] = [
-        MemoryBankCallback(int(cfg.rcl.bank_size)),
+        MemoryBankCallback(make_memory_bank(cfg.rcl)),
         LearningRateMonitor(logging_interval="step"),
         FinalAdapters(out / "adapters"),
         ModelCheckpoint(dirpath=checkpoint_dir(cfg), filename="step{step:06d}", auto_insert_metric_name=False,
@@ -229,7 +244,7 @@ def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -
         num_nodes=int(cfg.trainer.num_nodes),
         strategy=strategy,
         precision=precision(cfg),
-        logger=TensorBoardLogger(save_dir=str(out), name="tensorboard", version=""),
+        logger=training_logger(out),
         callbacks=callbacks,
         log_every_n_steps=int(cfg.trainer.log_every_n_steps),
         gradient_clip_val=float(cfg.optim.grad_clip) or None,

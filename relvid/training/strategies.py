@@ -143,8 +143,8 @@ def _unselected_lora(module) -> list[torch.nn.Parameter]:
     """LoRA parameters outside the adapters of the step the module just ran."""
     from relvid.models.lora import adapters_for_selection, lora_parameters
 
-    if not module.selections:
-        return []
+    if not module.selections or module.cfg.hmt.unselected == "zero_grad":
+        return []  # zero_grad: every adapter has its (zero) gradient and AdamW moves it, as in the reference
     selection = module.selections[-1]
     if selection not in ("relation", "subject1", "subject2"):
         return []  # "direct": the one adapter is always trained

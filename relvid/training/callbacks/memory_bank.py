@@ -17,8 +17,8 @@ class MemoryBankCallback(L.Callback):
     and a checkpoint written by rank zero restores every rank exactly.
     """
 
-    def __init__(self, size: int = 64) -> None:
-        self.bank = MemoryBank(size)
+    def __init__(self, bank: MemoryBank | int = 64) -> None:
+        self.bank = MemoryBank(bank) if isinstance(bank, int) else bank  # a size: the paper's one-FIFO bank
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         pl_module.memory_bank = self.bank
