@@ -630,8 +630,8 @@ def _check_callbacks(cfg: DictConfig) -> None:
 COMMAND_KEYS = {
     "train": ("relation", "custom_relation", "seed", "output_dir", "resume", "overwrite", "model", "lora", "hmt",
               "rcl", "data", "optim", "trainer", "speed", "preview", "relation_accuracy"),
-    "sample": ("relation", "custom_relation", "output_dir", "model", "sampling", "sample"),
-    "evaluate": ("relation", "custom_relation", "output_dir", "model", "sampling", "judge", "evaluate"),
+    "sample": ("relation", "custom_relation", "output_dir", "model", "speed", "sampling", "sample"),
+    "evaluate": ("relation", "custom_relation", "output_dir", "model", "speed", "sampling", "judge", "evaluate"),
     "preprocess": ("relation", "custom_relation", "model", "data", "preprocess"),
 }
 

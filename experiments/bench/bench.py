@@ -6,7 +6,9 @@ weights built on the GPU (no download). --tiny: the tiny test config on the CPU,
 Timed:
   (a) plain diffusers + peft LoRA step (reference attention, full gradient checkpointing, AdamW)
   (b) relvid's full training step through Lightning: triplet, HMT, RCL, optimizer (per attention path)
-  (c) one CFG sample via relvid.inference.sampler.sample (per attention path)
+  (c) one CFG sample as `relvid sample` runs it: the transformer prepared by relvid.components
+      (speed.attention, sdpa_backend=auto, speed.compile; no autocast), relation + ffn LoRA active,
+      relvid.inference.sampler.sample (per attention path)
 Prints median time, peak memory, tokens/s, achieved TFLOP/s (FLOPs counted by
 torch.utils.flop_counter on one extra step: recomputation included) and the ratio (b)/(a).
 """
@@ -26,7 +28,8 @@ import torch
 from diffusers import MochiTransformer3DModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from relvid.config import load_config
+from relvid.components import prepare_for_sampling
+from relvid.config import SpeedConfig, load_config
 from relvid.data.datamodule import RelationDataModule
 from relvid.data.random_cache import write_random_cache
 from relvid.inference.sampler import sample
@@ -210,8 +213,8 @@ def bench_sample(args, device, dtype, attention: str) -> dict:
 
     model = build_model(args, device, dtype).eval()
     model.requires_grad_(False)
-    apply_speed_config(model, SimpleNamespace(attention=attention, sdpa_backend="auto", checkpoint="full",
-                                              compile=args.compile))
+    # what load_generation_parts does for `relvid sample` / `relvid evaluate`
+    prepare_for_sampling(model, SpeedConfig(attention=attention, compile=args.compile))
     spec = TripletSpec(rank=args.rank, alpha=float(args.rank))
     inject_triplet(model, spec)
     activate(model, inference_adapters(spec))
@@ -225,9 +228,8 @@ def bench_sample(args, device, dtype, attention: str) -> dict:
     neg_mask = torch.zeros_like(mask)
     neg_mask[:, :1] = True  # the empty negative prompt: one valid token
 
-    def run_sample(steps):
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            return sample(model, noise, embeds, mask, neg, neg_mask, num_steps=steps, guidance_scale=6.0)
+    def run_sample(steps):  # the bf16 transformer as it is, as in relvid sample (no autocast)
+        return sample(model, noise, embeds, mask, neg, neg_mask, num_steps=steps, guidance_scale=6.0)
 
     run_sample(2)  # warm-up (kernels, compile); the schedule needs >= 2 steps
     flops = counted_flops(lambda: run_sample(2)) // 2 * args.sample_steps

@@ -96,21 +96,17 @@ def generate_stage(cfg) -> list[Path]:
     info: dict = {}
     if todo:
         device = _device(cfg)
-        from relvid.components import load_generation_parts
+        from relvid.components import encode_texts, load_generation_parts
 
-        transformer, codec, text = load_generation_parts(cfg.model, device)
+        # every prompt first, then T5 (~9 GB) is freed before the transformer loads
+        encoded = encode_texts(cfg.model, sorted({j.prompt for j in todo} | {settings.negative_prompt}), device)
+        transformer, codec, _ = load_generation_parts(cfg.model, device, speed=cfg.speed, text_encoder=False)
         if adapters:
             from relvid.models.adapter_file import apply_adapter_source
 
             info["adapters"] = apply_adapter_source(transformer, adapters).to_dict()
             if info["adapters"]["sha256"] != meta["adapters_sha256"]:
                 raise InputError(f"{adapters} changed while it was loaded; run `relvid evaluate` again")
-        # encode every prompt first, then free the text encoder (T5-XXL is ~9 GB)
-        texts = sorted({j.prompt for j in todo} | {settings.negative_prompt})
-        encoded = dict(zip(texts, text.encode(texts), strict=True))
-        del text
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
         render_jobs(mine, videos, transformer, codec, None, settings, device=device, meta=meta, encoded=encoded,
                     info=info)
     return all_paths

@@ -70,8 +70,28 @@ def generate_video(
         negative_embeds=neg_e, negative_mask=neg_m, num_steps=settings.num_steps,
         guidance_scale=settings.guidance_scale, threshold_noise=settings.threshold_noise, progress=progress,
     )
-    video = codec.decode(latents)  # (1, 3, T, H, W) in [-1, 1]
+    with codec_on(codec, device):
+        video = codec.decode(latents)  # (1, 3, T, H, W) in [-1, 1]
     return to_uint8_frames(video[0])
+
+
+@contextlib.contextmanager
+def codec_on(codec: Codec, device: str | torch.device) -> Iterator[None]:
+    """A codec whose weights wait on the CPU is on the GPU `device` for the duration (a decode), and back
+    on the CPU afterwards: `relvid sample` and `evaluate` keep the VAE off the GPU while the transformer
+    samples. A codec without torch weights (the toy codec), one already on a GPU, or a CPU `device`:
+    left alone."""
+    module = getattr(codec, "vae", None)
+    params = next(module.parameters(), None) if isinstance(module, nn.Module) else None
+    target = torch.device(device)
+    if params is None or params.device.type != "cpu" or target.type == "cpu":
+        yield
+        return
+    module.to(target)
+    try:
+        yield
+    finally:
+        module.to("cpu")
 
 
 @contextlib.contextmanager

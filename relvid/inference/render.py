@@ -184,7 +184,7 @@ def render_jobs(jobs: list[VideoJob], out_dir: str | os.PathLike, transformer: n
     todo = pending(jobs, out, settings, meta)
     if not todo:
         return paths
-    texts = sorted({job.prompt for job, _ in todo} | ({negative} if settings.guidance_scale != 1.0 else set()))
+    texts = texts_to_encode([job for job, _ in todo], settings)
     encoded = dict(encoded or {})
     missing = [t for t in texts if t not in encoded]
     if missing:
@@ -205,11 +205,17 @@ def render_jobs(jobs: list[VideoJob], out_dir: str | os.PathLike, transformer: n
     return paths
 
 
+def texts_to_encode(jobs: list[VideoJob], settings: SamplingConfig) -> list[str]:
+    """The prompts of `jobs`, and the negative prompt when guidance is on: what the text encoder must embed."""
+    return sorted({job.prompt for job in jobs} | ({settings.negative_prompt} if settings.guidance_scale != 1.0
+                                                  else set()))
+
+
 def sample_videos(cfg) -> list[Path]:
     """`relvid sample`: load the model (and the adapters, unless sample.base) and render every prompt x seed.
 
     ``cfg`` is the resolved config (relation, output_dir, model, sampling, sample)."""
-    from relvid.components import load_generation_parts
+    from relvid.components import encode_texts, load_generation_parts
 
     opts = cfg.sample
     adapters = choose_adapters(opts.base, opts.adapters, cfg.output_dir, cfg.relation)
@@ -218,8 +224,10 @@ def sample_videos(cfg) -> list[Path]:
     jobs = plan_jobs(prompts, list(opts.seeds))
     # what defines the videos, known before any model is loaded: a folder made otherwise is refused at once
     meta: dict = {"adapters_sha256": adapters_sha256(adapters), "base_weights": base_weights(cfg.model)}
-    pending(jobs, opts.out, cfg.sampling, meta)
-    transformer, codec, text = load_generation_parts(cfg.model, device)
+    todo = pending(jobs, opts.out, cfg.sampling, meta)
+    # the prompts first, then the text encoder is freed: T5-XXL never shares the GPU with the transformer
+    encoded = encode_texts(cfg.model, texts_to_encode([job for job, _ in todo], cfg.sampling), device)
+    transformer, codec, _ = load_generation_parts(cfg.model, device, speed=cfg.speed, text_encoder=False)
     info: dict = {"model_path": cfg.model.path}
     if adapters:
         from relvid.models.adapter_file import apply_adapter_source
@@ -234,7 +242,8 @@ def sample_videos(cfg) -> list[Path]:
     from relvid.config import save_config
 
     save_config(cfg, Path(opts.out) / "config.yaml", command="sample")
-    return render_jobs(jobs, opts.out, transformer, codec, text, cfg.sampling, device=device, meta=meta, info=info)
+    return render_jobs(jobs, opts.out, transformer, codec, None, cfg.sampling, device=device, meta=meta, info=info,
+                       encoded=encoded)
 
 
 def choose_adapters(base: bool, adapters: str | None, output_dir: str, relation: str) -> str | None:
