@@ -75,7 +75,7 @@ def default_device() -> torch.device:
 
 def shard(jobs: list, rank: int, world: int) -> list:
     if not 0 <= rank < world:
-        raise ValueError(f"rank {rank} is outside world size {world}")
+        raise InputError(f"RANK={rank} is outside WORLD_SIZE={world} (set by the launcher): check the environment")
     return jobs[rank::world]
 
 

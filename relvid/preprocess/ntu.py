@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from relvid.errors import UserError
+from relvid.errors import InputError, InputNotFoundError, UserError
 
 NUM_JOINTS = 25
 # Kinect v2 bones as joint pairs (see the joint order in the module docstring of skeleton_masks).
@@ -41,7 +41,7 @@ class NtuName:
     def parse(cls, text: str) -> NtuName:
         match = _NAME.search(Path(text).name)
         if match is None:
-            raise ValueError(f"{text!r} is not an NTU RGB+D name (SsssCcccPpppRrrrAaaa, e.g. S001C001P001R001A058)")
+            raise InputError(f"{text!r} is not an NTU RGB+D name (SsssCcccPpppRrrrAaaa, e.g. S001C001P001R001A058)")
         return cls(*(int(g) for g in match.groups()))
 
     def __str__(self) -> str:
@@ -61,7 +61,7 @@ def index_ntu(root: str | Path, skeleton_root: str | Path | None = None) -> list
     ``skeleton_root`` (default: ``root``), sorted by name."""
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"NTU root {root} is not a folder: point --ntu-root at your NTU RGB+D copy "
+        raise InputNotFoundError(f"NTU root {root} is not a folder: point --ntu-root at your NTU RGB+D copy "
                                 "(the folder holding the *_rgb.avi files, e.g. nturgb+d_rgb/)")
     skeleton_root = Path(skeleton_root).expanduser() if skeleton_root else root
     skeletons = {}
@@ -130,7 +130,7 @@ def parse_skeleton(path: str | Path) -> SkeletonSequence:
     """Parse an NTU ``.skeleton`` file; SkeletonError names the file and the line that is wrong."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"skeleton file not found: {path}")
+        raise InputNotFoundError(f"skeleton file not found: {path}")
     lines = path.read_text(encoding="ascii", errors="replace").split("\n")
     pos = 0
 
