@@ -195,6 +195,10 @@ class SamplingConfig:
     width: int = PAPER_WIDTH
     fps: int = PAPER_FPS
     threshold_noise: float = 0.025  # where the schedule's linear part ends
+    # The guidance's unconditional input. encoded: the negative prompt through the text encoder
+    # (diffusers' MochiPipeline; "" is one </s> token) | zeros: no text tokens at all (reference code,
+    # like training's caption dropout; the negative prompt must then be empty)
+    null_condition: str = "encoded"
 
     def __post_init__(self) -> None:  # settings built in code are checked like a config's
         _check_sampling(self, "sampling")
@@ -589,6 +593,9 @@ def _check_sampling(sec, key: str) -> None:
              f"must be a finite number >= 1 (1 disables guidance), got {sec.guidance_scale}")
     _require(min(sec.frames, sec.height, sec.width, sec.fps) >= 1, f"{key}.frames/height/width/fps", "must be >= 1")
     _require(0.0 < sec.threshold_noise < 1.0, f"{key}.threshold_noise", "must lie in (0, 1)")
+    _require(sec.null_condition in ("encoded", "zeros"), f"{key}.null_condition", "must be encoded or zeros")
+    _require(sec.null_condition == "encoded" or sec.negative_prompt == "", f"{key}.negative_prompt",
+             f"must be empty with {key}.null_condition=zeros (the unconditional input then has no text at all)")
 
 
 def _check_judge(judge, key: str, active: bool) -> None:

@@ -22,8 +22,11 @@ from relvid.models.lora import TripletSpec, activate, active_adapters, inference
 def sampling_record(settings: SamplingConfig) -> dict:
     """What a video was sampled with, as its sidecar's "settings" (the negative prompt, a text, is
     recorded beside it as "negative_prompt")."""
-    return {k: getattr(settings, k) for k in ("num_steps", "guidance_scale", "frames", "height", "width", "fps",
-                                              "threshold_noise")}
+    record = {k: getattr(settings, k) for k in ("num_steps", "guidance_scale", "frames", "height", "width", "fps",
+                                                "threshold_noise")}
+    if settings.null_condition != "encoded":  # recorded when not the default, so older sidecars still match
+        record["null_condition"] = settings.null_condition
+    return record
 
 
 def to_uint8_frames(video: Tensor) -> Tensor:
@@ -37,6 +40,19 @@ def initial_noise(codec: Codec, settings: SamplingConfig, seed: int) -> Tensor:
     shape = codec.latent_shape(settings.frames, settings.height, settings.width)
     gen = torch.Generator().manual_seed(int(seed))
     return torch.randn((1, *shape), generator=gen, dtype=torch.float32)
+
+
+def unconditional_input(settings: SamplingConfig, embeds: Tensor, mask: Tensor,
+                        negative: tuple[Tensor, Tensor] | None) -> tuple[Tensor | None, Tensor | None]:
+    """The guidance's unconditional (embeds (L', D), mask (L',)), or (None, None) without guidance:
+    the negative prompt's encoding (null_condition=encoded), or zero embeddings under an all-False
+    mask, i.e. no text tokens, as training's caption dropout sees (null_condition=zeros, the
+    reference code's sampler)."""
+    if negative is None:
+        return None, None
+    if settings.null_condition == "zeros":
+        return torch.zeros_like(embeds), torch.zeros_like(mask, dtype=torch.bool)
+    return negative
 
 
 @torch.no_grad()
@@ -62,9 +78,9 @@ def generate_video(
                          f"and {tuple(mask.shape)}")
     settings = settings if settings is not None else SamplingConfig()
     noise = initial_noise(codec, settings, seed).to(device)
-    neg_e = neg_m = None
-    if negative is not None:
-        neg_e, neg_m = negative[0][None].to(device), negative[1][None].to(device)  # (1, L', D), (1, L')
+    neg_e, neg_m = unconditional_input(settings, embeds, mask, negative)
+    neg_e = None if neg_e is None else neg_e[None].to(device)  # (1, L', D)
+    neg_m = None if neg_m is None else neg_m[None].to(device)  # (1, L')
     latents = sample(
         transformer, noise, embeds[None].to(device), mask[None].to(device),  # (1, L, D), (1, L)
         negative_embeds=neg_e, negative_mask=neg_m, num_steps=settings.num_steps,

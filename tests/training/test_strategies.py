@@ -246,3 +246,16 @@ def test_fsdp_matches_ddp_and_resumes_like_it(tmp_path, repo_root, random_cache)
     fsdp, ddp = results["fsdp"], results["ddp"]
     for key in ddp:
         torch.testing.assert_close(fsdp[key], ddp[key], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_zero_grad_unselected_adapters_still_move_under_ddp_and_fsdp(tmp_path, repo_root, random_cache, strategy):
+    """hmt.unselected=zero_grad (configs/reference.yaml) holds with several processes: no SelectionGuard
+    turns the zero gradients back into None, so AdamW's weight decay (and, once there, momentum) moves
+    every adapter at every step, selected or not, where the default rule moves the selected ones only;
+    both ranks stay identical (launch checks that)."""
+    random_cache(n_clips=4, relation="shaking_hands", seed=2)
+    record, _ = launch(tmp_path, repo_root, strategy, "hmt.unselected=zero_grad")
+    assert any(SELECTED[s] != ["ffn", "relation", "subject1", "subject2"] for s in record["selections"])
+    assert all(moved == ["ffn", "relation", "subject1", "subject2"] for moved in record["moved"])
