@@ -214,3 +214,41 @@ def test_rcl_is_float32_under_bf16_autocast():
         got, _ = rcl_loss_for_batch(output, [3, 4], bank, generator=torch.Generator().manual_seed(1))
     assert got.dtype == torch.float32
     assert abs(got.item() - reference.item()) < 1e-6
+
+
+def test_split_bank_keeps_the_last_videos_for_positives_and_the_last_frames_for_negatives():
+    """rcl.bank=split (reference code, buffer.py): positives from the last N videos, negatives from the
+    last M single frames, oldest first; both survive a checkpoint."""
+    from relvid.losses.contrastive import SplitMemoryBank
+
+    bank = SplitMemoryBank(positive_videos=2, negative_frames=5)
+    for clip in range(3):
+        bank.push([clip], *_bank_entry(float(clip)))  # 4 frames each
+    assert bank.state_dict()["clip_index"].tolist() == [1, 2]
+    pool, places = bank.draw_negatives(100, torch.Generator())
+    assert pool.shape == (5, 3) and sorted(places) == [0, 1, 2, 3, 4]
+    assert bank._frame_pool()[:, 0].tolist() == [1.0, 2.0, 2.0, 2.0, 2.0]  # the last 5 frames pushed
+    _, picked = bank.draw_positives(None, 5, torch.Generator())
+    assert sorted(picked) == [0, 1]  # without same-clip exclusion a clip may be its own positive
+    assert bank.draw_positives(2, 5, torch.Generator())[1] == [0]
+    again = SplitMemoryBank(positive_videos=2, negative_frames=5)
+    again.load_state_dict(bank.state_dict())
+    assert torch.equal(again._frame_pool(), bank._frame_pool())
+    with pytest.raises(ValueError, match="rcl.bank"):
+        SplitMemoryBank(2, 6).load_state_dict(bank.state_dict())
+
+
+def test_all_current_negatives_take_every_frame_and_fill_from_the_bank():
+    from relvid.losses.contrastive import rcl_loss_for_batch
+
+    bank = MemoryBank()
+    bank.push([1], *_bank_entry(1.0, f=5))
+    output = torch.randn(1, 3, 5, 2, 2)  # 5 frames, 4 anchors
+    g = torch.Generator().manual_seed(0)
+    _, sampled = rcl_loss_for_batch(output, [0], bank, n_pos=1, n_neg=3, generator=g)
+    _, every = rcl_loss_for_batch(output, [0], bank, n_pos=1, n_neg=3, generator=g, all_current_negatives=True)
+    assert sampled["n_neg"] == 3 and every["n_neg"] == 5  # more current frames than n_neg: all of them
+    _, filled = rcl_loss_for_batch(output, [0], bank, n_pos=1, n_neg=7, generator=g, all_current_negatives=True)
+    assert filled["n_neg"] == 7 and len(filled["draws"][0][0]["negatives"]["bank"]) == 2
+    _, own = rcl_loss_for_batch(output, [1], bank, n_pos=1, n_neg=3, generator=g, exclude_same_clip=False)
+    assert own["n_pos"] == 1  # the bank holds only clip 1: a positive only without the exclusion

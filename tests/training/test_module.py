@@ -144,6 +144,26 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(2000, 200, 2400, "constant", 0.0) == 1.0
 
 
+def test_lr_schedule_of_the_reference_code():
+    """optim.warmup_from=zero and optim.schedule_steps=3000 (configs/reference.yaml): the reference's
+    LambdaLR (train.py:153-159), transcribed in tests/helpers/reference_dreamrelation.py."""
+    from tests.helpers.reference_dreamrelation import reference_lr_lambda
+
+    for step in (0, 1, 100, 199, 200, 1000, 1799, 2000, 2999):
+        assert lr_factor(step, 200, 3000, "cosine", 0.0, "zero") == pytest.approx(reference_lr_lambda(step), abs=1e-12)
+    assert lr_factor(0, 200, 3000, "cosine", 0.0, "zero") == 0.0
+    assert lr_factor(2000, 200, 3000, "cosine", 0.0, "zero") == pytest.approx(0.2830, abs=1e-4)
+
+
+def test_bf16_lora_weights_and_optimizer_state(tiny_cfg, fit):
+    module, _ = fit(tiny_cfg("lora.dtype=bf16", "trainer.max_steps=2"))
+    params = lora_parameters(module.transformer)
+    assert params and all(p.dtype == torch.bfloat16 for p in params.values())
+    state = module.trainer.optimizers[0].state
+    assert state and all(s["exp_avg"].dtype == torch.bfloat16 for s in state.values())
+    assert any(bool(p.detach().float().abs().sum() > 0) for k, p in params.items() if "lora_B" in k)
+
+
 def test_padded_batches_train(tiny_cfg, fit):
     module, trainer = fit(tiny_cfg("data.batch_size=2", "trainer.max_steps=3"))
     assert trainer.global_step == 3 and len(module.memory_bank) == 6
