@@ -89,7 +89,9 @@ class HMTConfig:
     probs: List[float] = field(default_factory=lambda: [1 / 3, 1 / 3, 1 / 3])  # relation, subject1, subject2
     lambda_m: float = 50.0
     weighting: str = "linear"  # linear: 1 + lambda_m * M (paper) | squared: 1 + lambda_m * M^2 (reference code)
-    relation_mask: str = "union"  # union (paper) | sum (reference code)
+    # max (relvid: max of the subjects' time-averaged latent masks) | union (paper: per video frame, then
+    # averaged; needs a cache of clip format 2) | sum (reference code: subject 1 + subject 2)
+    relation_mask: str = "max"
     # The mask weight applies to samples drawn with noise level sigma <= max_sigma; above it the loss is
     # plain. 1.0: every level (paper). A probe, not the method: see experiments/toy/NOTES.md.
     max_sigma: float = 1.0
@@ -507,7 +509,7 @@ def _check(cfg: DictConfig) -> None:
              "must be three non-negative numbers (relation, subject1, subject2)")
     _require(abs(sum(probs) - 1.0) < 1e-6, "hmt.probs", f"must sum to 1, got {sum(probs):.6f}")
     _require(cfg.hmt.weighting in ("linear", "squared"), "hmt.weighting", "must be linear or squared")
-    _require(cfg.hmt.relation_mask in ("union", "sum"), "hmt.relation_mask", "must be union or sum")
+    _require(cfg.hmt.relation_mask in ("max", "union", "sum"), "hmt.relation_mask", "must be max, union or sum")
     _require(cfg.hmt.unselected in ("skip", "zero_grad"), "hmt.unselected", "must be skip or zero_grad")
     _require(cfg.lora.dtype in ("fp32", "bf16"), "lora.dtype", "must be fp32 or bf16")
     _require(cfg.rcl.bank in ("videos", "split"), "rcl.bank", "must be videos or split")

@@ -25,7 +25,12 @@ from torch import Tensor
 from relvid.errors import UserError
 from relvid.files import atomic_write
 
-FORMAT_VERSION: int = 1
+FORMAT_VERSION: int = 1  # the manifest's and the prompts file's
+# A clip file's format. 2: relation_mask is the union of the subjects taken per video frame, then put on
+# the latent grid (the paper's M_R). 1 (still read): relation_mask is the max of the two subjects'
+# latent-grid masks, which are averaged over time first.
+CLIP_FORMAT_VERSION: int = 2
+READABLE_CLIP_FORMATS = ("1", "2")
 MANIFEST_NAME = "manifest.json"
 PROMPTS_NAME = "prompts.safetensors"
 CLIP_SUFFIX = ".safetensors"
@@ -105,9 +110,9 @@ def _check_meta(meta: dict, path: str | Path) -> None:
         if not isinstance(value, str):
             raise _error(path, f"meta.{key}", f"metadata values must be str, got {type(value).__name__}",
                          "convert the value with str() before writing")
-    if meta["format_version"] != str(FORMAT_VERSION):
+    if meta["format_version"] not in READABLE_CLIP_FORMATS:
         raise _error(path, "meta.format_version",
-                     f"format version {meta['format_version']!r}, this relvid reads {FORMAT_VERSION}",
+                     f"format version {meta['format_version']!r}, this relvid reads {', '.join(READABLE_CLIP_FORMATS)}",
                      "rebuild the cache with this relvid version (`relvid preprocess`)")
     check_clip_id(meta["clip_id"])
     factors = meta["codec_factors"].split(",")
@@ -205,7 +210,7 @@ def cache_wide_problems(records: list[ClipRecord], where: str | Path, batch_size
 def write_clip(path: str | Path, record: ClipRecord) -> Path:
     """Validate and atomically write one clip file; stamps ``format_version`` if absent."""
     path = Path(path)
-    record = replace(record, meta={"format_version": str(FORMAT_VERSION), **record.meta})
+    record = replace(record, meta={"format_version": str(CLIP_FORMAT_VERSION), **record.meta})
     validate_record(record, path)
     tensors = {k: _to_cpu(v) for k, v in record.tensors().items()}
     tensors["text_mask"] = tensors["text_mask"].bool()

@@ -100,7 +100,10 @@ class RelationDataset(Dataset):
             embeds.zero_()
             mask.zero_()
         subjects = rec.subject_masks.to(torch.float32, copy=True)  # (2, f, h, w)
-        stored = None if rec.relation_mask is None else rec.relation_mask.to(torch.float32, copy=True)[None]
+        # the stored per-frame union (clip format 2); older clips store the max of the subjects'
+        # time-averaged masks, which is what relation_mask(..., "max") computes
+        stored = rec.relation_mask if rec.meta.get("format_version") != "1" else None
+        stored = None if stored is None else stored.to(torch.float32, copy=True)[None]
         relation = relation_mask(subjects[None], "union", stored=stored)[0]  # (f, h, w)
         return {"latents": latents, "text_embeds": embeds, "text_mask": mask,
                 "subject_masks": subjects, "relation_mask": relation, "clip_index": i, "index": k}

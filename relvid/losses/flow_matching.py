@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-RELATION_MASK_MODES = ("union", "sum")
+RELATION_MASK_MODES = ("max", "union", "sum")
 MASK_WEIGHT_FORMS = ("linear", "squared")
 
 
@@ -47,19 +47,22 @@ def model_timestep(sigma: Tensor) -> Tensor:
     return (1 - sigma) * 1000
 
 
-def relation_mask(subject_masks: Tensor, mode: str = "union", stored: Tensor | None = None) -> Tensor:
+def relation_mask(subject_masks: Tensor, mode: str = "max", stored: Tensor | None = None) -> Tensor:
     """The relation mask M_R of hybrid mask training, (B, 2, f, h, w) subject masks -> (B, f, h, w).
 
-    The one definition of the rule: preprocessing calls it to write a clip's ``relation_mask`` into
-    the cache, the datamodule and the training step read the mask through it.
-    union (paper): the clip's stored relation mask where the cache holds one (``stored``, (B, f, h,
-    w)), else max(M_S1, M_S2), which stays in [0, 1]; sum (reference code): M_S1 + M_S2, where cells
-    both subjects cover count twice.
+    The one definition of the rule, read by the datamodule and the training step (hmt.relation_mask).
+    Subject masks on the latent grid are averaged over each latent frame's video frames, so:
+    max (relvid's default): max(M_S1, M_S2) of those averages, in [0, 1]; it under-weights cells the
+    subjects cross in turn within one latent frame. union (paper): the union taken per video frame,
+    then averaged: the clip's stored relation mask (``stored``, (B, f, h, w), clip format 2); without
+    one (older caches) the max. sum (reference code): M_S1 + M_S2, cells both cover count twice.
     """
     if subject_masks.dim() != 5 or subject_masks.shape[1] != 2:
         raise ValueError(
             f"relation_mask: subject_masks must have shape (B, 2, f, h, w), got {tuple(subject_masks.shape)}"
         )
+    if mode == "max":
+        return subject_masks.amax(dim=1)
     if mode == "union":
         if stored is not None:
             if stored.shape != subject_masks[:, 0].shape:

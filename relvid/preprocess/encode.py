@@ -8,7 +8,6 @@ import torch
 from torch import Tensor
 
 from relvid.data.cache import ClipRecord
-from relvid.losses.flow_matching import relation_mask
 from relvid.models.codecs import Codec, codec_factors
 from relvid.preprocess.latent_grid import masks_to_latent_grid
 from relvid.preprocess.video import Clip, ClipSpec, to_model_range
@@ -72,6 +71,8 @@ def encode_clip(
         text_embeds=embeds.float().cpu(),
         text_mask=text_mask.bool().cpu(),
         subject_masks=subjects,
-        relation_mask=relation_mask(subjects[None])[0],  # (f, h, w)
+        # the paper's M_R: the union of the subjects in each video frame, then on the latent grid
+        relation_mask=masks_to_latent_grid(clip.masks.amax(dim=0), codec.time_factor, codec.space_factor,
+                                           spatial_rule).clamp(0.0, 1.0).float(),  # (f, h, w)
         meta=full_meta,
     )

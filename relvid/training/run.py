@@ -276,6 +276,12 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> Path:
         sample_posterior=bool(cfg.data.sample_posterior),
     )
     datamodule.setup("fit")  # fail on a bad cache before the (slow) backbone load
+    old_format = [r.meta["clip_id"] for r in datamodule.dataset.records if r.meta.get("format_version") == "1"]
+    if cfg.hmt.relation_mask == "union" and old_format:
+        warnings.warn(f"hmt.relation_mask=union: {len(old_format)} clip(s) of {cfg.data.cache_dir} (e.g. "
+                      f"{old_format[0]}) were cached before clip format 2 and hold no per-frame union; they train "
+                      "with the max of the subjects' masks (hmt.relation_mask=max). Re-run `relvid preprocess` "
+                      "into a new cache for the union", stacklevel=2)
     trainer = build_trainer(cfg, extra_callbacks)
     if trainer.is_global_zero:
         name = "config.yaml" if ckpt_path is None else f"config.resume-{time.strftime('%Y%m%d-%H%M%S')}.yaml"

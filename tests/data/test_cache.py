@@ -5,7 +5,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from relvid.data.cache import FORMAT_VERSION, CacheError, ClipCache, ClipRecord, read_clip, write_clip
+from relvid.data.cache import (
+    CLIP_FORMAT_VERSION,
+    CacheError,
+    ClipCache,
+    ClipRecord,
+    read_clip,
+    write_clip,
+)
 from tests.helpers.cache import make_record
 
 
@@ -14,7 +21,7 @@ def raw_tensors(record: ClipRecord) -> dict:
 
 
 def raw_meta(record: ClipRecord) -> dict:
-    return {"format_version": str(FORMAT_VERSION), **record.meta}
+    return {"format_version": str(CLIP_FORMAT_VERSION), **record.meta}
 
 
 def test_round_trip_keeps_tensors_dtypes_and_metadata(tmp_path):
@@ -24,7 +31,7 @@ def test_round_trip_keeps_tensors_dtypes_and_metadata(tmp_path):
     for name, t in rec.tensors().items():
         assert back.tensors()[name].dtype == t.dtype, name
         assert torch.equal(back.tensors()[name], t), name
-    assert back.meta == {"format_version": "1", **rec.meta}
+    assert back.meta == {"format_version": "2", **rec.meta}
     assert back.clip_id == "clip_a" and back.latent_shape == (2, 3, 4, 6)
 
 
@@ -108,7 +115,7 @@ BAD_FILES = {
                             raw_meta(REC)), "latent_mean"),
     "inf text": (lambda: (_with(raw_tensors(REC), "text_embeds", REC.text_embeds / 0.0), raw_meta(REC)),
                  "text_embeds"),
-    "wrong version": (lambda: (raw_tensors(REC), _with(raw_meta(REC), "format_version", "2")),
+    "wrong version": (lambda: (raw_tensors(REC), _with(raw_meta(REC), "format_version", "3")),
                       "format_version"),
     "missing metadata": (lambda: (raw_tensors(REC), _without(raw_meta(REC), "codec_factors")),
                          "codec_factors"),

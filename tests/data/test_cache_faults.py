@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from relvid.cli import main
-from relvid.data.cache import FORMAT_VERSION, CacheError, ClipCache, ClipRecord
+from relvid.data.cache import CLIP_FORMAT_VERSION, CacheError, ClipCache, ClipRecord
 from relvid.data.datamodule import RelationDataModule, RelationDataset
 from relvid.data.random_cache import write_random_cache
 from relvid.errors import OutputExistsError
@@ -20,7 +20,7 @@ def _rewrite(cache: ClipCache, clip_id: str, **tensors: torch.Tensor) -> None:
     rec = cache.read(clip_id)
     raw = {k: v.clone() for k, v in rec.tensors().items()}
     raw.update(tensors)
-    save_file(raw, str(cache.path(clip_id)), metadata={"format_version": str(FORMAT_VERSION), **rec.meta})
+    save_file(raw, str(cache.path(clip_id)), metadata={"format_version": str(CLIP_FORMAT_VERSION), **rec.meta})
 
 
 # Case 1 ------------------------------------------------------------------------------------------

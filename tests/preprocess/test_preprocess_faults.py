@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from relvid.cli import main
-from relvid.data.cache import FORMAT_VERSION, ClipCache
+from relvid.data.cache import CLIP_FORMAT_VERSION, ClipCache
 from relvid.errors import UserError
 from relvid.preprocess.mask_files import MaskFileError, load_mask_files
 from relvid.preprocess.sources import folder_sources, read_captions_csv
@@ -91,7 +91,7 @@ def test_mask_sheet_names_a_missing_source_video(work, tmp_path, capsys):
     copy = tmp_path / "cache"
     copy.mkdir()
     (copy / "manifest.json").write_text(cache.manifest_path.read_text())
-    meta = {"format_version": str(FORMAT_VERSION), **rec.meta, "source": "videos/gone.mp4"}
+    meta = {"format_version": str(CLIP_FORMAT_VERSION), **rec.meta, "source": "videos/gone.mp4"}
     save_file({k: v.clone() for k, v in rec.tensors().items()}, str(copy / "walk.safetensors"), metadata=meta)
     assert main(["mask-sheet", str(copy)]) == 2
     err = capsys.readouterr().err

@@ -5,6 +5,7 @@ import hashlib
 
 import torch
 
+from relvid.losses.flow_matching import relation_mask
 from relvid.toy.drivers.datasets import build_exemplar_cache
 from relvid.toy.world import RELATIONS
 
@@ -24,9 +25,11 @@ TENSORS = ("latent_mean", "latent_logvar", "text_embeds", "text_mask", "subject_
 
 
 def clip_digest(record) -> str:
+    """The digest of what training reads by default: the relation mask as hmt.relation_mask=max makes
+    it (what the committed grid's clips stored before clip format 2 stored the per-frame union)."""
     h = hashlib.sha256()
     for name in TENSORS:
-        t = getattr(record, name)
+        t = relation_mask(record.subject_masks[None], "max")[0] if name == "relation_mask" else getattr(record, name)
         h.update(f"{name}{tuple(t.shape)}".encode())
         h.update(t.to(torch.float64).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
@@ -46,6 +49,17 @@ def test_the_pipeline_writes_the_recorded_exemplars_for_every_relation(tmp_path)
     cache = build_exemplar_cache(tmp_path / "cache", list(RELATIONS), clips=2, progress=False)
     assert {clip_id: clip_digest(cache.read(clip_id)) for clip_id in cache.clip_ids()} == RECORDED
     assert prompts_digest(cache.read_prompts()) == RECORDED_PROMPTS
+    # the stored per-frame union covers at least the max of the time-averaged masks, and more where the
+    # subjects cross a cell in turn within one latent frame (the follower enters the leader's cells)
+    grew = set()
+    for clip_id in cache.clip_ids():
+        record = cache.read(clip_id)
+        assert record.meta["format_version"] == "2"
+        floor = relation_mask(record.subject_masks[None], "max")[0]
+        assert bool((record.relation_mask >= floor - 1e-6).all())
+        if not torch.equal(record.relation_mask, floor):
+            grew.add(clip_id.rsplit("_", 1)[0])
+    assert "following" in grew
     record = cache.read("orbiting_001")
     assert record.meta["source"] == "toy:0:orbiting:1" and record.meta["mask_source"] == "renderer"
     assert record.meta["frame_range"] == "0-12" and record.meta["codec"] == "toy"
@@ -56,5 +70,5 @@ def test_the_digest_sees_a_changed_tensor(tmp_path):
     cache = build_exemplar_cache(tmp_path / "cache", ["orbiting"], clips=1, progress=False)
     record = cache.read("orbiting_000")
     assert clip_digest(record) == RECORDED["orbiting_000"]
-    record.relation_mask[0, 0, 0] += 1e-6
+    record.subject_masks[0, 0, 0, 0] += 1e-6
     assert clip_digest(record) != RECORDED["orbiting_000"]

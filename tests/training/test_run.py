@@ -136,3 +136,15 @@ def test_without_tensorboard_metrics_go_to_csv(tmp_path, cache, tiny_cfg, monkey
     metrics = (out / "csv" / "metrics.csv").read_text().splitlines()
     assert "train/loss" in metrics[0] and len(metrics) >= 2
     assert (out / "adapters" / "relvid_adapters.safetensors").is_file() and not (out / "tensorboard").exists()
+
+
+def test_union_on_a_cache_made_before_clip_format_2_says_it_trains_with_the_max(tmp_path, random_cache, tiny_cfg):
+    """hmt.relation_mask=union needs the per-frame union that clip format 2 stores; an older cache still
+    loads and trains, with a warning naming the clip, the key and the fix."""
+    import dataclasses
+
+    cache = random_cache(n_clips=2, relation="shaking_hands", seed=1)
+    old = cache.read("shaking_hands_000")
+    cache.add(dataclasses.replace(old, meta={**old.meta, "format_version": "1"}))  # rewrites it in place
+    with pytest.warns(UserWarning, match=r"union: 1 clip\(s\).*shaking_hands_000.*relvid preprocess"):
+        run(tiny_cfg("trainer.max_steps=1", "hmt.relation_mask=union", f"data.cache_dir={cache.root}"))
