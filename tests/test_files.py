@@ -19,3 +19,18 @@ def test_a_checkpoint_folder_is_swapped_in_whole(tmp_path):
     (tmp_path / ".new").mkdir()
     swap_in_folder(tmp_path / ".new", tmp_path / "fresh.ckpt")  # nothing to replace
     assert (tmp_path / "fresh.ckpt").is_dir()
+
+
+def test_files_are_written_with_the_mode_a_plain_open_gives(tmp_path):
+    """A LoRA on a shared machine stays readable by the others: the umask decides, not mkstemp's 0600."""
+    import os
+
+    from relvid.files import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        assert (atomic_write(tmp_path / "a.txt", "x").stat().st_mode & 0o777) == 0o644
+        os.umask(0o077)
+        assert (atomic_write(tmp_path / "b.txt", "x").stat().st_mode & 0o777) == 0o600
+    finally:
+        os.umask(old)
