@@ -17,12 +17,13 @@ PYTEST_ARGS ?=
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
 
-$(VENV)/.installed: setup.cfg setup.py
+$(VENV)/.installed: setup.cfg setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	# torch first and pinned, so nothing resolves a different (multi-GB) build
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
-	$(PY) -m pip install --quiet -e '.[video,deepspeed,test]'
+	# the tested set: setup.cfg's ranges, held at the versions constraints.txt names (docs/install.md)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[video,deepspeed,test,wandb]'
 	touch $@
 
 install: $(VENV)/.installed ## create .venv and install relvid with all its dependencies
@@ -49,9 +50,9 @@ smoke: $(VENV)/.installed ## train the tiny random model for a few CPU steps on 
 	$(RELVID) train configs/tiny.yaml --relation $(REL) data.cache_dir=outputs/smoke/cache \
 		output_dir=outputs/smoke/run-$$(date +%Y%m%d-%H%M%S) $(ARGS)
 
-export: $(VENV)/.installed ## export a run's adapters to a diffusers LoRA: make export REL=handshake [OUT=...]
-	$(RELVID) export $(or $(OUT),outputs/$$($(RELVID) relations --resolve $(REL)))/adapters \
-		--out $(or $(OUT),outputs/$$($(RELVID) relations --resolve $(REL)))/diffusers_lora --triplet
+export: $(VENV)/.installed ## export a run's adapters to a LoRA file: make export REL=handshake [FORMAT=diffusers|mochi] [OUT=...]
+	$(RELVID) export $(or $(OUT),outputs/$$($(RELVID) relations --resolve $(REL)))/adapters --format $(or $(FORMAT),diffusers) \
+		--out $(or $(OUT),outputs/$$($(RELVID) relations --resolve $(REL)))/$(or $(FORMAT),diffusers)_lora --triplet
 
 demo: $(VENV)/.installed ## the toy world end to end on the CPU: customize, sample, judge, print the table (outputs/demo)
 	$(RELVID) demo $(if $(OUT),--out $(OUT)) $(ARGS)
@@ -74,6 +75,10 @@ evaluate: $(VENV)/.installed ## test videos + RelAcc/CLIP-T/TempCons/FVD table: 
 	$(RELVID) evaluate --relation $(REL) $(if $(MOCHI_PATH),--mochi-path $(MOCHI_PATH)) \
 		$(if $(ADAPTERS),--adapters $(ADAPTERS)) $(if $(OUT),--out $(OUT)) $(ARGS)
 
+analyze: $(VENV)/.installed ## the paper's analyses: make analyze KIND=attention MODEL=relvid/toy/base_model ARGS='--prompt "..." --phrase ...' [ADAPTERS=...] [OUT=...]
+	$(RELVID) analyze $(KIND) $(if $(MODEL),--model $(MODEL),$(if $(MOCHI_PATH),--model $(MOCHI_PATH))) \
+		$(if $(ADAPTERS),--adapters $(ADAPTERS)) $(if $(OUT),--out $(OUT)) $(ARGS)
+
 bench: $(VENV)/.installed ## benchmark training step + CFG sample on one GPU (full-size Mochi, random weights)
 	$(PY) experiments/bench/bench.py $(ARGS)
 
@@ -93,8 +98,8 @@ wheels: ## relvid and every dependency as wheels for an offline Linux GPU machin
 	mkdir -p $(WHEELS)
 	$(PYTHON) -m pip wheel --quiet --no-deps --wheel-dir $(WHEELS) .
 	$(PYTHON) -m pip download --dest $(WHEELS) --find-links $(WHEELS) --only-binary=:all: \
-		$(foreach p,$(WHEEL_PLATFORMS),--platform $(p)) --python-version $(WHEEL_PYTHON) \
-		'relvid[video]==$(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' relvid/__init__.py)' pytest
+		$(foreach p,$(WHEEL_PLATFORMS),--platform $(p)) --python-version $(WHEEL_PYTHON) -c constraints.txt \
+		'relvid[video]==$(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' relvid/__init__.py)' 'torch==$(TORCH_VERSION)' pytest
 	@echo "wheels for Python $(WHEEL_PYTHON) on $(firstword $(WHEEL_PLATFORMS)) in $(WHEELS)/ (docs/gpu.md: installing offline)"
 
 tensorboard: $(VENV)/.installed ## serve the TensorBoard logs of all runs under outputs/
@@ -104,4 +109,4 @@ clean: ## remove caches and build files (keeps .venv and outputs/)
 	rm -rf .pytest_cache build *.egg-info
 	find . -name __pycache__ -prune -exec rm -rf {} +
 
-.PHONY: help install test lint test-all train resume smoke export demo toy-base preprocess mask-sheet sample evaluate bench bench-tiny gpu-check wheels tensorboard clean
+.PHONY: help install test lint test-all train resume smoke export demo toy-base preprocess mask-sheet sample evaluate analyze bench bench-tiny gpu-check wheels tensorboard clean

@@ -7,7 +7,7 @@ import errno
 import os
 import sys
 
-from relvid.commands import adapters, cache, generate, preprocess, relations, toy, train
+from relvid.commands import adapters, analyze, cache, generate, preprocess, relations, toy, train
 
 # Weights and tokenizers are only ever read from local folders: make any accidental hub access
 # fail fast instead of hanging on a machine without internet.
@@ -16,7 +16,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 # In pipeline order; each module defines register(subparsers) and keeps heavy imports inside its
 # command functions, so `relvid -h` starts fast.
-COMMANDS = (preprocess, train, generate, adapters, cache, relations, toy)
+COMMANDS = (preprocess, train, generate, adapters, cache, relations, analyze, toy)
 
 # OS errors that come from the machine's state rather than from relvid's code.
 _ENVIRONMENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,

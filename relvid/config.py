@@ -23,6 +23,7 @@ from relvid.errors import UserError
 ADAPTERS = ("relation", "subject1", "subject2", "ffn")
 PLACEMENTS = ("QK/V", "Q/KV", "KV/Q", "V/QK", "direct")
 BRANCHES = ("both", "vision", "text")
+METHODS = ("lora", "motion_inversion")
 
 # The run seed goes to Lightning's seed_everything, which (like numpy) takes [0, 2**32 - 1]; other seeds
 # only feed torch generators and relvid.seeding, which take any 63-bit non-negative integer.
@@ -124,6 +125,19 @@ class RCLConfig:
 
 
 @dataclass
+class MotionInversionConfig:
+    """The MotionInversion baseline (method=motion_inversion): a temporal embedding added to the input of
+    the vision Q and K projections and a value embedding added to the input of V, the base frozen."""
+
+    blocks: List[int] = field(default_factory=list)  # transformer blocks that carry the embeddings; empty: all
+    # vision tokens per value-embedding cell, per side: 2 (one cell per 32x32 pixels on Mochi, the resolution
+    # of the layers the official code uses); 1: one value embedding per token
+    value_stride: int = 2
+    # the value embedding at sampling: frame_difference (official, for object motion) | none | remove
+    inference: str = "frame_difference"
+
+
+@dataclass
 class DataConfig:
     # Clip cache folder written by `relvid preprocess` (falls back to RELVID_CACHE).
     cache_dir: Optional[str] = None
@@ -150,6 +164,19 @@ class OptimConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases, when trainer.logger is wandb or both (pip install wandb)."""
+
+    project: str = "relvid"
+    entity: Optional[str] = None  # a W&B team or user; null: the account's default
+    name: Optional[str] = None  # the run's display name; null: the output folder's name
+    # online: streams to the server (needs `wandb login` or WANDB_API_KEY) | offline: writes the run
+    # under <output_dir>/wandb only, with no network; upload it later with `wandb sync`
+    mode: str = "online"
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = 2400
     accelerator: str = "auto"
@@ -159,6 +186,10 @@ class TrainerConfig:
     precision: str = "auto"  # auto: bf16 autocast on GPU, 32 on CPU
     log_every_n_steps: int = 1
     checkpoint_every: int = 200
+    # inference-ready LoRAs written at every checkpoint, <output_dir>/loras/<relation>_step<NNNNNN>.safetensors:
+    # diffusers (MochiPipeline.load_lora_weights) and/or mochi (genmo's format, for ComfyUI; name ends _mochi);
+    # [] writes none
+    lora_formats: List[str] = field(default_factory=lambda: ["diffusers"])
     progress_bar: bool = True
     # steps between progress-bar redraws; 0: every step on a terminal, about 50 redraws per run
     # otherwise (a log file, a Slurm job, CI), so a log holds lines a person can read
@@ -166,6 +197,9 @@ class TrainerConfig:
     # true: bit-exact reruns and resumes on the same GPU model and software (deterministic kernels,
     # memory-efficient attention on a GPU; slower); false: on GPUs equal in distribution only
     deterministic: bool = False
+    # where metrics and preview videos go: tensorboard (<output_dir>/tensorboard) | wandb (trainer.wandb) | both
+    logger: str = "tensorboard"
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
@@ -245,6 +279,7 @@ class PreviewConfig:
     max_prompts: int = 2
     seed: int = 0  # one fixed noise per prompt: previews at different steps are comparable
     sampling: SamplingConfig = field(default_factory=_small_sampling)
+    at_start: bool = False  # also preview the untouched base before the first step (step000000; fresh runs only)
 
 
 @dataclass
@@ -299,14 +334,15 @@ class PreprocessConfig:
     skeletons: Optional[str] = None  # NTU .skeleton files (default: under ntu_root)
     captions_csv: Optional[str] = None  # columns video,caption
     masks: Optional[str] = None  # a PNG folder <video stem>/ or a mask video <video stem>.mp4 per video
-    mask_source: str = "skeleton"  # skeleton | grounded-sam | files
-    mask_fallback: str = "none"  # none | grounded-sam | files: for clips the main source cannot mask
+    mask_source: str = "skeleton"  # skeleton | grounded-sam | sam2 | files
+    mask_fallback: str = "none"  # none | grounded-sam | sam2 | files: for clips the main source cannot mask
     mask_colors: Optional[List[List[int]]] = None  # subject colours in the mask files, subject 1 first
     detect_prompt: str = "person"  # Grounding DINO's text prompt
     box_threshold: float = 0.3
     text_threshold: float = 0.25
     gdino_path: Optional[str] = None  # a local Grounding DINO folder (transformers format)
     sam_path: Optional[str] = None  # a local SAM folder (transformers format)
+    sam2_path: Optional[str] = None  # a local SAM 2 / SAM 2.1 folder (transformers format); default $RELVID_SAM2_PATH
     clips: int = 20  # NTU clips to pick (seeded); 0: every matching one
     seed: int = 0
     setups: Optional[List[int]] = None  # NTU setups, cameras, performers, replications to keep
@@ -318,6 +354,13 @@ class PreprocessConfig:
     width: int = PAPER_WIDTH
     fps: float = float(PAPER_FPS)
     allow_upscale: bool = False  # enlarge videos smaller than the target instead of skipping them
+    # Which frames each clip takes (docs/preprocessing.md#clip-windows); a captions CSV row's own
+    # start_frame/start_time wins for that video.
+    window: str = "start"  # start: from start_frame/start_time (the first frames without one) | closest
+    start_frame: Optional[int] = None  # the clip's first source frame (closest: the earliest one searched)
+    start_time: Optional[float] = None  # the same in seconds (the frame on screen then)
+    windows: int = 1  # clips per video (ids <video>_w1, _w2, ...)
+    window_stride: Optional[float] = None  # seconds between window starts (window=start); None: the clip's length
     spatial_rule: str = "any"  # a latent cell is foreground if any pixel is (reference code) | area
     latent_dtype: str = "bf16"  # bf16 | fp16 | fp32
     device: str = "auto"  # auto (a GPU when present) | cpu | cuda | cuda:1 ...
@@ -328,6 +371,31 @@ class PreprocessConfig:
     progress: bool = True
 
 
+ANALYZE_SUBSETS = ("none", "relation+ffn", "subjects+ffn", "all")
+ANALYZE_JUDGES = ("auto", "toy", "vlm", "none")
+
+
+@dataclass
+class AnalyzeConfig:
+    """`relvid analyze <kind>`: the paper's analyses and adapter attribution (docs/analysis.md)."""
+
+    # Adapter sources (anything `relvid sample` takes), each compared with the base model.
+    adapters: List[str] = field(default_factory=list)
+    prompts: List[str] = field(default_factory=list)  # features / attention: one prompt; attribution: all
+    prompts_file: Optional[str] = None  # one prompt per line, after `prompts`
+    phrase: Optional[str] = None  # attention: words of the prompt whose attention is mapped (e.g. orbiting)
+    clip: Optional[str] = None  # features: a clip file of a cache instead of a prompt (noised to the step's sigma)
+    # Sampling step indices where features and attention are read; negative ones count from the end
+    # (-4: step 60 of the 64-step schedule, the paper's choice, near the clean end).
+    steps: List[int] = field(default_factory=lambda: [-4])
+    ranks: List[int] = field(default_factory=lambda: [1, 4, 16, 64])  # qkv-subspace: top-r subspaces compared
+    subsets: List[str] = field(default_factory=lambda: list(ANALYZE_SUBSETS))  # attribution: adapter subsets
+    judge: str = "auto"  # attribution: auto (toy for the toy codec, else vlm if judge.kind is set) | toy | vlm | none
+    seeds: List[int] = field(default_factory=lambda: [0])
+    out: str = "${output_dir}/analysis"
+    device: Optional[str] = None  # default: cuda:LOCAL_RANK when a GPU is present, else cpu
+
+
 @dataclass
 class RelvidConfig:
     relation: str = "shaking_hands"  # canonical name or alias (handshake -> shaking_hands)
@@ -336,10 +404,14 @@ class RelvidConfig:
     output_dir: str = "outputs/${relation}"
     resume: Optional[str] = None  # a checkpoint path, or "last": the newest consistent checkpoint of output_dir
     overwrite: bool = False  # start afresh in an output_dir that holds another run's config, adapters or checkpoints
+    # what is learned: lora (the DreamRelation triplet, or lora.placement=direct) | motion_inversion (the base
+    # frozen, motion embeddings learned: configs/baselines/motion_inversion.yaml)
+    method: str = "lora"
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     hmt: HMTConfig = field(default_factory=HMTConfig)
     rcl: RCLConfig = field(default_factory=RCLConfig)
+    motion_inversion: MotionInversionConfig = field(default_factory=MotionInversionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -351,6 +423,7 @@ class RelvidConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
 
 
 # Configs shipped inside the package, so an installed relvid finds them from any folder; the
@@ -532,7 +605,7 @@ def _check(cfg: DictConfig) -> None:
     _check_seed(cfg.seed, "seed", RUN_SEED_MAX)
     for key in ("preview.seed", "relation_accuracy.seed", "preprocess.seed", "model.tiny.seed"):
         _check_seed(OmegaConf.select(cfg, key), key)
-    for key in ("sample.seeds", "evaluate.seeds"):
+    for key in ("sample.seeds", "evaluate.seeds", "analyze.seeds"):
         for seed in OmegaConf.select(cfg, key):
             _check_seed(seed, key)
     _require(_devices_ok(cfg.trainer.devices), "trainer.devices",
@@ -546,8 +619,16 @@ def _check(cfg: DictConfig) -> None:
              "(configs/baselines/direct_lora.yaml does)")
     _require(cfg.trainer.max_steps >= 1, "trainer.max_steps", "must be >= 1")
     _require(cfg.trainer.checkpoint_every >= 1, "trainer.checkpoint_every", "must be >= 1")
+    formats = list(cfg.trainer.lora_formats)
+    _require(set(formats) <= {"diffusers", "mochi"} and len(set(formats)) == len(formats), "trainer.lora_formats",
+             f"must list each of diffusers, mochi at most once ([] for none), got {formats}")
     _require(cfg.trainer.progress_refresh >= 0, "trainer.progress_refresh",
              "must be >= 0 (0: every step on a terminal, about 50 redraws per run in a log)")
+    _require(cfg.trainer.logger in ("tensorboard", "wandb", "both"), "trainer.logger",
+             f"must be tensorboard, wandb or both, got {cfg.trainer.logger!r}")
+    _require(cfg.trainer.wandb.mode in ("online", "offline"), "trainer.wandb.mode",
+             "must be online or offline (offline: no network; `wandb sync` uploads later), "
+             f"got {cfg.trainer.wandb.mode!r}")
     _require(not cfg.trainer.deterministic or cfg.speed.sdpa_backend in ("auto", "efficient", "math"),
              "speed.sdpa_backend", f"{cfg.speed.sdpa_backend}'s attention backward is not deterministic, which "
              "trainer.deterministic=true asks for: use auto (efficient on a GPU), efficient or math")
@@ -555,6 +636,45 @@ def _check(cfg: DictConfig) -> None:
     _require(cfg.model.text_encoder in ("t5", "toy"), "model.text_encoder", "must be t5 or toy")
     _check_speed(cfg)
     _check_callbacks(cfg)
+    _check_analyze(cfg)
+    _check_method(cfg)
+
+
+def _check_method(cfg: DictConfig) -> None:
+    """method, and the keys that make no sense with motion_inversion."""
+    _require(cfg.method in METHODS, "method", f"must be one of {', '.join(METHODS)}")
+    mi = cfg.motion_inversion
+    _require(mi.value_stride >= 1, "motion_inversion.value_stride", f"must be >= 1, got {mi.value_stride}")
+    _require(all(b >= 0 for b in mi.blocks) and len(set(mi.blocks)) == len(mi.blocks), "motion_inversion.blocks",
+             f"must be distinct block indices >= 0 (empty: every block), got {list(mi.blocks)}")
+    _require(mi.inference in ("frame_difference", "none", "remove"), "motion_inversion.inference",
+             "must be frame_difference, none or remove")
+    if cfg.method != "motion_inversion":
+        return
+    why = "method=motion_inversion learns motion embeddings with the base frozen and no LoRA"
+    _require(not cfg.hmt.enabled, "hmt.enabled", f"{why}, so there is no LoRA to select and no hybrid mask "
+             "loss: set hmt.enabled=false (configs/baselines/motion_inversion.yaml does)")
+    _require(cfg.lora.placement != "direct", "lora.placement",
+             f"direct names the Direct-LoRA baseline; {why}: drop lora.placement=direct")
+    _require(not list(cfg.lora.frozen), "lora.frozen", f"{why}, so there is no adapter to freeze: drop lora.frozen")
+    _require(not list(cfg.trainer.lora_formats), "trainer.lora_formats",
+             f"{why}, so there is no LoRA to write at checkpoints: set trainer.lora_formats=[] "
+             "(configs/baselines/motion_inversion.yaml does)")
+    _require(str(cfg.trainer.strategy) in ("auto", "ddp"), "trainer.strategy",
+             f"{cfg.trainer.strategy} is not supported with method=motion_inversion (its embeddings are kept whole "
+             "on every rank, which the fsdp and deepspeed presets do for LoRAs only): use ddp or auto")
+
+
+def _check_analyze(cfg: DictConfig) -> None:
+    an = cfg.analyze  # analyze.steps are checked against the schedule where they are read
+    _require(len(an.steps) >= 1, "analyze.steps", "must list schedule steps, e.g. [-4] (step 60 of 64)")
+    _require(len(an.ranks) >= 1 and all(r >= 1 for r in an.ranks), "analyze.ranks",
+             f"must list ranks >= 1, e.g. [1, 4, 16, 64]; got {list(an.ranks)}")
+    _require(len(an.subsets) >= 1 and set(an.subsets) <= set(ANALYZE_SUBSETS), "analyze.subsets",
+             f"must list subsets among {', '.join(ANALYZE_SUBSETS)}; got {list(an.subsets)}")
+    _require(an.judge in ANALYZE_JUDGES, "analyze.judge", f"must be one of {', '.join(ANALYZE_JUDGES)}")
+    _require(an.phrase is None or an.phrase.strip() != "", "analyze.phrase",
+             "must be words of the prompt (e.g. orbiting), not empty")
 
 
 def _check_optim(optim) -> None:
@@ -637,11 +757,12 @@ def _check_callbacks(cfg: DictConfig) -> None:
 
 # The keys each command reads: what its --print-config shows and what it saves beside its outputs.
 COMMAND_KEYS = {
-    "train": ("relation", "custom_relation", "seed", "output_dir", "resume", "overwrite", "model", "lora", "hmt",
-              "rcl", "data", "optim", "trainer", "speed", "preview", "relation_accuracy"),
+    "train": ("relation", "custom_relation", "seed", "output_dir", "resume", "overwrite", "method", "model", "lora",
+              "hmt", "rcl", "motion_inversion", "data", "optim", "trainer", "speed", "preview", "relation_accuracy"),
     "sample": ("relation", "custom_relation", "output_dir", "model", "speed", "sampling", "sample"),
     "evaluate": ("relation", "custom_relation", "output_dir", "model", "speed", "sampling", "judge", "evaluate"),
     "preprocess": ("relation", "custom_relation", "model", "data", "preprocess"),
+    "analyze": ("relation", "custom_relation", "output_dir", "model", "speed", "sampling", "judge", "analyze"),
 }
 
 

@@ -31,6 +31,17 @@ def colour_list(text: str) -> list[list[int]]:
     return colours
 
 
+def seconds(text: str) -> float:
+    """``"2.5"`` or ``"2.5s"`` -> 2.5 (a start or a stride in seconds)."""
+    try:
+        value = float(text.strip().removesuffix("s"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give seconds, e.g. 2.5 or 2.5s") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give seconds >= 0")
+    return value
+
+
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from relvid.preprocess.pipeline import preprocess
 
@@ -66,8 +77,8 @@ def register(subparsers) -> None:
     for name in ("setups", "cameras", "performers", "replications"):
         alias(src, f"--{name}", key=f"preprocess.{name}", type=int_list, help=f"NTU {name} to keep, e.g. 1,2,5-8")
     m = p.add_argument_group("subject masks")
-    alias(m, "--mask-source", key="preprocess.mask_source", choices=("skeleton", "grounded-sam", "files"))
-    alias(m, "--mask-fallback", key="preprocess.mask_fallback", choices=("none", "grounded-sam", "files"),
+    alias(m, "--mask-source", key="preprocess.mask_source", choices=("skeleton", "grounded-sam", "sam2", "files"))
+    alias(m, "--mask-fallback", key="preprocess.mask_fallback", choices=("none", "grounded-sam", "sam2", "files"),
           help="masks for clips the main source cannot mask (e.g. NTU samples without a skeleton)")
     alias(m, "--masks", key="preprocess.masks",
           help="folder with a PNG folder <video stem>/ or a mask video <video stem>.mp4 per video")
@@ -79,6 +90,8 @@ def register(subparsers) -> None:
           help="Grounding DINO text score threshold")
     alias(m, "--gdino-path", key="preprocess.gdino_path", help="local Grounding DINO folder (transformers format)")
     alias(m, "--sam-path", key="preprocess.sam_path", help="local SAM folder (transformers format)")
+    alias(m, "--sam2-path", key="preprocess.sam2_path",
+          help="local SAM 2 / SAM 2.1 folder (transformers format) for --mask-source sam2; default $RELVID_SAM2_PATH")
     alias(m, "--spatial-rule", key="preprocess.spatial_rule", choices=("any", "area"),
           help="latent cell = any foreground pixel (reference code) or covered fraction")
     e = p.add_argument_group("clips and encoding")
@@ -88,6 +101,16 @@ def register(subparsers) -> None:
     alias(e, "--fps", key="preprocess.fps", type=float)
     alias(e, "--allow-upscale", key="preprocess.allow_upscale", action="store_true",
           help="enlarge videos smaller than the target instead of skipping")
+    w = p.add_argument_group("clip windows (default: the first frames of each video)")
+    alias(w, "--start", key="preprocess.start_time", type=seconds,
+          help="start each clip at this time, e.g. 2.5s (a captions CSV row's start_time/start_frame wins)")
+    alias(w, "--start-frame", key="preprocess.start_frame", type=int, help="start each clip at this source frame")
+    alias(w, "--window", key="preprocess.window", choices=("start", "closest"),
+          help="closest: the window where the two subjects are closest (skeletons or mask files)")
+    alias(w, "--windows", key="preprocess.windows", type=int,
+          help="clips per video, as <video>_w1, _w2, ... (back to back, or --window-stride apart)")
+    alias(w, "--window-stride", key="preprocess.window_stride", type=seconds,
+          help="seconds between the starts of a video's windows (default: the clip's length)")
     alias(e, "--mochi-path", key="model.path", help="Mochi pipeline folder (diffusers format); default $MOCHI_PATH")
     alias(e, "--vae-path", key="model.vae_path", help="Mochi VAE folder (default: <mochi-path>/vae)")
     alias(e, "--t5-path", key="preprocess.t5_path",

@@ -312,8 +312,11 @@ class ClipCache:
         path = write_clip(self.path(record.clip_id), record)
         meta = record.meta
         clips = [c for c in self.manifest["clips"] if c["id"] != record.clip_id]
-        clips.append({"id": record.clip_id, "file": path.name, "relation": meta["relation"],
-                      "caption": meta["caption"]})
+        entry = {"id": record.clip_id, "file": path.name, "relation": meta["relation"], "caption": meta["caption"]}
+        first, sep, last = meta.get("frame_range", "").partition("-")
+        if sep and first.isdigit() and last.isdigit():  # the source frames the clip took, and how they were chosen
+            entry["window"] = {"start": int(first), "end": int(last), "how": meta.get("window", "first")}
+        clips.append(entry)
         self.manifest["clips"] = sorted(clips, key=lambda c: c["id"])
         # A source that now succeeded no longer counts as failed.
         self.manifest["failures"] = [x for x in self.manifest["failures"] if x["source"] != meta["source"]]

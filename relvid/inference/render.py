@@ -231,12 +231,14 @@ def sample_videos(cfg) -> list[Path]:
     info: dict = {"model_path": cfg.model.path}
     if adapters:
         from relvid.models.adapter_file import apply_adapter_source
+        from relvid.models.motion_inversion import MotionSpec
 
         source = apply_adapter_source(transformer, adapters)
         if source.sha256 != meta["adapters_sha256"]:
             raise InputError(f"{source.path} changed while it was loaded; run `relvid sample` again")
         info["adapters"] = source.to_dict()
-        print(f"adapters: {source.path} ({source.kind}, sha256 {source.sha256[:12]}); relation + ffn active")
+        active = "motion embeddings, value debiased" if isinstance(source.spec, MotionSpec) else "relation + ffn active"
+        print(f"adapters: {source.path} ({source.kind}, sha256 {source.sha256[:12]}); {active}")
     else:
         print("--base: sampling the base model without adapters")
     from relvid.config import save_config

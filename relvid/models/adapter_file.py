@@ -7,6 +7,8 @@ files: both are read here, every file with weights_only=True (no code in a file 
 
 The triplet file is safetensors with every adapter's LoRA weights under "<adapter>/<module>.lora_A|B.weight"
 and the TripletSpec (placement, ranks, alpha, branches) as JSON metadata, so it loads without a config.
+A MotionInversion run (method=motion_inversion) writes its motion embeddings under the same name in its
+own format (relvid.models.motion_inversion); every reader here tells the two apart by the file's metadata.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch import nn
 
 from relvid.errors import InputNotFoundError, UserError
 from relvid.files import atomic_path
+from relvid.models import motion_inversion
 from relvid.models.lora import (
     LoRAConfigError,
     TripletSpec,
@@ -37,6 +40,15 @@ from relvid.models.lora import (
     inference_adapters,
     inject_triplet,
     load_adapter_state_dict,
+)
+from relvid.models.motion_inversion import (
+    MotionSpec,
+    apply_motion_state,
+    check_state,
+    is_motion_file,
+    is_motion_spec_dict,
+    load_motion_file,
+    save_motion_file,
 )
 
 ADAPTER_FILE_NAME = "relvid_adapters.safetensors"
@@ -54,7 +66,10 @@ def save_adapter_state(
     spec: TripletSpec,
     metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Write adapter_state_dict-style tensors in our format (safetensors, atomic)."""
+    """Write adapter_state_dict-style tensors in our format (safetensors, atomic); with a MotionSpec, the
+    motion embeddings in the MotionInversion format."""
+    if isinstance(spec, MotionSpec):
+        return save_motion_file(path, state, spec, metadata)
     path = Path(path)
     reserved = {"format", "version", "spec"} & set(metadata or {})
     if reserved:
@@ -92,6 +107,9 @@ def load_adapters(path: str | os.PathLike) -> tuple[TripletSpec, dict[str, torch
             state = {k: f.get_tensor(k) for k in f.keys()}
     except safetensors.SafetensorError as e:
         raise LoRAConfigError(f"{path}: not a readable safetensors file ({e})") from e
+    if is_motion_file(path):
+        raise LoRAConfigError(f"{path} is a MotionInversion file (motion embeddings, no LoRA weights): load it "
+                              "with apply_adapter_source, or pass it to `relvid sample --adapters`")
     if header.get("format") != FORMAT_NAME:
         raise LoRAConfigError(
             f"{path}: not a relvid adapter file (metadata format={header.get('format')!r}, "
@@ -151,9 +169,21 @@ def _lora_state(tensors: dict[str, torch.Tensor], where: Path, others: bool) -> 
     return state
 
 
-def adapters_from_checkpoint(path: str | Path) -> tuple[TripletSpec, dict[str, torch.Tensor]]:
+def _motion_checkpoint_state(tensors: dict[str, torch.Tensor], spec: MotionSpec, where: Path) -> dict:
+    """The motion embeddings of a MotionInversion run's checkpoint, keyed as in its file ("temporal.3")."""
+    prefix = f"transformer.{motion_inversion.ATTR}."
+    other = sorted(k for k in tensors if not k.startswith(prefix))
+    if other:
+        raise CheckpointError(f"{where}: unexpected tensor {other[0]!r} in state_dict (expected motion embeddings "
+                              "only)")
+    state = {k[len(prefix):]: v for k, v in tensors.items()}
+    check_state(state, spec, str(where))
+    return state
+
+
+def adapters_from_checkpoint(path: str | Path) -> tuple[TripletSpec | MotionSpec, dict[str, torch.Tensor]]:
     """(spec, adapter state with keys "<adapter>/<module>.lora_{A,B}.weight") from a training checkpoint:
-    a .ckpt file, or a DeepSpeed checkpoint folder."""
+    a .ckpt file, or a DeepSpeed checkpoint folder. A MotionInversion run's: (MotionSpec, its embeddings)."""
     path = Path(path)
     if path.is_dir():
         return _adapters_from_deepspeed(path)
@@ -166,6 +196,9 @@ def adapters_from_checkpoint(path: str | Path) -> tuple[TripletSpec, dict[str, t
     meta = ckpt.get("relvid") if isinstance(ckpt, dict) else None
     if meta is None:
         raise CheckpointError(f"{path} has no 'relvid' section: it was not written by `relvid train`")
+    if is_motion_spec_dict(meta.get("spec")):
+        spec = MotionSpec.from_dict(meta["spec"])
+        return spec, _motion_checkpoint_state(ckpt.get("state_dict", {}), spec, path)
     return TripletSpec.from_dict(meta["spec"]), _lora_state(ckpt.get("state_dict", {}), path, others=False)
 
 
@@ -329,6 +362,19 @@ def _adapters_from_deepspeed(path: Path) -> tuple[TripletSpec, dict[str, torch.T
 
 
 DIFFUSERS_ADAPTER_NAME = "relvid_inference"
+_NOT_A_TRIPLET = ("{path} holds MotionInversion motion embeddings, not LoRA weights: it has no triplet and no "
+                  "diffusers LoRA form; sample it with `relvid sample --adapters {path}` (or evaluate it)")
+
+
+def _is_motion_checkpoint(path: Path) -> bool:
+    """A MotionInversion run's .ckpt file (read with weights_only=True)."""
+    if path.is_dir():
+        return False  # DeepSpeed folders: MotionInversion does not run under DeepSpeed
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # unreadable: adapters_from_checkpoint names the problem
+        return False
+    return isinstance(ckpt, dict) and is_motion_spec_dict((ckpt.get("relvid") or {}).get("spec"))
 
 
 @dataclass(frozen=True)
@@ -336,9 +382,9 @@ class AdapterSource:
     """Which file was loaded, in which format, and its sha256 (recorded next to every video)."""
 
     path: Path
-    kind: str  # "checkpoint" | "relvid" | "diffusers"
+    kind: str  # "checkpoint" | "relvid" | "motion" (a MotionInversion file) | "diffusers"
     sha256: str
-    spec: TripletSpec | None  # None for a diffusers file (its peft config is in the file)
+    spec: TripletSpec | MotionSpec | None  # None for a diffusers file (its peft config is in the file)
 
     def to_dict(self) -> dict:
         return {"path": str(self.path), "kind": self.kind, "sha256": self.sha256,
@@ -368,6 +414,8 @@ def resolve_adapter_file(source: str | os.PathLike) -> tuple[Path, str]:
         # import-reference writes both files; our triplet file carries the exact spec, so prefer it.
         for name, kind in ((ADAPTER_FILE_NAME, "relvid"), (DIFFUSERS_WEIGHT_NAME, "diffusers")):
             if (path / name).is_file():
+                if kind == "relvid" and is_motion_file(path / name):
+                    return path / name, "motion"
                 return path / name, kind
         if is_deepspeed_checkpoint(path):
             return path, "checkpoint"
@@ -382,8 +430,16 @@ def resolve_adapter_file(source: str | os.PathLike) -> tuple[Path, str]:
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
             fmt = (f.metadata() or {}).get("format")
+            genmo = any(k.startswith("blocks.") for k in f.keys())  # noqa: SIM118 (not a dict)
     except safetensors.SafetensorError as err:
         raise LoRAConfigError(f"{path}: not a readable safetensors file ({err})") from None
+    if genmo and fmt not in (FORMAT_NAME, motion_inversion.FORMAT_NAME):
+        raise LoRAConfigError(
+            f"{path} is a LoRA in genmo's Mochi format (`relvid export --format mochi`, for ComfyUI and genmo's "
+            "pipeline), which relvid does not load: pass the diffusers file of the same step "
+            "(loras/<relation>_stepNNNNNN.safetensors) or the run's adapters/ folder")
+    if fmt == motion_inversion.FORMAT_NAME:
+        return path, "motion"
     return path, "relvid" if fmt == FORMAT_NAME else "diffusers"
 
 
@@ -393,8 +449,12 @@ def read_triplet(source: str | os.PathLike) -> tuple[TripletSpec, dict]:
     if kind == "diffusers":
         raise LoRAConfigError(f"{path} is a diffusers LoRA file: it holds the inference set only, not relvid's "
                               f"triplet; pass a .ckpt, a {ADAPTER_FILE_NAME} or a run's adapters/ folder")
+    if kind == "motion":
+        raise LoRAConfigError(_NOT_A_TRIPLET.format(path=path))
     if kind == "checkpoint":
         spec, state = adapters_from_checkpoint(path)
+        if isinstance(spec, MotionSpec):
+            raise LoRAConfigError(_NOT_A_TRIPLET.format(path=path))
         _check_state_keys(state, spec, where=str(path))  # the same checks as a triplet file, NaN included
         return spec, state
     spec, state, _ = load_adapters(path)
@@ -405,10 +465,18 @@ def apply_adapter_source(transformer: nn.Module, source: str | os.PathLike,
                          select: Callable[[TripletSpec], Sequence[str]] = inference_adapters) -> AdapterSource:
     """Load `source` into `transformer` (which must have no LoRAs yet), eval mode, with the adapters
     ``select(spec)`` names active: by default the inference set (relation + FFN, or the direct LoRA).
-    A diffusers file holds the inference set only and is loaded as it is."""
+    A diffusers file holds the inference set only and is loaded as it is. A MotionInversion file or
+    checkpoint has no adapters to select: its embeddings are installed, the value embedding debiased as
+    its spec says (frame differencing by default)."""
     path, kind = resolve_adapter_file(source)
     spec = None
-    if kind == "diffusers":
+    if kind == "motion" or (kind == "checkpoint" and _is_motion_checkpoint(path)):
+        if kind == "motion":
+            spec, state, _ = load_motion_file(path)
+        else:
+            spec, state = adapters_from_checkpoint(path)
+        apply_motion_state(transformer, spec, state)
+    elif kind == "diffusers":
         from diffusers.loaders import Mochi1LoraLoaderMixin
 
         state, metadata = Mochi1LoraLoaderMixin.lora_state_dict(str(path), return_lora_metadata=True,

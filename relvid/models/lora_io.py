@@ -1,9 +1,11 @@
-"""LoRA interchange: export the inference set as a diffusers LoRA, import reference checkpoints.
+"""LoRA interchange: export the inference set as a diffusers or a Mochi LoRA, import reference checkpoints.
 
 The diffusers file is what `MochiPipeline.load_lora_weights` reads: one LoRA (relation + FFN, or
 the direct LoRA) with its peft config stored as adapter metadata, so alpha != rank and different
-relation/FFN ranks load with the right scale. The reference import reads the DreamRelation
-reference code's checkpoints (a fork of genmo's Mochi LoRA fine-tuner).
+relation/FFN ranks load with the right scale. The mochi file is genmo's own LoRA format (what genmo's
+fine-tuner saves and its pipeline and ComfyUI's native Mochi loader read): the same inference set on
+genmo's fused layers `blocks.{i}.attn.{qkv_x,qkv_y,proj_x,proj_y}`, scale folded into B. The reference
+import reads the DreamRelation reference code's checkpoints (a fork of genmo's Mochi LoRA fine-tuner).
 """
 
 from __future__ import annotations
@@ -13,16 +15,16 @@ import json
 import os
 import pickle
 import re
-import shutil
-import tempfile
 import warnings
 from collections import defaultdict
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from torch import nn
 
-from relvid.errors import InputNotFoundError, OutputExistsError
+from relvid.errors import InputError, InputNotFoundError, OutputExistsError
+from relvid.files import atomic_path
 from relvid.models.adapter_file import ADAPTER_FILE_NAME, DIFFUSERS_WEIGHT_NAME, save_adapter_state
 from relvid.models.lora import (
     BLOCK_PATTERN,
@@ -119,25 +121,151 @@ def refuse_existing(paths: list[Path], overwrite: bool) -> None:
                                     "(overwrite=True) to replace it, or choose another --out folder")
 
 
-def _write_diffusers(state: dict[str, torch.Tensor], config: dict, out_dir: Path) -> Path:
+def _write_diffusers(state: dict[str, torch.Tensor], config: dict, path: Path) -> Path:
     from diffusers.loaders import Mochi1LoraLoaderMixin  # MochiPipeline's own save_lora_weights
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     layers = {k.removeprefix("transformer."): v for k, v in state.items()}
-    # Save into a temp folder next to the target, then rename: no half-written LoRA file on a crash.
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
-    try:
+    with atomic_path(path) as tmp:  # no half-written LoRA file on a crash
         Mochi1LoraLoaderMixin.save_lora_weights(
-            tmp_dir,
+            tmp.parent,
             transformer_lora_layers=layers,
-            weight_name=DIFFUSERS_WEIGHT_NAME,
+            weight_name=tmp.name,
             transformer_lora_adapter_metadata=dict(config),
         )
-        target = out_dir / DIFFUSERS_WEIGHT_NAME
-        os.replace(tmp_dir / DIFFUSERS_WEIGHT_NAME, target)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    return target
+    return path
+
+
+# --- genmo's Mochi LoRA format -------------------------------------------------------------------------
+# genmo's DiT fuses Q, K and V of each branch into one linear layer whose output rows are [q; k; v]
+# (diffusers' conversion splits it in three), and puts its LoRA there: "blocks.{i}.attn.qkv_x.lora_A" is
+# (rank, in), "...lora_B" (3 * width, rank), applied as W + B @ A * alpha / rank, with one rank and alpha
+# for every qkv layer and one for every output projection, stored as JSON `kwargs` metadata.
+EXPORT_FORMATS = ("diffusers", "mochi")
+MOCHI_WEIGHT_NAME = "mochi_lora.safetensors"  # the default name of `relvid export --format mochi`
+# diffusers `attn1` module -> (genmo's fused layer, the row block it fills: 0 q, 1 k, 2 v)
+_FUSED_QKV = {
+    "to_q": ("qkv_x", 0), "to_k": ("qkv_x", 1), "to_v": ("qkv_x", 2),
+    "add_q_proj": ("qkv_y", 0), "add_k_proj": ("qkv_y", 1), "add_v_proj": ("qkv_y", 2),
+}
+_FUSED_OUT = {"to_out.0": "proj_x", "to_add_out": "proj_y"}
+_ATTN_KEY = re.compile(r"^(?P<adapter>[^/]+)/transformer_blocks\.(?P<block>\d+)\.attn1\.(?P<module>.+)"
+                       r"\.lora_(?P<ab>[AB])\.weight$")
+
+
+def inference_state_to_mochi(state: dict[str, torch.Tensor], spec: TripletSpec) -> tuple[dict[str, torch.Tensor], dict]:
+    """The inference set (relation + FFN, or direct) of an adapter state as genmo's Mochi LoRA:
+    (tensors keyed "blocks.{i}.attn.{qkv_x,qkv_y,proj_x,proj_y}.lora_{A,B}", genmo's model kwargs).
+
+    Per fused layer A stacks the A of the projections the placement puts a LoRA on ([A_q; A_k] for
+    QK/V) and B is block-diagonal, with zero rows for the projection it leaves out, so B @ A equals
+    the three separate updates. alpha / rank is folded into B and the kwargs store alpha = rank:
+    genmo applies scale 1, and ComfyUI, which stores no alpha then, applies scale 1 too.
+    """
+    names = inference_adapters(spec)
+    qkv: dict[tuple[int, str], dict[int, dict[str, torch.Tensor]]] = defaultdict(dict)
+    out: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        m = _ATTN_KEY.match(key)
+        if m is None:
+            raise LoRAConfigError(f"adapter state key {key!r} is not a Mochi attention LoRA "
+                                  "('<adapter>/transformer_blocks.<i>.attn1.<module>.lora_A|B.weight')")
+        if m["adapter"] not in names:
+            continue  # subject LoRAs stay out of the inference set
+        block, module, ab = int(m["block"]), m["module"], m["ab"]
+        weight = tensor.detach().to("cpu", torch.float32)
+        if ab == "B":  # scale folded into B: genmo and ComfyUI then apply B @ A as it is
+            weight = weight * (spec.alpha_of(m["adapter"]) / spec.rank_of(m["adapter"]))
+        if module in _FUSED_QKV:
+            layer, slot = _FUSED_QKV[module]
+            qkv[(block, layer)].setdefault(slot, {})[ab] = weight
+        elif module in _FUSED_OUT:
+            out.setdefault((block, _FUSED_OUT[module]), {})[ab] = weight
+        else:
+            raise LoRAConfigError(f"{key}: genmo's Mochi LoRA format has no place for a LoRA on {module!r}")
+    if not qkv and not out:
+        raise LoRAConfigError(f"no weights of the inference adapters {names} to export")
+
+    tensors: dict[str, torch.Tensor] = {}
+    qkv_ranks, out_ranks = set(), set()
+    for (block, layer), slots in sorted(qkv.items()):
+        half = sorted(slot for slot, pair in slots.items() if set(pair) != {"A", "B"})
+        if half:
+            raise LoRAConfigError(f"block {block} {layer}: LoRA rows {half} lack their A or B partner")
+        order = sorted(slots)
+        a = torch.cat([slots[s]["A"] for s in order])  # (sum of ranks, in)
+        width = {slots[s]["B"].shape[0] for s in order}
+        if len(width) != 1:
+            raise LoRAConfigError(f"block {block} {layer}: q/k/v LoRAs of different widths {sorted(width)}")
+        rows = width.pop()
+        b = a.new_zeros(3 * rows, a.shape[0])  # (3 * width, sum of ranks): block-diagonal
+        col = 0
+        for s in order:
+            r = slots[s]["B"].shape[1]
+            b[s * rows:(s + 1) * rows, col:col + r] = slots[s]["B"]
+            col += r
+        tensors[f"blocks.{block}.attn.{layer}.lora_A"] = a.contiguous()
+        tensors[f"blocks.{block}.attn.{layer}.lora_B"] = b.contiguous()
+        qkv_ranks.add(a.shape[0])
+    for (block, layer), pair in sorted(out.items()):
+        if set(pair) != {"A", "B"}:
+            raise LoRAConfigError(f"block {block} {layer}: LoRA lacks its A or B partner")
+        tensors[f"blocks.{block}.attn.{layer}.lora_A"] = pair["A"].contiguous()
+        tensors[f"blocks.{block}.attn.{layer}.lora_B"] = pair["B"].contiguous()
+        out_ranks.add(pair["A"].shape[0])
+    if len(qkv_ranks) > 1 or len(out_ranks) > 1:
+        raise LoRAConfigError(f"genmo's Mochi LoRA has one rank for every qkv layer and one for every output "
+                              f"projection; these LoRAs have qkv ranks {sorted(qkv_ranks)} and output ranks "
+                              f"{sorted(out_ranks)}")
+    qkv_rank, out_rank = (next(iter(qkv_ranks)) if qkv_ranks else 0), (next(iter(out_ranks)) if out_ranks else 0)
+    kwargs = {
+        "qkv_proj_lora_rank": qkv_rank, "qkv_proj_lora_alpha": qkv_rank, "qkv_proj_lora_dropout": 0.0,
+        "out_proj_lora_rank": out_rank, "out_proj_lora_alpha": out_rank, "out_proj_lora_dropout": 0.0,
+    }
+    return tensors, kwargs
+
+
+def _write_mochi(tensors: dict[str, torch.Tensor], kwargs: dict, spec: TripletSpec, path: Path) -> Path:
+    # genmo's loaders read the `kwargs` entry (JSON: safetensors metadata is string to string)
+    metadata = {"format": "pt", "kwargs": json.dumps(kwargs), "relvid_spec": json.dumps(spec.to_dict(), sort_keys=True)}
+    with atomic_path(path) as tmp:
+        safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
+    return path
+
+
+def default_export_name(fmt: str, relation: str | None = None) -> str:
+    """pytorch_lora_weights.safetensors (diffusers: the name MochiPipeline.load_lora_weights looks for in a
+    folder); <relation>_mochi.safetensors (mochi: a name that reads well in ComfyUI's LoRA list), or
+    mochi_lora.safetensors when the relation is not known."""
+    _check_format(fmt)
+    if fmt == "diffusers":
+        return DIFFUSERS_WEIGHT_NAME
+    return f"{safe_file_stem(relation)}_mochi.safetensors" if relation else MOCHI_WEIGHT_NAME
+
+
+def safe_file_stem(text: str) -> str:
+    """``text`` with anything but letters, digits, '.', '_', '+' and '-' replaced by '_' (a file name part)."""
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", str(text)).strip(".") or "lora"
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in EXPORT_FORMATS:
+        raise InputError(f"LoRA format {fmt!r} is unknown; use one of {', '.join(EXPORT_FORMATS)} (diffusers: "
+                         "MochiPipeline.load_lora_weights; mochi: genmo's format, ComfyUI's LoraLoader)")
+
+
+def write_inference_lora(state: dict[str, torch.Tensor], spec: TripletSpec, path: str | os.PathLike,
+                         fmt: str = "diffusers") -> Path:
+    """Write the inference set of an adapter state ("<adapter>/<module>...") to ``path`` in ``fmt``
+    (diffusers | mochi), atomically, replacing any file there. The subject LoRAs are dropped."""
+    _check_format(fmt)
+    path = Path(path)
+    keep = tuple(f"{name}/" for name in inference_adapters(spec))
+    inference = {k: v for k, v in state.items() if k.startswith(keep)}
+    if not inference:
+        raise LoRAConfigError(f"no tensors of the inference adapters {inference_adapters(spec)} to export")
+    if fmt == "mochi":
+        return _write_mochi(*inference_state_to_mochi(inference, spec), spec, path)
+    return _write_diffusers(*_inference_state_to_diffusers(inference, spec), path)
 
 
 def export_diffusers(transformer: nn.Module, spec: TripletSpec, out_dir: str | os.PathLike,
@@ -151,17 +279,23 @@ def export_diffusers(transformer: nn.Module, spec: TripletSpec, out_dir: str | o
 
 
 def export_state_dict(state: dict[str, torch.Tensor], spec: TripletSpec, out_dir: str | os.PathLike,
-                      overwrite: bool = False) -> Path:
-    """Like export_diffusers, from an adapter state ("<adapter>/<module>...") without any model.
+                      overwrite: bool = False, fmt: str = "diffusers", name: str | None = None) -> Path:
+    """Like export_diffusers, from an adapter state ("<adapter>/<module>...") without any model, in
+    ``fmt`` (diffusers | mochi), as out_dir/``name`` (default: default_export_name(fmt)).
 
     Only the inference adapters are written; the subject LoRAs in `state` are dropped.
     """
-    refuse_existing([Path(out_dir) / DIFFUSERS_WEIGHT_NAME], overwrite)
-    keep = tuple(f"{name}/" for name in inference_adapters(spec))
-    inference = {k: v for k, v in state.items() if k.startswith(keep)}
-    if not inference:
-        raise LoRAConfigError(f"no tensors of the inference adapters {inference_adapters(spec)} to export")
-    return _write_diffusers(*_inference_state_to_diffusers(inference, spec), Path(out_dir))
+    target = Path(out_dir) / check_export_name(name or default_export_name(fmt))
+    refuse_existing([target], overwrite)
+    return write_inference_lora(state, spec, target, fmt)
+
+
+def check_export_name(name: str) -> str:
+    """``name`` when it is a plain file name ending in .safetensors; else InputError."""
+    if Path(name).name != name or name in (".", "..") or not name.endswith(".safetensors"):
+        raise InputError(f"--name {name!r}: give a file name ending in .safetensors, without a folder "
+                         "(the folder is --out)")
+    return name
 
 
 def convert_reference_state_dict(state: dict[str, torch.Tensor], qkv_alpha: float | None = None,
@@ -374,4 +508,4 @@ def import_reference(file: str | os.PathLike, out_dir: str | os.PathLike, qkv_al
     except LoRAConfigError as e:
         raise LoRAConfigError(f"{file}: {e}") from e
     save_adapter_state(out_dir / ADAPTER_FILE_NAME, state, spec, metadata={"source": str(file)})
-    return _write_diffusers(*_inference_state_to_diffusers(state, spec), out_dir)
+    return _write_diffusers(*_inference_state_to_diffusers(state, spec), out_dir / DIFFUSERS_WEIGHT_NAME)

@@ -98,7 +98,8 @@ def mask_sheet(cache_dir: str | Path, clip_id: str | None = None, out: str | Pat
             f"{cache.path(clip_id)}: field 'meta.source': the source video {source} of clip {clip_id} is not "
             f"found{where}. Fix: put the video back at that path, or run `relvid mask-sheet` from the folder "
             "`relvid preprocess` ran in (caches written now record absolute paths)")
-    clip = load_clip(source, spec)
+    start = record.meta.get("frame_range", "0-0").split("-")[0]
+    clip = load_clip(source, spec, int(start) if start.isdigit() else 0)  # the clip's window, not frame 0
     t = int(record.meta["codec_factors"].split(",")[0])
     masks = latent_masks_to_pixels(record.subject_masks, spec.frames, spec.height, spec.width, t)
     path = Path(out or Path(cache_dir) / "sheets" / f"{clip_id}.png")

@@ -1,7 +1,8 @@
-"""Subject masks for a clip, from one of three sources, on the clip's pixel grid (2, T, H, W).
+"""Subject masks for a clip, from one of four sources, on the clip's pixel grid (2, T, H, W).
 
 - ``skeleton``: NTU skeletons (relvid.preprocess.skeleton_masks), exact identities, no weights.
 - ``grounded-sam``: Grounding DINO boxes + SAM masks (relvid.preprocess.grounded_sam), weights from local folders.
+- ``sam2``: Grounding DINO boxes on one frame, then SAM 2's video tracking (relvid.preprocess.masks_sam2).
 - ``files``: the user's PNG folders or mask videos (relvid.preprocess.mask_files).
 A ``fallback`` maker is used when the primary one has nothing to work with for a clip (an NTU sample
 without a skeleton file, a video without mask files). The latent-grid step is
@@ -20,7 +21,7 @@ from relvid.preprocess.skeleton_masks import skeleton_masks
 from relvid.preprocess.sources import Source
 from relvid.preprocess.video import Clip, ClipSkipped
 
-MASK_SOURCES = ("skeleton", "grounded-sam", "files")
+MASK_SOURCES = ("skeleton", "grounded-sam", "sam2", "files")
 
 
 class MaskMaker(Protocol):

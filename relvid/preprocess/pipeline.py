@@ -32,6 +32,7 @@ from relvid.preprocess.encode import PreparedClip, encode_clip, prepare_video_cl
 from relvid.preprocess.masks import MaskMaker, make_masks
 from relvid.preprocess.sources import Source
 from relvid.preprocess.video import ClipSpec, load_clip
+from relvid.preprocess.windows import WindowPlanner, WindowSettings, clip_ids
 
 
 @dataclass
@@ -69,11 +70,15 @@ def preview_prompts(relation: str, extra: list[str] | tuple[str, ...] = ()) -> l
     return list(dict.fromkeys(prompts))
 
 
-def plan(sources: list[Source], cache_root: str | Path) -> list[tuple[Source, str]]:
-    """(source, "cached" | "todo") per source, without loading anything heavy (for --dry-run)."""
+def plan(sources: list[Source], cache_root: str | Path,
+         windows: WindowSettings | None = None) -> list[tuple[Source, str, str]]:
+    """(source, clip id, "cached" | "todo") per clip (one per window of each source), without loading anything
+    heavy (for --dry-run)."""
+    windows = windows or WindowSettings()
     root = Path(cache_root)
     cache = ClipCache(root) if (root / "manifest.json").is_file() else None
-    return [(s, "cached" if cache is not None and cache.is_done(s.clip_id) else "todo") for s in sources]
+    return [(s, cid, "cached" if cache is not None and cache.is_done(cid) else "todo")
+            for s in sources for cid in clip_ids(s, windows)]
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,8 @@ class ClipJob:
     relation: str
     origin: str  # the clip's "source" (a video path, toy:<seed>:<relation>:<index>); failures are keyed by it
     prepare: Callable[[], PreparedClip]
+    meta: dict[str, str] = field(default_factory=dict)  # more metadata for the clip file (window: how it was chosen)
+    one_of_several: bool = False  # one of several clips (windows) of the same origin
 
 
 class EmbeddedTexts:
@@ -168,7 +175,7 @@ def write_clips(cache: ClipCache, jobs: list[ClipJob], codec: Codec, text_encode
     for job in tqdm(todo, desc=desc, unit="clip", disable=not progress):
         try:
             meta = {"clip_id": job.clip_id, "relation": job.relation, "caption": job.caption, "source": job.origin,
-                    "text_encoder": text_encoder.name}
+                    "text_encoder": text_encoder.name, **job.meta}
             prepared = job.prepare()  # decode, masks (a mask model takes its turn on the device here)
             if turns is not None:
                 turns.use(codec)
@@ -177,8 +184,10 @@ def write_clips(cache: ClipCache, jobs: list[ClipJob], codec: Codec, text_encode
         # codec, out of memory) is a ValueError, OSError or RuntimeError subclass; it goes to the manifest.
         except (ValueError, OSError, RuntimeError) as err:
             reason = getattr(err, "reason", None) or f"{type(err).__name__}: {err}"
+            if job.one_of_several:
+                reason = f"{job.clip_id}: {reason}"  # one window of a video: say which
             cache.record_failure(job.origin, reason)
-            summary.failed[job.origin] = reason
+            summary.failed[f"{job.origin} ({job.clip_id})" if job.one_of_several else job.origin] = reason
             continue
         cache.add(record)
         summary.written.append(job.clip_id)
@@ -192,8 +201,9 @@ def write_prompt_embeddings(cache: ClipCache, text_encoder: TextEncoder, prompts
     cache.write_prompts(dict(zip(texts, text_encoder.encode(texts), strict=True)))
 
 
-def _prepare_file_source(source: Source, spec: ClipSpec, maker: MaskMaker, fallback: MaskMaker | None) -> PreparedClip:
-    clip = load_clip(source.video, spec)
+def _prepare_file_source(source: Source, spec: ClipSpec, maker: MaskMaker, fallback: MaskMaker | None,
+                         windows: WindowPlanner | None = None, k: int = 0) -> PreparedClip:
+    clip = load_clip(source.video, spec, windows.window(k).start if windows is not None else 0)
     masks, used = make_masks(source, clip, maker, fallback)
     return prepare_video_clip(clip, spec, masks, used)
 
@@ -249,6 +259,51 @@ def check_same_spec(cache: ClipCache, spec: ClipSpec, codec: str, text_encoder: 
                          f"size under a config that no longer describes them. Fix: {fix}")
 
 
+# WindowSettings field -> its preprocess key
+WINDOW_KEYS = {"mode": "window", "start_frame": "start_frame", "start_time": "start_time", "count": "windows",
+               "stride": "window_stride"}
+
+
+def window_jobs(sources: list[Source], windows: WindowSettings) -> list[tuple[Source, int, str, str]]:
+    """(source, window number k, clip id, window request) for every clip the sources give."""
+    return [(s, k, cid, windows.for_source(s).request()) for s in sources for k, cid in enumerate(clip_ids(s, windows))]
+
+
+def check_same_windows(cache: ClipCache, windows: WindowSettings, jobs: list[tuple[Source, int, str, str]]) -> None:
+    """Refuse to add clips cut with other window settings to a cache that holds clips: the run's settings, and
+    each cached clip's own window (e.g. a changed start in the captions CSV)."""
+    if not cache.clip_ids():
+        return
+    fix = (f"write to another folder (--out / data.cache_dir), or delete {cache.root} to rebuild it with the "
+           "new settings")
+    # caches written before windows existed hold the first frames of each video: the default settings
+    old = {**asdict(WindowSettings()), **(cache.manifest["config"].get("window") or {})}
+    new = asdict(windows)
+    differ = [k for k in new if old.get(k) != new[k]]
+    if differ:
+        def keys(d: dict) -> str:
+            return ", ".join(f"{WINDOW_KEYS[k]}={d.get(k)}" for k in differ)
+
+        raise CacheError(f"{cache.manifest_path}: field 'config.window': the cache holds {len(cache.clip_ids())} "
+                         f"clips whose windows were chosen with {keys(old)}, this run asks for {keys(new)}; "
+                         f"the cache would mix clips of both. Fix: {fix}")
+    for source, _, clip_id, request in jobs:
+        if cache.is_done(clip_id) and (was := _cached_window(cache, clip_id)) != request:
+            raise CacheError(
+                f"{cache.path(clip_id)}: field 'meta.window': clip {clip_id} was cut with window {was!r}, this run "
+                f"asks for {request!r} (for {source.video}). Fix: delete {cache.path(clip_id).name} from "
+                f"{cache.root} (the rerun caches it again with the new window), or write to another folder "
+                "(--out / data.cache_dir)")
+
+
+def _cached_window(cache: ClipCache, clip_id: str) -> str:
+    """How a cached clip's window was asked for (``meta.window``; older clips hold the first frames)."""
+    from safetensors import safe_open
+
+    with safe_open(str(cache.path(clip_id)), framework="pt") as f:
+        return (f.metadata() or {}).get("window", "first")
+
+
 def run_preprocess(
     sources: list[Source],
     cache_root: str | Path,
@@ -264,25 +319,37 @@ def run_preprocess(
     config: dict | None = None,
     progress: bool = True,
     turns: DeviceTurns | None = None,
+    windows: WindowSettings | None = None,
+    mask_colours: list[tuple[int, int, int]] | None = None,
 ) -> Summary:
     """Cache every video source not cached yet; returns what was written, skipped and why clips failed.
-    With ``turns`` the mask models and the codec take turns on its device."""
+    With ``turns`` the mask models and the codec take turns on its device. ``windows`` says which frames of
+    each video its clip (or clips) take; ``mask_colours`` are the mask files' subject colours (for
+    ``windows.mode == "closest"``)."""
     relation = relation_name(relation)
+    windows = windows or WindowSettings()  # the first frames of each video
     check_clip_size(codec, spec)  # a size the codec cannot take fails now, once
-    if (Path(cache_root) / MANIFEST_NAME).is_file():
-        check_same_spec(ClipCache(cache_root), spec, codec.name, text_encoder.name)
-    cache = ClipCache(cache_root, create=True)
-    cache.set_config({**(config or {}), "relation": relation, "spec": asdict(spec), "codec": codec.name,
-                      "text_encoder": text_encoder.name, "mask_source": mask_maker.name,
-                      "mask_fallback": fallback.name if fallback else None, "spatial_rule": spatial_rule})
-    if prompts is not None:
-        write_prompt_embeddings(cache, text_encoder, prompts)
+    names = (mask_maker.name, fallback.name if fallback else None)
     if turns is not None:
         mask_maker = _MakerOnTurn(mask_maker, turns)
         fallback = _MakerOnTurn(fallback, turns) if fallback is not None else None
+    planned = window_jobs(sources, windows)
+    if (Path(cache_root) / MANIFEST_NAME).is_file():
+        old = ClipCache(cache_root)
+        check_same_spec(old, spec, codec.name, text_encoder.name)
+        check_same_windows(old, windows, planned)
+    # one planner per video, shared by the clips of its windows
+    planners = {id(s): WindowPlanner(s, windows, spec, mask_colours) for s in sources}
     # Absolute sources: `relvid mask-sheet` re-reads the video from any working folder.
-    jobs = [ClipJob(s.clip_id, s.caption, relation, str(Path(s.video).resolve()),
-                    functools.partial(_prepare_file_source, s, spec, mask_maker, fallback)) for s in sources]
+    jobs = [ClipJob(cid, s.caption, relation, str(Path(s.video).resolve()),
+                    functools.partial(_prepare_file_source, s, spec, mask_maker, fallback, planners[id(s)], k),
+                    {"window": request}, windows.count > 1) for s, k, cid, request in planned]
+    cache = ClipCache(cache_root, create=True)
+    cache.set_config({**(config or {}), "relation": relation, "spec": asdict(spec), "codec": codec.name,
+                      "text_encoder": text_encoder.name, "mask_source": names[0], "mask_fallback": names[1],
+                      "spatial_rule": spatial_rule, "window": asdict(windows)})
+    if prompts is not None:
+        write_prompt_embeddings(cache, text_encoder, prompts)
     return write_clips(cache, jobs, codec, text_encoder, spatial_rule, latent_dtype, progress, turns=turns)
 
 
@@ -311,6 +378,11 @@ def _mask_maker(kind: str, opts, device: str) -> MaskMaker:
     if kind == "files":
         colours = [tuple(c) for c in opts.mask_colors] if opts.mask_colors else None
         return FileMaskMaker(colours)
+    if kind == "sam2":
+        from relvid.preprocess.masks_sam2 import Sam2VideoMasks
+
+        return Sam2VideoMasks.from_folders(opts.gdino_path, opts.sam2_path, prompt=opts.detect_prompt, device=device,
+                                           box_threshold=opts.box_threshold, text_threshold=opts.text_threshold)
     from relvid.preprocess.grounded_sam import GroundedSam
 
     return GroundedSam.from_folders(opts.gdino_path, opts.sam_path, prompt=opts.detect_prompt, device=device,
@@ -332,8 +404,8 @@ def _sources(opts, relation: str) -> list[Source]:
 def _check(opts) -> None:
     if bool(opts.ntu_root) == bool(opts.videos):
         raise InputError("give exactly one source: --ntu-root (preprocess.ntu_root) or --videos (preprocess.videos)")
-    for key, value, allowed in (("mask_source", opts.mask_source, ("skeleton", "grounded-sam", "files")),
-                                ("mask_fallback", opts.mask_fallback, ("none", "grounded-sam", "files")),
+    for key, value, allowed in (("mask_source", opts.mask_source, ("skeleton", "grounded-sam", "sam2", "files")),
+                                ("mask_fallback", opts.mask_fallback, ("none", "grounded-sam", "sam2", "files")),
                                 ("spatial_rule", opts.spatial_rule, ("any", "area")),
                                 ("latent_dtype", opts.latent_dtype, ("bf16", "fp16", "fp32"))):
         if value not in allowed:
@@ -344,9 +416,19 @@ def _check(opts) -> None:
     if opts.mask_source == "files" and not opts.masks:
         raise InputError("--mask-source files needs --masks DIR (a <video stem>/ PNG folder or <stem>.mp4 per video)")
     if opts.mask_source == "skeleton" and opts.videos and opts.mask_fallback == "none":
-        raise InputError("your own videos have no NTU skeletons: use --mask-source grounded-sam or files")
+        raise InputError("your own videos have no NTU skeletons: use --mask-source grounded-sam, sam2 or files")
     if opts.vae_tile < 0 or opts.vae_tile % 8:
         raise InputError(f"--vae-tile {opts.vae_tile}: use a multiple of 8 pixels (e.g. 256), or 0 for no tiling")
+    window_settings(opts)  # a bad window setting fails here, before any model loads
+    if opts.window == "closest" and opts.videos and not opts.masks:
+        raise InputError("--window closest (preprocess.window) needs where the two subjects are in every frame: "
+                         "your own videos need mask files (--mask-source files --masks DIR); NTU videos use "
+                         "their skeletons")
+
+
+def window_settings(opts) -> WindowSettings:
+    """The ``preprocess`` keys that choose each clip's frames."""
+    return WindowSettings(opts.window, opts.start_frame, opts.start_time, opts.windows, opts.window_stride)
 
 
 def preprocess(cfg) -> int:
@@ -361,12 +443,16 @@ def preprocess(cfg) -> int:
     _check(opts)
     relation = relation_name(cfg.relation)
     spec = ClipSpec(opts.frames, opts.height, opts.width, opts.fps, opts.allow_upscale)
+    windows = window_settings(opts)
     out = Path(cfg.data.cache_dir or f"data/cache/{relation}")
     sources = _sources(opts, relation)
+    if (out / MANIFEST_NAME).is_file():  # before any model loads
+        check_same_windows(ClipCache(out), windows, window_jobs(sources, windows))
     if opts.dry_run:
-        for source, state in plan(sources, out):
+        for source, clip_id, state in plan(sources, out, windows):
             extra = f"skeleton={source.skeleton.name if source.skeleton else 'MISSING'}" if opts.ntu_root else ""
-            print(f"{state:6s} {source.clip_id:32s} {source.video}  {extra} caption={source.caption!r}")
+            print(f"{state:6s} {clip_id:32s} {source.video}  {extra} window={windows.for_source(source).request()} "
+                  f"caption={source.caption!r}")
         print(f"{len(sources)} sources for {relation} -> {out} (dry run: nothing written)")
         return 0
 
@@ -380,7 +466,7 @@ def preprocess(cfg) -> int:
     codec = load_codec(model.codec, model.vae_path or mochi, device="cpu", dtype=dtype, **tiling)
     check_clip_size(codec, spec)  # before the text encoder, the mask models and any clip
     prompts = preview_prompts(relation, list(opts.prompts))
-    captions = [s.caption for s, state in plan(sources, out) if state == "todo"]
+    captions = [s.caption for s, _, state in plan(sources, out, windows) if state == "todo"]
     t5 = opts.t5_path or os.environ.get("T5_PATH") or model.text_encoder_path or mochi
     text_encoder = load_text_encoder(model.text_encoder, t5, device=device, dtype=dtype)
     texts = EmbeddedTexts(text_encoder, [*prompts, *captions])  # every text the run writes, in one pass
@@ -391,7 +477,8 @@ def preprocess(cfg) -> int:
     config = OmegaConf.to_container(command_view(cfg, "preprocess"))
     summary = run_preprocess(
         sources, out, relation, codec, texts, maker, spec, fallback, opts.spatial_rule, opts.latent_dtype,
-        prompts=prompts, config=config, progress=opts.progress, turns=DeviceTurns(device),
+        prompts=prompts, config=config, progress=opts.progress, turns=DeviceTurns(device), windows=windows,
+        mask_colours=[tuple(c) for c in opts.mask_colors] if opts.mask_colors else None,
     )
     for source, reason in summary.failed.items():
         print(f"FAILED {source}: {reason}")

@@ -1,4 +1,5 @@
-"""What to preprocess: exemplar videos with their captions (and skeletons or mask files), from NTU or a folder."""
+"""What to preprocess: exemplar videos with their captions (and skeletons or mask files, and for your own videos
+an optional start each), from NTU or a folder."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ class Source:
     caption: str
     skeleton: Path | None = None
     masks: Path | None = None  # PNG folder or mask video (--mask-source files)
+    start_frame: int | None = None  # this video's own start (captions CSV column start_frame) ...
+    start_time: float | None = None  # ... or in seconds (column start_time); None: the run's setting
 
 
 def safe_clip_id(stem: str) -> str:
@@ -62,8 +65,10 @@ def ntu_sources(
     ]
 
 
-def read_captions_csv(path: str | Path) -> dict[str, str]:
-    """``video,caption`` rows (a header row naming them) -> {file name or stem: caption}."""
+START_COLUMNS = ("start_frame", "start_time")
+
+
+def _csv_rows(path: str | Path) -> tuple[Path, list[dict[str, str]]]:
     path = Path(path)
     if not path.is_file():
         raise InputNotFoundError(f"captions CSV not found: {path}")
@@ -71,7 +76,42 @@ def read_captions_csv(path: str | Path) -> dict[str, str]:
         rows = list(csv.DictReader(f))
     if not rows or not {"video", "caption"} <= set(rows[0]):
         raise InputError(f"{path}: needs a header row with columns 'video' and 'caption'")
+    return path, rows
+
+
+def read_captions_csv(path: str | Path) -> dict[str, str]:
+    """``video,caption`` rows (a header row naming them) -> {file name or stem: caption}."""
+    _, rows = _csv_rows(path)
     return {row["video"].strip(): row["caption"].strip() for row in rows}
+
+
+def read_csv_starts(path: str | Path) -> dict[str, tuple[int | None, float | None]]:
+    """{file name or stem: (start_frame, start_time)} from the optional ``start_frame`` / ``start_time`` columns
+    of the captions CSV, for the rows that fill one (an empty cell: the run's own start)."""
+    path, rows = _csv_rows(path)
+    out = {}
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        cells = {k: (row.get(k) or "").strip() for k in START_COLUMNS}
+        if not any(cells.values()):
+            continue
+        where = f"{path}: line {line} ({row['video'].strip()})"
+        if all(cells.values()):
+            raise InputError(f"{where}: fill one of start_frame and start_time, not both")
+        try:
+            if cells["start_frame"]:
+                frame = int(cells["start_frame"])
+                if frame < 0:
+                    raise ValueError
+                out[row["video"].strip()] = (frame, None)
+            else:
+                seconds = float(cells["start_time"].removesuffix("s"))
+                if not seconds >= 0:
+                    raise ValueError
+                out[row["video"].strip()] = (None, seconds)
+        except ValueError:
+            raise InputError(f"{where}: start_frame must be a whole frame number >= 0 and start_time seconds >= 0 "
+                             f"(e.g. 75 or 2.5), got {cells['start_frame'] or cells['start_time']!r}") from None
+    return out
 
 
 def folder_sources(
@@ -82,6 +122,7 @@ def folder_sources(
     if not folder.is_dir():
         raise InputNotFoundError(f"--videos {folder} is not a folder of videos")
     table = read_captions_csv(captions_csv) if captions_csv else {}
+    starts = read_csv_starts(captions_csv) if captions_csv else {}
     files = sorted((p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES),
                    key=lambda p: natural_key(p.name))
     if not files:
@@ -100,7 +141,9 @@ def folder_sources(
         if clip_id in seen:
             raise InputError(f"{video.name} and {seen[clip_id]} give the same clip id {clip_id!r}: rename one")
         seen[clip_id] = video.name
-        out.append(Source(clip_id, video, caption, None, mask_source_for(video, masks_root) if masks_root else None))
+        start_frame, start_time = starts.get(video.name) or starts.get(video.stem) or (None, None)
+        out.append(Source(clip_id, video, caption, None, mask_source_for(video, masks_root) if masks_root else None,
+                          start_frame, start_time))
     if missing:
         raise InputError(f"no caption for {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}: put one in "
                          "<video stem>.txt beside each video, or a 'video,caption' row in --captions-csv")

@@ -1,9 +1,12 @@
-"""Exemplar video -> a fixed clip: first N frames at 30 fps, centre-cropped to the target aspect, resized.
+"""Exemplar video -> a fixed clip: N frames at 30 fps from a start frame (the first frames by default),
+centre-cropped to the target aspect, resized.
 
-Decoding uses decord and falls back to PyAV when decord cannot open or read a file (or is not
-installed: it is the optional ``video`` extra). Only the frames the
-clip needs are decoded (an NTU video is 1920x1080; holding all of it would take gigabytes).
-Frame i of the clip is the source frame on screen at time i / fps: 30 fps sources map 1:1.
+Decoding uses PyAV, which seeks to the keyframe before the clip's first frame; torchcodec and then
+decord (the optional ``video`` extra) are tried when PyAV cannot open or read a file
+(experiments/bench/decode.py compares them). Only the frames the clip needs are decoded (an NTU video
+is 1920x1080; holding all of it would take gigabytes). Frame i of a clip starting at source frame s is
+the source frame s + j, where j is the frame on screen at time i / fps: 30 fps sources map 1:1.
+Which start each clip takes is relvid.preprocess.windows' concern.
 """
 
 from __future__ import annotations
@@ -88,81 +91,246 @@ def source_indices(frames: int, source_fps: float, fps: float) -> list[int]:
     return [int(math.floor(i * source_fps / fps + 1e-6)) for i in range(frames)]
 
 
-def _probe_decord(path: Path):
-    """(reader, None) or (None, why decord cannot read the file)."""
-    try:
-        import decord
-    except ImportError:
-        return None, "decord is not installed (pip install 'relvid[video]'); PyAV decodes instead"
-    try:
-        reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
-    except (RuntimeError, decord.DECORDError) as err:
-        return None, f"decord: {err}".splitlines()[0]
-    return reader, None
+@dataclass(frozen=True)
+class VideoInfo:
+    """What a video's header says: frame rate, frame count and size."""
+
+    fps: float
+    frames: int
+    height: int  # 0: not known to the decoder that opened the file
+    width: int
 
 
-def _read_decord(reader, wanted: list[int]) -> np.ndarray:
-    batch = reader.get_batch(wanted)
-    return batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)
+def frame_at(seconds: float, source_fps: float) -> int:
+    """The source frame on screen at time ``seconds`` (the convention of ``source_indices``)."""
+    return int(math.floor(seconds * source_fps + 1e-6))
 
 
-def _read_pyav(path: Path, spec: ClipSpec, decord_error: str | None) -> tuple[np.ndarray, list[int], float]:
-    """PyAV: decode the start of the first video stream sequentially, stopping at the last needed frame."""
-    import av
+def window_span(spec: ClipSpec, source_fps: float) -> int:
+    """How many source frames a clip spans, from its first source frame to its last one."""
+    return source_indices(spec.frames, source_fps, spec.fps)[-1] + 1
 
-    try:
-        container = av.open(str(path))
-    except (av.error.FFmpegError, OSError) as err:
-        raise ClipSkipped(f"unreadable video ({decord_error or 'decord failed'}; PyAV: {err})") from None
-    with container:
-        if not container.streams.video:
-            raise ClipSkipped("no video stream")
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        if not rate:
-            raise ClipSkipped("video stream has no frame rate")
-        source_fps = float(rate)
-        wanted = source_indices(spec.frames, source_fps, spec.fps)
-        frames = []
+
+class _Unreadable(Exception):
+    """One decoder could not open or read a file (the next one is tried)."""
+
+
+def _first_line(name: str, err: BaseException) -> str:
+    return f"{name}: {err}".splitlines()[0]
+
+
+class _DecordReader:
+    name = "decord"
+
+    def __init__(self, path: Path) -> None:
         try:
+            import decord
+        except ImportError:
+            raise _Unreadable("decord is not installed (pip install 'relvid[video]')") from None
+        self._errors = (RuntimeError, decord.DECORDError)
+        try:
+            self._reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+        except self._errors as err:
+            raise _Unreadable(_first_line("decord", err)) from None
+        fps = float(self._reader.get_avg_fps())
+        if not fps > 0:
+            raise _Unreadable("decord: no frame rate")
+        self.info = VideoInfo(fps, len(self._reader), 0, 0)  # the size would cost a decode: probe_video has it
+
+    def read(self, wanted: list[int]) -> np.ndarray:
+        try:
+            batch = self._reader.get_batch(wanted)
+        except self._errors as err:  # decord mis-sizes some streams (e.g. widths that are not a multiple of 32)
+            raise _Unreadable(_first_line("decord", err)) from None
+        return batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)
+
+
+class _TorchcodecReader:
+    name = "torchcodec"
+
+    def __init__(self, path: Path) -> None:
+        try:
+            from torchcodec.decoders import VideoDecoder
+        except Exception as err:  # not installed, or its FFmpeg libraries are missing (OSError, RuntimeError)
+            raise _Unreadable(_first_line("torchcodec", err)) from None
+        try:
+            # exact: frame indices from a scan of the file's packets, not from the header's estimate
+            self._decoder = VideoDecoder(str(path), seek_mode="exact", dimension_order="NHWC", num_ffmpeg_threads=1)
+            meta = self._decoder.metadata
+        except (RuntimeError, ValueError) as err:
+            raise _Unreadable(_first_line("torchcodec", err)) from None
+        fps = float(meta.average_fps or 0.0)
+        if not fps > 0:
+            raise _Unreadable("torchcodec: no frame rate")
+        self.info = VideoInfo(fps, len(self._decoder), int(meta.height or 0), int(meta.width or 0))
+
+    def read(self, wanted: list[int]) -> np.ndarray:
+        try:
+            return self._decoder.get_frames_at(indices=wanted).data.numpy()
+        except (RuntimeError, ValueError, IndexError) as err:
+            raise _Unreadable(_first_line("torchcodec", err)) from None
+
+
+class _PyavReader:
+    """PyAV: seeks to the keyframe before the first wanted frame and decodes on from there; a frame's index
+    comes from its timestamp. Streams without usable timestamps are decoded from the start and counted."""
+
+    name = "pyav"
+
+    def __init__(self, path: Path) -> None:
+        import av
+
+        self._av, self._path = av, path
+        try:
+            with av.open(str(path)) as container:
+                if not container.streams.video:
+                    raise _Unreadable("PyAV: no video stream")
+                stream = container.streams.video[0]
+                rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+                if not rate:
+                    raise _Unreadable("PyAV: video stream has no frame rate")
+                self.info = VideoInfo(float(rate), 0, stream.codec_context.height, stream.codec_context.width)
+                # The first frame's timestamp: stream.start_time is not always it (H.264 in .avi starts at 1).
+                pts, count = [], 0
+                for packet in container.demux(stream):
+                    if packet.size:
+                        count += 1
+                        if count <= 16 and packet.pts is not None:
+                            pts.append(packet.pts)
+                        if count > 16 and stream.frames:
+                            break
+                self._base = min(pts) if pts else None  # None: no timestamps, frames are counted
+                self.info = VideoInfo(float(rate), int(stream.frames or count), stream.codec_context.height,
+                                      stream.codec_context.width)
+        except (av.error.FFmpegError, OSError) as err:
+            raise _Unreadable(_first_line("PyAV", err)) from None
+
+    def _decode(self, first: int, last: int, seek: bool) -> dict[int, np.ndarray]:
+        av = self._av
+        out: dict[int, np.ndarray] = {}
+        with av.open(str(self._path)) as container:
+            stream = container.streams.video[0]
+            stream.codec_context.thread_count = 1
+            base = self._base or 0
+            step = 1 / (self.info.fps * stream.time_base)  # timestamp units per frame
+            if seek:
+                container.seek(base + int(first * step), stream=stream, backward=True, any_frame=False)
+            count = 0
             for frame in container.decode(stream):
-                frames.append(frame.to_ndarray(format="rgb24"))
-                if len(frames) > wanted[-1]:
+                if seek:
+                    if frame.pts is None:
+                        raise LookupError("a frame without a timestamp")
+                    index = round((frame.pts - base) / step)
+                    if not out and index > first:
+                        raise LookupError("the seek overshot the first frame")
+                else:
+                    index, count = count, count + 1
+                if index >= first:
+                    out[index] = frame.to_ndarray(format="rgb24")
+                if index >= last:
                     break
+        return out
+
+    def read(self, wanted: list[int]) -> np.ndarray:
+        av = self._av
+        first, last = wanted[0], wanted[-1]
+        frames: dict[int, np.ndarray] = {}
+        try:
+            if first > 0 and self._base is not None:
+                try:
+                    frames = self._decode(first, last, seek=True)
+                except LookupError:
+                    frames = {}
+                if any(i not in frames for i in range(first, min(last, max(frames, default=-1)) + 1)):
+                    frames = {}  # timestamps with gaps or repeats: count frames from the start instead
+            if not frames:
+                frames = self._decode(first, last, seek=False)
         except av.error.FFmpegError as err:
             if not frames:
-                raise ClipSkipped(f"undecodable video ({err})") from None
-    if len(frames) <= wanted[-1]:
-        raise ClipSkipped(_too_short(len(frames), source_fps, spec))
-    return np.stack([frames[i] for i in wanted]), wanted, source_fps
+                raise _Unreadable(_first_line("PyAV", err)) from None
+        if last not in frames:
+            # fewer frames than the header said: the count the decoder reached is what the video holds
+            raise _ShortRead(max(frames, default=-1) + 1)
+        return np.stack([frames[i] for i in wanted])
 
 
-def read_source_frames(path: str | Path, spec: ClipSpec) -> tuple[np.ndarray, list[int], float]:
-    """(frames (N, H, W, 3) uint8 at the source size, source indices, source fps) for the first N clip frames."""
+class _ShortRead(Exception):
+    def __init__(self, available: int) -> None:
+        super().__init__(available)
+        self.available = available
+
+
+# The primary decoder first; each of the others is tried when the ones before it cannot open or read a
+# file (or are not installed). experiments/bench/decode.py measured the order (docs/preprocessing.md).
+DECODERS = {"pyav": _PyavReader, "torchcodec": _TorchcodecReader, "decord": _DecordReader}
+
+
+def open_video(path: str | Path, decoders: tuple[str, ...] | None = None):
+    """A reader (``.info``, ``.read(indices)``) from the first decoder that opens ``path``; ClipSkipped
+    with every decoder's reason when none does."""
     path = Path(path)
     if not path.is_file():
         raise ClipSkipped(f"video file not found: {path}")
-    reader, why = _probe_decord(path)
-    if reader is not None and float(reader.get_avg_fps()) > 0:
-        source_fps = float(reader.get_avg_fps())
-        wanted = source_indices(spec.frames, source_fps, spec.fps)
-        if wanted[-1] >= len(reader):
-            raise ClipSkipped(_too_short(len(reader), source_fps, spec))
-        import decord
-
+    why = []
+    for name in decoders or tuple(DECODERS):
         try:
-            return _read_decord(reader, wanted), wanted, source_fps
-        except (RuntimeError, decord.DECORDError) as err:
-            # decord mis-sizes some streams (e.g. widths that are not a multiple of 32).
-            why = f"decord: {err}".splitlines()[0]
-    # decord could not open or read the file (or saw no frame rate): PyAV instead.
-    return _read_pyav(path, spec, why)
+            return DECODERS[name](path)
+        except _Unreadable as err:
+            why.append(str(err))
+    raise ClipSkipped(f"unreadable video ({'; '.join(why)})")
 
 
-def _too_short(available: int, source_fps: float, spec: ClipSpec) -> str:
+def probe_video(path: str | Path) -> VideoInfo:
+    """Frame rate, frame count and size of a video from its header (PyAV; ClipSkipped when unreadable)."""
+    return open_video(path, ("pyav",)).info
+
+
+def _past_end(path: Path, start: int, info: VideoInfo) -> str:
+    return (f"{path.name}: the clip starts at frame {start} ({start / info.fps:.2f} s), past the video's end "
+            f"({info.frames} frames, {info.frames / info.fps:.2f} s)")
+
+
+def read_source_frames(path: str | Path, spec: ClipSpec, start: int = 0,
+                       decoders: tuple[str, ...] | None = None) -> tuple[np.ndarray, list[int], float]:
+    """(frames (N, H, W, 3) uint8 at the source size, source indices, source fps) for the ``spec.frames``
+    clip frames from source frame ``start`` on (0: the first frames)."""
+    path = Path(path)
+    if start < 0:
+        raise ClipSkipped(f"{path.name}: start frame {start} is negative")
+    order = list(decoders or DECODERS)
+    why: list[str] = []
+    while order:
+        try:
+            reader = open_video(path, tuple(order))
+        except ClipSkipped as err:
+            raise ClipSkipped("; ".join([*why, err.reason]) if why else err.reason) from None
+        order = order[order.index(reader.name) + 1:]
+        info = reader.info
+        wanted = [start + i for i in source_indices(spec.frames, info.fps, spec.fps)]
+        if start >= info.frames:
+            raise ClipSkipped(_past_end(path, start, info))
+        if wanted[-1] >= info.frames:
+            raise ClipSkipped(_too_short(info.frames, info.fps, spec, start))
+        try:
+            return reader.read(wanted), wanted, info.fps
+        except _ShortRead as err:
+            raise ClipSkipped(_too_short(err.available, info.fps, spec, start)) from None
+        except _Unreadable as err:
+            why.append(str(err))  # e.g. decord mis-sizes some streams: the next decoder reads it
+    raise ClipSkipped(f"unreadable video ({'; '.join(why)})")
+
+
+def _read_pyav(path: Path, spec: ClipSpec, decord_error: str | None = None,
+               start: int = 0) -> tuple[np.ndarray, list[int], float]:
+    """The clip's frames read with PyAV alone."""
+    return read_source_frames(path, spec, start, decoders=("pyav",))
+
+
+def _too_short(available: int, source_fps: float, spec: ClipSpec, start: int = 0) -> str:
     need = (spec.frames - 1) / spec.fps
+    where = f" from frame {start} ({start / source_fps:.2f} s) on" if start else ""
     return (f"too short: {available} frames at {source_fps:g} fps ({available / source_fps:.2f} s), "
-            f"{spec.frames} frames at {spec.fps:g} fps need {need:.2f} s")
+            f"{spec.frames} frames at {spec.fps:g} fps need {need:.2f} s{where}")
 
 
 def resize_frames(frames: np.ndarray, crop: Crop, height: int, width: int) -> np.ndarray:
@@ -180,9 +348,10 @@ def resize_frames(frames: np.ndarray, crop: Crop, height: int, width: int) -> np
                      for f in window])
 
 
-def load_clip(path: str | Path, spec: ClipSpec) -> Clip:
-    """Decode, resample to ``spec.fps``, keep the first ``spec.frames``, centre-crop and resize."""
-    raw, wanted, source_fps = read_source_frames(path, spec)
+def load_clip(path: str | Path, spec: ClipSpec, start: int = 0) -> Clip:
+    """Decode, resample to ``spec.fps``, keep ``spec.frames`` from source frame ``start`` on (0: the first
+    frames), centre-crop and resize."""
+    raw, wanted, source_fps = read_source_frames(path, spec, start)
     src_h, src_w = raw.shape[1:3]
     crop = centre_crop(src_h, src_w, spec.height, spec.width)
     if not spec.allow_upscale and (crop.height < spec.height or crop.width < spec.width):

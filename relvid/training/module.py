@@ -33,6 +33,16 @@ from relvid.models.lora import (
     inject_triplet,
     lora_parameters,
 )
+from relvid.models.motion_inversion import (
+    METHOD,
+    MotionSpec,
+    inject_motion_embeddings,
+    is_motion_spec_dict,
+    motion_embeddings,
+    motion_parameters,
+    motion_state,
+    spec_for,
+)
 from relvid.seeding import derive_seed, generator_for
 from relvid.training.safety import check_finite_gradients, check_finite_loss
 from relvid.training.strategies import base_load_device
@@ -101,12 +111,16 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str, min_r
 
 
 class RelationModule(L.LightningModule):
-    """Mochi backbone + relation LoRA triplet, trained with hybrid mask training and RCL."""
+    """Mochi backbone + what the method learns: the relation LoRA triplet (or the direct LoRA), trained
+    with hybrid mask training and RCL; or MotionInversion's motion embeddings (method=motion_inversion),
+    with RCL when rcl.enabled."""
 
     def __init__(self, cfg: DictConfig, transformer: torch.nn.Module | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.spec = spec_from_config(cfg)
+        self.motion_inversion = str(cfg.method) == METHOD
+        # MotionInversion's spec needs the clips' token grid: build_motion (at setup, from the cache) sets it
+        self.spec: TripletSpec | MotionSpec | None = None if self.motion_inversion else spec_from_config(cfg)
         if transformer is None:  # each rank loads the base where its strategy keeps it (memory-mapped)
             transformer = load_transformer(cfg.model, wants_gpu(cfg), device=base_load_device(cfg))
         self.transformer = transformer
@@ -114,17 +128,53 @@ class RelationModule(L.LightningModule):
         self.transformer.requires_grad_(False)
         # from_pretrained returns eval mode; LoRA dropout (lora.dropout) needs train mode.
         self.transformer.train()
-        self.adapters = inject_triplet(self.transformer, self.spec)
-        if cfg.lora.dtype == "bf16":  # the reference code's LoRA (and so its AdamW state) in bf16
+        self.adapters: tuple[str, ...] = ()
+        if not self.motion_inversion:
+            self.adapters = inject_triplet(self.transformer, self.spec)
+        # the reference code's LoRA (and so its AdamW state) in bf16
+        if cfg.lora.dtype == "bf16" and not self.motion_inversion:
             cast_lora(self.transformer, torch.bfloat16)
         self.memory_bank = None  # attached by callbacks.MemoryBankCallback
         self.selections: list[str] = []  # the LoRA selected at each step this process ran
         self.strict_loading = False  # checkpoints hold the adapters only, not the frozen base
         self._sdpa_flags: tuple[bool, bool] | None = None  # flash / cuDNN SDPA before a deterministic run
 
+    # --- MotionInversion: embeddings sized by the clips ------------------------------------------
+    def build_motion(self, latent_shapes: list[tuple[int, ...]]) -> MotionSpec:
+        """Install zero motion embeddings for clips of these latent shapes (C, f, h, w): as long as the
+        longest clip, on their token grid, in the blocks and at the stride of cfg.motion_inversion."""
+        if not self.motion_inversion:
+            raise RuntimeError("build_motion: this run trains LoRAs (method=lora)")
+        if self.spec is not None:
+            return self.spec
+        mi = self.cfg.motion_inversion
+        _, _, h, w = latent_shapes[0]
+        frames = max(int(shape[1]) for shape in latent_shapes)
+        self.spec = spec_for(self.transformer, list(mi.blocks), frames, h, w, int(mi.value_stride), str(mi.inference))
+        inject_motion_embeddings(self.transformer, self.spec)
+        return self.spec
+
+    def setup(self, stage: str) -> None:
+        if self.motion_inversion and self.spec is None:
+            datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+            dataset = getattr(datamodule, "dataset", None)
+            if dataset is None:
+                raise RuntimeError("method=motion_inversion sizes its embeddings by the clip cache: fit with a "
+                                   "RelationDataModule, or call build_motion first")
+            self.build_motion([rec.latent_shape for rec in dataset.records])
+
+    def trained_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """What this run learns, keyed as in transformer.named_parameters(): every LoRA weight, or the
+        motion embeddings."""
+        if self.motion_inversion:
+            return motion_parameters(self.transformer)
+        return lora_parameters(self.transformer)
+
     # --- the step -------------------------------------------------------------------------
     def select_lora(self, step: int) -> str:
         """The LoRA group trained at `step`: the same on every rank, a pure function of the seed."""
+        if self.motion_inversion:
+            return "motion"  # the embeddings, every step
         if self.spec.placement == "direct":
             return "direct"
         if not self.cfg.hmt.enabled:
@@ -170,10 +220,11 @@ class RelationModule(L.LightningModule):
         torch.manual_seed(derive_seed(seed, step, rank, _GLOBAL_STREAM))
 
         selection = self.select_lora(step)
-        active = adapters_for_selection(selection, self.spec)
-        # hmt.unselected=zero_grad: the other adapters stay in the forward multiplied by 0 (reference code)
-        zeroed = [a for a in self.adapters if a not in active] if self.cfg.hmt.unselected == "zero_grad" else []
-        activate(self.transformer, active, zeroed=zeroed)
+        if not self.motion_inversion:
+            active = adapters_for_selection(selection, self.spec)
+            # hmt.unselected=zero_grad: the other adapters stay in the forward multiplied by 0 (reference code)
+            zeroed = [a for a in self.adapters if a not in active] if self.cfg.hmt.unselected == "zero_grad" else []
+            activate(self.transformer, active, zeroed=zeroed)
         self.selections.append(selection)
 
         z0 = batch["latents"].float()  # (B, C, f, h, w), drawn from the cached posterior
@@ -238,15 +289,18 @@ class RelationModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         if str(self.trainer.precision).startswith("16"):
             return  # fp16's loss scaler skips steps with overflowing gradients itself
-        check_finite_gradients(lora_parameters(self.transformer), self.global_step + 1)
+        check_finite_gradients(self.trained_parameters(), self.global_step + 1)
 
     def configure_optimizers(self):
         opt_cfg = self.cfg.optim
-        trained = [a for a in adapter_names(self.spec) if a not in set(self.cfg.lora.frozen)]
         # Frozen adapters (lora.frozen) never reach the optimizer: they keep their initial weights
         # under every strategy. grad None (an adapter outside this step's forward) makes AdamW skip
         # the parameter entirely: no momentum and no weight decay for LoRAs that were not selected.
-        params = list(lora_parameters(self.transformer, trained).values())
+        if self.motion_inversion:
+            params = list(motion_parameters(self.transformer).values())
+        else:
+            trained = [a for a in adapter_names(self.spec) if a not in set(self.cfg.lora.frozen)]
+            params = list(lora_parameters(self.transformer, trained).values())
         optimizer = torch.optim.AdamW(params, lr=float(opt_cfg.lr), betas=tuple(opt_cfg.betas),
                                       eps=float(opt_cfg.eps), weight_decay=float(opt_cfg.weight_decay))
         horizon = int(opt_cfg.schedule_steps or self.cfg.trainer.max_steps)
@@ -263,7 +317,7 @@ class RelationModule(L.LightningModule):
 
     # --- checkpoints: adapters + training state, never the frozen base ---------------------
     def trainable_keys(self) -> list[str]:
-        return [f"transformer.{name}" for name in lora_parameters(self.transformer)]
+        return [f"transformer.{name}" for name in self.trained_parameters()]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = set(self.trainable_keys())
@@ -280,15 +334,21 @@ class RelationModule(L.LightningModule):
         meta = checkpoint.get("relvid")
         if meta is None:
             raise CheckpointMismatchError("checkpoint has no 'relvid' section: it was not written by relvid train")
-        saved = TripletSpec.from_dict(meta["spec"])
+        if is_motion_spec_dict(meta["spec"]) != self.motion_inversion:
+            saved_method = "lora" if self.motion_inversion else METHOD
+            raise CheckpointMismatchError(f"the checkpoint was trained with method={saved_method}, this run has "
+                                          f"method={self.cfg.method}: set method as in the checkpoint's config")
+        saved = MotionSpec.from_dict(meta["spec"]) if self.motion_inversion else TripletSpec.from_dict(meta["spec"])
         if saved != self.spec:
+            what = "motion embeddings" if self.motion_inversion else "LoRA spec"
+            keys = "motion_inversion.* (and the same clip cache)" if self.motion_inversion else "lora.*"
             raise CheckpointMismatchError(
-                f"checkpoint LoRA spec {saved} differs from the configured {self.spec}: set lora.* as in the "
+                f"checkpoint {what} {saved} differs from the configured {self.spec}: set {keys} as in the "
                 "checkpoint's config (saved under checkpoint['relvid']['config'])"
             )
         missing = sorted(set(self.trainable_keys()) - set(checkpoint["state_dict"]))
         if missing:
-            raise CheckpointMismatchError(f"checkpoint lacks {len(missing)} LoRA tensors, e.g. {missing[:3]}")
+            raise CheckpointMismatchError(f"checkpoint lacks {len(missing)} trained tensors, e.g. {missing[:3]}")
         rng = meta.get("rng", {})
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
@@ -299,8 +359,15 @@ class RelationModule(L.LightningModule):
 
     # --- inference helpers --------------------------------------------------------------------
     def use_inference_adapters(self) -> None:
-        """Relation + FFN LoRAs active, subject LoRAs dropped (as at sampling time)."""
+        """Relation + FFN LoRAs active, subject LoRAs dropped (as at sampling time); the value embedding
+        debiased under MotionInversion."""
+        if self.motion_inversion:
+            motion_embeddings(self.transformer).inference = True
+            return
         activate(self.transformer, inference_adapters(self.spec))
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
+        """What the run's file holds: adapter_state_dict, or the motion embeddings ("temporal.<block>", ...)."""
+        if self.motion_inversion:
+            return motion_state(self.transformer)
         return adapter_state_dict(self.transformer)

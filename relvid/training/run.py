@@ -12,8 +12,8 @@ from typing import TextIO
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import TensorBoardLogger
-from omegaconf import DictConfig
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
 
 from relvid.config import ConfigError, check_accelerator, save_config
 from relvid.data.datamodule import RelationDataModule
@@ -23,6 +23,7 @@ from relvid.losses.contrastive import make_memory_bank
 from relvid.models.adapter_file import ADAPTER_FILE_NAME
 from relvid.training.callbacks.adapter_export import FinalAdapters
 from relvid.training.callbacks.crash_checkpoint import CrashCheckpoint
+from relvid.training.callbacks.lora_snapshots import LoRASnapshots
 from relvid.training.callbacks.memory_bank import MemoryBankCallback
 from relvid.training.module import RelationModule, wants_gpu
 from relvid.training.safety import AtomicCheckpointIO, NonFiniteError, StopOnSignal
@@ -192,7 +193,7 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 def optional_callbacks(cfg: DictConfig) -> list[L.Callback]:
     """Previews and judged relation accuracy, when their every_n_steps is set."""
     out: list[L.Callback] = []
-    if cfg.preview.every_n_steps > 0:
+    if cfg.preview.every_n_steps > 0 or cfg.preview.at_start:
         from relvid.training.callbacks.preview import PreviewCallback
 
         out.append(PreviewCallback.from_config(cfg))
@@ -203,18 +204,64 @@ def optional_callbacks(cfg: DictConfig) -> list[L.Callback]:
     return out
 
 
-def training_logger(out: Path):
-    """TensorBoard logs in <out>/tensorboard; where tensorboard is not installed (a bare GPU image),
-    CSV files in <out>/csv instead, said in one line, so training still runs."""
+class RunWandbLogger(WandbLogger):
+    """Lightning's W&B logger that ends the W&B run it started when the fit ends, with everything written
+    out: Lightning leaves the run open (the next run in the same process would log into it), and W&B's
+    finish returns before its service has written an offline run's log."""
+
+    def __init__(self, **kwargs) -> None:
+        import wandb
+
+        super().__init__(**kwargs)
+        self._owns_run = wandb.run is None  # Lightning logs into a W&B run the caller already started
+        self._finished = False
+
+    def finalize(self, status: str) -> None:
+        import wandb
+
+        super().finalize(status)
+        if self._experiment is not None and self._owns_run and not self._finished:
+            self._finished = True
+            self._experiment.finish(exit_code=0 if status in ("success", "finished") else 1)
+            wandb.teardown()  # waits for W&B's service to write the run out and stop
+
+
+def wandb_logger(cfg: DictConfig, out: Path) -> RunWandbLogger:
+    """W&B as trainer.wandb says, writing under <out>/wandb; a resumed run continues the folder's last W&B run."""
+    from relvid.config import command_view
+
+    try:
+        import wandb  # noqa: F401  (Lightning's WandbLogger imports it only when the run starts)
+    except ImportError:
+        raise ConfigError(f"trainer.logger={cfg.trainer.logger}: Weights & Biases is not installed; pip install "
+                          "wandb, or set trainer.logger=tensorboard") from None
+    w = cfg.trainer.wandb
+    latest = out / "wandb" / "latest-run"  # W&B's link to the folder's newest run: <mode>-run-<time>-<id>
+    run_id = latest.resolve().name.rsplit("-", 1)[-1] if cfg.resume is not None and latest.exists() else None
+    return RunWandbLogger(project=w.project, entity=w.entity, name=w.name or out.name, save_dir=str(out),
+                          id=run_id, mode=w.mode, tags=list(w.tags),
+                          config=OmegaConf.to_container(command_view(cfg, "train")))
+
+
+def training_logger(cfg: DictConfig, out: Path) -> list:
+    """The loggers trainer.logger names. TensorBoard logs in <out>/tensorboard; where tensorboard is not
+    installed (a bare GPU image), CSV files in <out>/csv instead, said in one line, so training still runs.
+    W&B (wandb, both): see wandb_logger."""
     import importlib.util
 
-    if importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None:
-        return TensorBoardLogger(save_dir=str(out), name="tensorboard", version="")
-    from lightning.pytorch.loggers import CSVLogger
+    loggers = []
+    if cfg.trainer.logger in ("tensorboard", "both"):
+        if importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None:
+            loggers.append(TensorBoardLogger(save_dir=str(out), name="tensorboard", version=""))
+        else:
+            from lightning.pytorch.loggers import CSVLogger
 
-    print(f"relvid: tensorboard is not installed; metrics go to {out / 'csv'} (pip install tensorboard for "
-          "TensorBoard logs and preview videos)", flush=True)
-    return CSVLogger(save_dir=str(out), name="csv", version="")
+            print(f"relvid: tensorboard is not installed; metrics go to {out / 'csv'} (pip install tensorboard for "
+                  "TensorBoard logs and preview videos)", flush=True)
+            loggers.append(CSVLogger(save_dir=str(out), name="csv", version=""))
+    if cfg.trainer.logger in ("wandb", "both"):
+        loggers.append(wandb_logger(cfg, out))
+    return loggers
 
 
 def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
@@ -223,6 +270,7 @@ def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -
         MemoryBankCallback(make_memory_bank(cfg.rcl)),
         LearningRateMonitor(logging_interval="step"),
         FinalAdapters(out / "adapters"),
+        LoRASnapshots.from_config(cfg),  # loras/<relation>_step<NNNNNN>.safetensors at each checkpoint
         ModelCheckpoint(dirpath=checkpoint_dir(cfg), filename="step{step:06d}", auto_insert_metric_name=False,
                         every_n_train_steps=int(cfg.trainer.checkpoint_every), save_top_k=-1, save_last=True),
         CrashCheckpoint(checkpoint_dir(cfg)),
@@ -244,7 +292,7 @@ def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -
         num_nodes=int(cfg.trainer.num_nodes),
         strategy=strategy,
         precision=precision(cfg),
-        logger=training_logger(out),
+        logger=training_logger(cfg, out),
         callbacks=callbacks,
         log_every_n_steps=int(cfg.trainer.log_every_n_steps),
         gradient_clip_val=float(cfg.optim.grad_clip) or None,

@@ -1,9 +1,10 @@
-"""PreviewCallback: a few fixed prompts sampled every N steps, saved as mp4 and shown in TensorBoard.
+"""PreviewCallback: a few fixed prompts sampled every N steps, saved as mp4 and shown in TensorBoard and W&B.
 
 Each preview is ``step<step>_p<i>_<key>.mp4`` with a JSON sidecar (prompt, seed, sampling settings,
 negative prompt, step): ``<key>`` hashes what defines the video besides the step, so a run resumed
 with other preview prompts or settings into the same folder writes beside the old previews, never
-over them or under a name that looks like theirs.
+over them or under a name that looks like theirs. With ``at_start`` the untouched base is previewed
+too, before the first step of a fresh run (``step000000_...``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,23 @@ def log_video(writer, tag: str, frames: torch.Tensor, step: int, fps: int) -> No
     writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
 
+def log_preview(trainer: L.Trainer, tag: str, frames: torch.Tensor, path: Path, step: int, fps: int,
+                caption: str) -> None:
+    """Show a preview in each of the run's loggers that takes videos: TensorBoard (an animated GIF) and
+    W&B (the mp4 file, captioned with its prompt). Others (CSV) keep only the file on disk."""
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    for logger in getattr(trainer, "loggers", None) or ():
+        if isinstance(logger, TensorBoardLogger):
+            writer = logger.experiment
+            if hasattr(writer, "_get_file_writer"):
+                log_video(writer, tag, frames, step, fps)
+        elif isinstance(logger, WandbLogger):
+            import wandb
+
+            logger.log_metrics({tag: wandb.Video(str(path), caption=caption)}, step=step)
+
+
 def preview_record(prompt: str, seed: int, settings: SamplingConfig) -> dict:
     """What defines a preview besides the step and the adapters' training state (its sidecar's keys)."""
     record = {"prompt": prompt, "seed": int(seed), "settings": sampling_record(settings),
@@ -82,14 +100,16 @@ def select_prompts(available: dict, wanted: list[str], max_prompts: int, where: 
 
 
 class PreviewCallback(L.Callback):
-    """Every `every_n_steps` optimizer steps, rank zero samples the fixed prompts with the inference adapters."""
+    """Every `every_n_steps` optimizer steps (0: never), and before the first step of a fresh run when
+    `at_start`, rank zero samples the fixed prompts with the inference adapters."""
 
     def __init__(self, every_n_steps: int, cache_dir: str, out_dir: str | Path, settings: SamplingConfig,
                  prompts: list[str] | None = None, max_prompts: int = 2, seed: int = 0,
-                 codec: str = "mochi", codec_path: str | None = None) -> None:
-        if every_n_steps < 1:
-            raise ValueError(f"preview.every_n_steps must be >= 1 here, got {every_n_steps}")
+                 codec: str = "mochi", codec_path: str | None = None, at_start: bool = False) -> None:
+        if every_n_steps < 0 or (every_n_steps == 0 and not at_start):
+            raise ValueError(f"preview.every_n_steps must be >= 1 here (0 only with at_start), got {every_n_steps}")
         self.every_n_steps = every_n_steps
+        self.at_start = at_start
         self.cache_dir = cache_dir
         self.out_dir = Path(out_dir)
         self.settings = settings
@@ -106,7 +126,8 @@ class PreviewCallback(L.Callback):
         p = cfg.preview
         return cls(int(p.every_n_steps), cfg.data.cache_dir, Path(cfg.output_dir) / "previews", p.sampling,
                    prompts=list(p.prompts), max_prompts=int(p.max_prompts), seed=int(p.seed),
-                   codec=cfg.model.codec, codec_path=cfg.model.vae_path or cfg.model.path)
+                   codec=cfg.model.codec, codec_path=cfg.model.vae_path or cfg.model.path,
+                   at_start=bool(p.at_start))
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not trainer.is_global_zero:
@@ -124,9 +145,14 @@ class PreviewCallback(L.Callback):
         self._prompts = {t: available[t] for t in [*texts, negative] if t in available}
         self._texts = texts
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # global_step is the restored one here: a resumed run has no untouched base to show
+        if self.at_start and trainer.global_step == 0 and trainer.is_global_zero:
+            self.render(trainer, pl_module, 0)
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step  # optimizer steps done, already counting this batch
-        if step % self.every_n_steps == 0 and trainer.is_global_zero:
+        if self.every_n_steps and step % self.every_n_steps == 0 and trainer.is_global_zero:
             self.render(trainer, pl_module, step)
 
     def render(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> list[Path]:
@@ -136,7 +162,6 @@ class PreviewCallback(L.Callback):
         if self._codec is None:
             self._codec = load_codec(self.codec_name, self.codec_path, device=str(pl_module.device))
         negative = self._prompts.get(self.settings.negative_prompt) if self.settings.guidance_scale != 1.0 else None
-        writer = getattr(trainer.logger, "experiment", None) if trainer.logger is not None else None
         paths = []
         with inference_scope(pl_module.transformer, pl_module.spec):
             for i, text in enumerate(tqdm(self._texts, desc=f"preview step {step}", leave=False)):
@@ -148,7 +173,6 @@ class PreviewCallback(L.Callback):
                                  fps=self.settings.fps)
                 atomic_write(path.with_suffix(".json"), json.dumps({**record, "step": step}, indent=2))
                 paths.append(path)
-                if writer is not None and hasattr(writer, "_get_file_writer"):
-                    log_video(writer, f"preview/p{i}", frames, step, self.settings.fps)
+                log_preview(trainer, f"preview/p{i}", frames, path, step, self.settings.fps, text)
         self.written.extend(paths)
         return paths

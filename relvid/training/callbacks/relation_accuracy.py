@@ -1,9 +1,9 @@
-"""RelationAccuracyCallback: judged relation accuracy on a few prompts every N steps, in TensorBoard.
+"""RelationAccuracyCallback: judged relation accuracy on a few prompts every N steps, in the run's loggers.
 
 Rank zero samples each prompt with the inference adapters (fixed seeds, so values at different
 steps are comparable), asks the VLM judge the paper's question `repeats` times per video and logs
-val/relation_accuracy (mean over repeats), its std and the unparseable answers; each evaluation
-is also appended to <output_dir>/relation_accuracy.jsonl.
+val/relation_accuracy (mean over repeats), its std and the unparseable answers to every logger
+the run has (TensorBoard, W&B); each evaluation is also appended to <output_dir>/relation_accuracy.jsonl.
 
 A local judge is loaded at the first evaluation, not at setup: by then Lightning has moved the
 model to its GPU, so the judge's weights go straight there in bf16 instead of through host memory
@@ -132,8 +132,8 @@ class RelationAccuracyCallback(L.Callback):
         result = judge_videos(self._judge, videos, self.question, repeats=self.repeats)
         metrics = {"val/relation_accuracy": result["mean"], "val/relation_accuracy_std": result["std"],
                    "val/judge_unparseable": float(result["unparseable"])}
-        if trainer.logger is not None:
-            trainer.logger.log_metrics(metrics, step=step)
+        for logger in getattr(trainer, "loggers", None) or ():
+            logger.log_metrics(metrics, step=step)
         record = {"step": step, "judge": self._judge.name, "prompts": self._texts, **result}
         self._release_judge()
         self.history.append(record)

@@ -1,0 +1,175 @@
+"""`relvid analyze attribution`: which adapter carries the relation? The same prompts and seeds sampled
+with each adapter subset (none, relation + FFN, subjects + FFN, all) and scored with the evaluation's
+metrics: the toy judge in the toy world (through relvid.components), the VLM judge of the `judge`
+section, or temporal consistency alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from torch import Tensor
+
+from relvid.errors import InputError
+from relvid.files import atomic_write
+
+# subset -> the adapters of a triplet it activates ("none" is the base model)
+SUBSET_ADAPTERS = {"relation+ffn": ("relation", "ffn"), "subjects+ffn": ("subject1", "subject2", "ffn")}
+
+
+class VideoScorer(Protocol):
+    """Metrics of a set of generated videos (fractions or means), for the attribution table."""
+
+    name: str
+
+    def score(self, videos: list[Tensor], prompts: list[str], relation: str) -> dict[str, float]:
+        """videos: uint8 (T, H, W, 3), one per prompt."""
+        ...
+
+
+def pixel_consistency(videos: list[Tensor]) -> float:
+    """Temporal consistency on raw pixels: mean cosine similarity of consecutive frames."""
+    from relvid.eval.metrics import temporal_consistency
+
+    return sum(temporal_consistency(v.float().flatten(1) / 255.0) for v in videos) / len(videos)
+
+
+class PixelScorer:
+    """No judge: temporal consistency only."""
+
+    name = "none"
+
+    def score(self, videos: list[Tensor], prompts: list[str], relation: str) -> dict[str, float]:
+        return {"temporal_consistency": pixel_consistency(videos)}
+
+
+class VLMScorer:
+    """Relation accuracy by the `judge` section's VLM (api or local), with the paper's question."""
+
+    def __init__(self, judge_cfg, device, cache: Path) -> None:
+        from relvid.eval.evaluate import build_judge
+
+        self.judge = build_judge(judge_cfg, device, default_cache=cache)
+        self.repeats = int(judge_cfg.repeats)
+        self.name = f"vlm ({self.judge.name})"
+
+    def score(self, videos: list[Tensor], prompts: list[str], relation: str) -> dict[str, float]:
+        from relvid.eval.judge import judge_question, judge_videos
+
+        result = judge_videos(self.judge, videos, judge_question(relation), repeats=self.repeats, progress=True)
+        return {"relation_accuracy": result["mean"], "temporal_consistency": pixel_consistency(videos)}
+
+
+def make_scorer(cfg, device) -> VideoScorer:
+    kind = cfg.analyze.judge
+    if kind == "auto":
+        kind = "toy" if cfg.model.codec == "toy" else ("vlm" if cfg.judge.kind != "none" else "none")
+    if kind == "toy":
+        import relvid.components as components
+
+        loader = getattr(components, "load_video_scorer", None)
+        if loader is None:
+            raise InputError("analyze.judge=toy: this relvid's component registry (relvid.components) has no "
+                             "load_video_scorer; use analyze.judge=none")
+        return loader("toy")
+    if kind == "vlm":
+        if cfg.judge.kind == "none":
+            raise InputError("analyze.judge=vlm needs a judge: set judge.kind=api (judge.base_url, judge.model) or "
+                             "judge.kind=local (judge.vlm_path)")
+        return VLMScorer(cfg.judge, device, Path(cfg.analyze.out) / "judge_cache")
+    return PixelScorer()
+
+
+def subset_adapters(subset: str, spec) -> tuple[str, ...] | None:
+    """The adapters a subset activates for a triplet `spec`; None when the subset has no meaning for it
+    (a direct LoRA has one adapter: only "all")."""
+    from relvid.models.lora import adapter_names
+
+    if subset == "all":
+        return adapter_names(spec)
+    if spec.placement == "direct":
+        return None
+    return SUBSET_ADAPTERS[subset]
+
+
+def render(model, codec, encoded: dict, jobs, cfg, desc: str) -> list[Tensor]:
+    from tqdm.auto import tqdm
+
+    from relvid.inference.generate import generate_video
+
+    settings = cfg.sampling
+    negative = encoded[settings.negative_prompt] if settings.guidance_scale != 1.0 else None
+    device = next(model.parameters()).device
+    return [generate_video(model, codec, *encoded[job.prompt], negative, job.seed, settings, device=device)
+            for job in tqdm(jobs, desc=desc)]
+
+
+def run(cfg) -> dict[str, Path]:
+    from relvid.analysis.figures import number_table, save_png, stack, tile_grid
+    from relvid.analysis.parts import device_of, label_of, load_model
+    from relvid.components import encode_texts, load_codec
+    from relvid.eval.metrics import keyframe_indices
+    from relvid.inference.render import plan_jobs, texts_to_encode
+    from relvid.models.lora import TripletSpec, activate
+    from relvid.prompts import collect_prompts
+
+    an = cfg.analyze
+    device = device_of(cfg)
+    prompts = collect_prompts(list(an.prompts), an.prompts_file, cfg.relation)
+    jobs = plan_jobs(prompts, list(an.seeds))
+    scorer = make_scorer(cfg, device)
+    encoded = encode_texts(cfg.model, texts_to_encode(jobs, cfg.sampling), device)
+    codec = load_codec(cfg.model.codec, cfg.model.vae_path or cfg.model.path, device="cpu")
+    rows: list[dict] = []
+    strips: list[tuple[str, list]] = []
+
+    def add(adapters: str, subset: str, active, model) -> None:
+        videos = render(model, codec, encoded, jobs, cfg, desc=f"{adapters}: {subset}")
+        metrics = scorer.score(videos, [job.prompt for job in jobs], cfg.relation)
+        rows.append({"adapters": adapters, "subset": subset, "active": list(active), **metrics})
+        first = videos[0]
+        strips.append((f"{adapters}: {subset}", [(f"t={t}", first[t].numpy())
+                                                 for t in keyframe_indices(first.shape[0], min(7, first.shape[0]))]))
+
+    if "none" in an.subsets:
+        model, _ = load_model(cfg, device)
+        add("base", "none", (), model)
+        del model
+    skipped = []
+    for source in an.adapters:
+        label = label_of(source)
+        model, info = load_model(cfg, device, source)
+        spec = info["adapters"]["spec"]
+        for subset in [s for s in an.subsets if s != "none"]:
+            if spec is None:  # a diffusers LoRA file holds the inference set only, loaded as it is
+                if subset == "relation+ffn":
+                    add(label, "inference set (diffusers file)", ("relvid_inference",), model)
+                else:
+                    skipped.append(f"{label}: {subset} (a diffusers LoRA file holds the inference set only)")
+                continue
+            names = subset_adapters(subset, TripletSpec.from_dict(spec))
+            if names is None:
+                skipped.append(f"{label}: {subset} (placement {spec['placement']} has one adapter: see 'all')")
+                continue
+            activate(model, list(names))
+            add(label, subset, names, model)
+        del model
+    for note in skipped:
+        print(f"skipped {note}")
+    out = Path(an.out)
+    metrics = [k for k in rows[0] if k not in ("adapters", "subset", "active")] if rows else []
+    report = {"relation": cfg.relation, "scorer": scorer.name, "prompts": prompts, "seeds": list(an.seeds),
+              "sampling": {k: cfg.sampling[k] for k in ("num_steps", "guidance_scale", "frames", "height", "width")},
+              "rows": rows, "skipped": skipped}
+    lines = ["| adapters | subset | " + " | ".join(metrics) + " |", "|---|---|" + "---:|" * len(metrics)]
+    lines += [f"| {r['adapters']} | {r['subset']} | " + " | ".join(f"{r[m]:.3f}" for m in metrics) + " |"
+              for r in rows]
+    table = number_table(f"attribution on {len(jobs)} videos per row, scored by {scorer.name}",
+                         [f"{r['adapters']}: {r['subset']}" for r in rows], metrics,
+                         np.array([[r[m] for m in metrics] for r in rows]))
+    return {"json": atomic_write(out / "attribution.json", json.dumps(report, indent=1)),
+            "md": atomic_write(out / "attribution.md", "\n".join(lines) + "\n"),
+            "png": save_png(stack([table, tile_grid(strips, 64, f"first video: {jobs[0].prompt}")]),
+                            out / "attribution.png")}
