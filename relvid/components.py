@@ -137,8 +137,11 @@ class _ToyScorer:
 
     def score(self, videos, prompts, relation):
         from relvid.toy.drivers.evaluate import TestPrompt, score
-        from relvid.toy.world import Subject
+        from relvid.toy.world import RELATIONS, Subject
 
+        if relation not in RELATIONS:
+            raise InputError(f"the toy judge scores toy relations ({', '.join(sorted(RELATIONS))}), not {relation!r}: "
+                             "pass --relation with the relation the prompts show")
         tests = []
         for prompt in prompts:
             m = self._SUBJECTS.match(prompt.strip())

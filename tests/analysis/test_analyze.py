@@ -98,3 +98,19 @@ def test_qkv_subspace_and_attribution(tmp_path, adapters):
                                                            ("toyrun", "subjects+ffn"), ("toyrun", "all")]
     assert rows[1]["active"] == ["relation", "ffn"] and 0 < rows[0]["temporal_consistency"] <= 1
     assert len({r["temporal_consistency"] for r in rows}) == 4  # each subset changes the videos
+
+
+def test_attribution_with_the_toy_judge_through_the_registry(tmp_path, adapters, capsys):
+    """--judge toy (and auto on the toy base) reaches the toy world's judge through relvid.components."""
+    out = tmp_path / "an"
+    assert main(["analyze", "attribution", "--model", str(BASE), "--adapters", adapters, "--prompt",
+                 "A red circle is pushing a blue square.", "--relation", "pushing", "--judge", "toy", "--out", str(out),
+                 "--sampling-steps", "3"]) == 0  # pushing: an NTU relation and a toy one
+    rows = json.loads((out / "attribution.json").read_text())["rows"]
+    assert len(rows) == 4
+    for row in rows:
+        assert 0.0 <= row["relation_accuracy"] <= 1.0 and 0.0 <= row["appearance_leakage"] <= 1.0
+    capsys.readouterr()
+    assert main(["analyze", "attribution", "--model", str(BASE), "--prompt", PROMPT, "--judge", "toy",
+                 "--out", str(tmp_path / "bad"), "--sampling-steps", "3"]) == 2  # shaking_hands is no toy relation
+    assert "--relation" in capsys.readouterr().err
