@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import gc
 import os
-import re
 import threading
 import weakref
 
 import torch
 
-from relvid.errors import InputError
 from relvid.models.codecs import Codec, CodecError
 from relvid.models.text_encoders import TextEncoder, TextEncoderError
 
@@ -124,38 +122,3 @@ def load_generation_parts(model_cfg, device, speed=None, text_encoder: bool = Tr
                                  device=str(device))
     return transformer, codec, text
 
-
-VIDEO_SCORERS = ("toy",)
-
-
-class _ToyScorer:
-    """The toy world's judge and metrics for videos of toy captions ("A red circle is orbiting a blue
-    square."), as `relvid analyze attribution` asks them of a scorer."""
-
-    name = "toy"
-    _SUBJECTS = re.compile(r"^an? (\w+) (\w+) .*\ban? (\w+) (\w+)\.?$", re.IGNORECASE)
-
-    def score(self, videos, prompts, relation):
-        from relvid.toy.drivers.evaluate import TestPrompt, score
-        from relvid.toy.world import RELATIONS, Subject
-
-        if relation not in RELATIONS:
-            raise InputError(f"the toy judge scores toy relations ({', '.join(sorted(RELATIONS))}), not {relation!r}: "
-                             "pass --relation with the relation the prompts show")
-        tests = []
-        for prompt in prompts:
-            m = self._SUBJECTS.match(prompt.strip())
-            if m is None:
-                raise InputError(f"not a toy caption: {prompt!r} (expected 'A <colour> <shape> ... a <colour> "
-                                 "<shape>.')")
-            tests.append(TestPrompt(relation, Subject(m[1].lower(), m[2].lower()),
-                                    Subject(m[3].lower(), m[4].lower()), 0))
-        return score(videos, tests)[0]
-
-
-def load_video_scorer(name: str):
-    """A scorer of sampled videos by name: ``toy``, the toy world's judge and metrics (relation
-    accuracy, subject fidelity, appearance leakage, temporal consistency)."""
-    if name == "toy":
-        return _ToyScorer()
-    raise InputError(f"unknown video scorer {name!r}: use one of {', '.join(VIDEO_SCORERS)}")

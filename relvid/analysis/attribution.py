@@ -62,18 +62,17 @@ class VLMScorer:
         return {"relation_accuracy": result["mean"], "temporal_consistency": pixel_consistency(videos)}
 
 
-def make_scorer(cfg, device) -> VideoScorer:
+def make_scorer(cfg, device, toy_scorer=None) -> VideoScorer:
+    """The scorer analyze.judge names; ``toy_scorer`` makes the toy world's (the command line passes it,
+    so this module never imports the toy world)."""
     kind = cfg.analyze.judge
     if kind == "auto":
         kind = "toy" if cfg.model.codec == "toy" else ("vlm" if cfg.judge.kind != "none" else "none")
     if kind == "toy":
-        import relvid.components as components
-
-        loader = getattr(components, "load_video_scorer", None)
-        if loader is None:
-            raise InputError("analyze.judge=toy: this relvid's component registry (relvid.components) has no "
-                             "load_video_scorer; use analyze.judge=none")
-        return loader("toy")
+        if toy_scorer is None:
+            raise InputError("analyze.judge=toy: no toy scorer was given (run `relvid analyze attribution`, or "
+                             "pass toy_scorer=relvid.commands.toy.toy_video_scorer); use analyze.judge=none")
+        return toy_scorer()
     if kind == "vlm":
         if cfg.judge.kind == "none":
             raise InputError("analyze.judge=vlm needs a judge: set judge.kind=api (judge.base_url, judge.model) or "
@@ -106,7 +105,7 @@ def render(model, codec, encoded: dict, jobs, cfg, desc: str) -> list[Tensor]:
             for job in tqdm(jobs, desc=desc)]
 
 
-def run(cfg) -> dict[str, Path]:
+def run(cfg, toy_scorer=None) -> dict[str, Path]:
     from relvid.analysis.figures import number_table, save_png, stack, tile_grid
     from relvid.analysis.parts import device_of, label_of, load_model
     from relvid.components import encode_texts, load_codec
@@ -119,7 +118,7 @@ def run(cfg) -> dict[str, Path]:
     device = device_of(cfg)
     prompts = collect_prompts(list(an.prompts), an.prompts_file, cfg.relation)
     jobs = plan_jobs(prompts, list(an.seeds))
-    scorer = make_scorer(cfg, device)
+    scorer = make_scorer(cfg, device, toy_scorer)
     encoded = encode_texts(cfg.model, texts_to_encode(jobs, cfg.sampling), device)
     codec = load_codec(cfg.model.codec, cfg.model.vae_path or cfg.model.path, device="cpu")
     rows: list[dict] = []

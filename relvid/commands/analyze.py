@@ -28,6 +28,9 @@ def _run(kind: str, cfg) -> dict:
         from relvid.analysis.attention import run
     else:
         from relvid.analysis.attribution import run
+        from relvid.commands.toy import toy_video_scorer
+
+        return run(cfg, toy_scorer=toy_video_scorer)  # the toy judge, for --judge toy (or auto on the toy base)
     return run(cfg)
 
 

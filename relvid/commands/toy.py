@@ -6,6 +6,13 @@ import argparse
 import dataclasses
 
 
+def toy_video_scorer():
+    """The toy world's scorer of sampled videos, for `relvid analyze attribution --judge toy`."""
+    from relvid.toy.drivers.scorer import ToyScorer
+
+    return ToyScorer()
+
+
 def cmd_toy_base(args: argparse.Namespace) -> int:
     from relvid.toy.drivers.base_command import toy_base
 
