@@ -23,7 +23,7 @@ from relvid.errors import UserError
 ADAPTERS = ("relation", "subject1", "subject2", "ffn")
 PLACEMENTS = ("QK/V", "Q/KV", "KV/Q", "V/QK", "direct")
 BRANCHES = ("both", "vision", "text")
-METHODS = ("lora", "motion_inversion")
+METHODS = ("lora", "motion_inversion", "reversion")
 
 # The run seed goes to Lightning's seed_everything, which (like numpy) takes [0, 2**32 - 1]; other seeds
 # only feed torch generators and relvid.seeding, which take any 63-bit non-negative integer.
@@ -58,6 +58,10 @@ class ModelConfig:
     path: Optional[str] = None
     preset: str = "mochi"  # "mochi" (weights from path) | "tiny" (random weights, for tests)
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU | bf16 | fp16 | fp32
+    # The frozen base's linear layers kept in this dtype between uses and cast to model.dtype for each
+    # layer's forward (Mochi: 11.9 GiB of weights instead of 18.7): null (stored in model.dtype) |
+    # float8_e4m3fn | float8_e5m2. LoRA weights keep lora.dtype. See docs/memory.md.
+    storage_dtype: Optional[str] = None
     gradient_checkpointing: bool = True
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     # Codec and text encoder for previews and sampling (training reads cached latents and
@@ -135,6 +139,23 @@ class MotionInversionConfig:
     value_stride: int = 2
     # the value embedding at sampling: frame_difference (official, for object motion) | none | remove
     inference: str = "frame_difference"
+
+
+@dataclass
+class ReVersionConfig:
+    """The ReVersion baseline (method=reversion): one new token learned in the text encoder's input table,
+    the transformer and the encoder frozen (configs/baselines/reversion.yaml)."""
+
+    token: str = "<R>"
+    init_word: str = "and"  # the token's row starts as this word's row
+    caption: str = "A person is <R> a person."  # the caption of every training clip (it must hold the token)
+    steer_weight: float = 0.01  # weight of the relation-steering contrastive loss
+    temperature: float = 0.07
+    n_positives: int = 4  # prepositions drawn as positives per sample and step
+    importance_sampling: bool = True  # noise levels drawn with density 1 - alpha cos(pi sigma)
+    importance_alpha: float = 0.5
+    # T5 on the GPU during training: recompute its blocks in the backward (bf16 weights on a GPU)
+    text_encoder_checkpointing: bool = True
 
 
 @dataclass
@@ -405,13 +426,15 @@ class RelvidConfig:
     resume: Optional[str] = None  # a checkpoint path, or "last": the newest consistent checkpoint of output_dir
     overwrite: bool = False  # start afresh in an output_dir that holds another run's config, adapters or checkpoints
     # what is learned: lora (the DreamRelation triplet, or lora.placement=direct) | motion_inversion (the base
-    # frozen, motion embeddings learned: configs/baselines/motion_inversion.yaml)
+    # frozen, motion embeddings learned: configs/baselines/motion_inversion.yaml) | reversion (one new text token
+    # learned: configs/baselines/reversion.yaml)
     method: str = "lora"
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     hmt: HMTConfig = field(default_factory=HMTConfig)
     rcl: RCLConfig = field(default_factory=RCLConfig)
     motion_inversion: MotionInversionConfig = field(default_factory=MotionInversionConfig)
+    reversion: ReVersionConfig = field(default_factory=ReVersionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -565,6 +588,7 @@ def check_accelerator(cfg: DictConfig) -> None:
 def _check(cfg: DictConfig) -> None:
     _require(cfg.model.preset in ("mochi", "tiny"), "model.preset", "must be 'mochi' or 'tiny'")
     _require(cfg.model.dtype in ("auto", "bf16", "fp16", "fp32"), "model.dtype", "must be auto, bf16, fp16 or fp32")
+    _check_storage_dtype(cfg)
     _require(cfg.lora.placement in PLACEMENTS, "lora.placement", f"must be one of {', '.join(PLACEMENTS)}")
     _require(cfg.lora.branches in BRANCHES, "lora.branches", f"must be one of {', '.join(BRANCHES)}")
     _require(cfg.lora.rank >= 1, "lora.rank", "must be >= 1")
@@ -640,6 +664,26 @@ def _check(cfg: DictConfig) -> None:
     _check_method(cfg)
 
 
+STORAGE_DTYPES = ("float8_e4m3fn", "float8_e5m2")
+
+
+def _check_storage_dtype(cfg: DictConfig) -> None:
+    """model.storage_dtype, and what it cannot be combined with."""
+    storage = cfg.model.storage_dtype
+    if storage is None:
+        return
+    _require(storage in STORAGE_DTYPES, "model.storage_dtype",
+             f"must be null (weights stored in model.dtype) or one of {', '.join(STORAGE_DTYPES)}, got {storage!r}")
+    strategy = str(cfg.trainer.strategy)
+    _require(not strategy.startswith(("fsdp", "deepspeed")), "model.storage_dtype",
+             f"fp8 storage of the base is not supported with trainer.strategy={strategy} (its sharding flattens the "
+             "base's weights and would cast them back): use trainer.strategy=ddp or auto, or set "
+             "model.storage_dtype=null")
+    _require(not cfg.speed.compile, "model.storage_dtype",
+             "fp8 storage casts each layer's weights in a hook that speed.compile does not trace: set "
+             "speed.compile=false, or model.storage_dtype=null")
+
+
 def _check_method(cfg: DictConfig) -> None:
     """method, and the keys that make no sense with motion_inversion."""
     _require(cfg.method in METHODS, "method", f"must be one of {', '.join(METHODS)}")
@@ -649,6 +693,7 @@ def _check_method(cfg: DictConfig) -> None:
              f"must be distinct block indices >= 0 (empty: every block), got {list(mi.blocks)}")
     _require(mi.inference in ("frame_difference", "none", "remove"), "motion_inversion.inference",
              "must be frame_difference, none or remove")
+    _check_reversion(cfg)
     if cfg.method != "motion_inversion":
         return
     why = "method=motion_inversion learns motion embeddings with the base frozen and no LoRA"
@@ -663,6 +708,38 @@ def _check_method(cfg: DictConfig) -> None:
     _require(str(cfg.trainer.strategy) in ("auto", "ddp"), "trainer.strategy",
              f"{cfg.trainer.strategy} is not supported with method=motion_inversion (its embeddings are kept whole "
              "on every rank, which the fsdp and deepspeed presets do for LoRAs only): use ddp or auto")
+
+
+def _check_reversion(cfg: DictConfig) -> None:
+    """The reversion section, and the keys that make no sense with method=reversion."""
+    rv = cfg.reversion
+    _require(bool(rv.token) and not any(c.isspace() for c in rv.token), "reversion.token",
+             f"must be one word without spaces, e.g. <R>; got {rv.token!r}")
+    _require(rv.token in rv.caption, "reversion.caption",
+             f"must hold the token {rv.token!r}, e.g. 'A person is {rv.token} a person.'")
+    _require(rv.temperature > 0, "reversion.temperature", f"must be > 0, got {rv.temperature}")
+    _require(rv.steer_weight >= 0, "reversion.steer_weight", f"must be >= 0, got {rv.steer_weight}")
+    _require(rv.n_positives >= 1, "reversion.n_positives", f"must be >= 1, got {rv.n_positives}")
+    _require(0 <= rv.importance_alpha < 1, "reversion.importance_alpha",
+             f"must be in [0, 1), got {rv.importance_alpha}")
+    if cfg.method != "reversion":
+        return
+    why = "method=reversion learns one text token with the transformer frozen and no LoRA"
+    _require(not cfg.hmt.enabled, "hmt.enabled", f"{why}, so there is no LoRA to select and no hybrid mask "
+             "loss: set hmt.enabled=false (configs/baselines/reversion.yaml does)")
+    _require(not cfg.rcl.enabled, "rcl.enabled", f"{why}; its contrastive term is the steering loss "
+             "(reversion.steer_weight): set rcl.enabled=false (configs/baselines/reversion.yaml does)")
+    _require(cfg.lora.placement != "direct", "lora.placement",
+             f"direct names the Direct-LoRA baseline; {why}: drop lora.placement=direct")
+    _require(not list(cfg.lora.frozen), "lora.frozen", f"{why}, so there is no adapter to freeze: drop lora.frozen")
+    _require(not list(cfg.trainer.lora_formats), "trainer.lora_formats",
+             f"{why}, so there is no LoRA to write at checkpoints: set trainer.lora_formats=[] "
+             "(configs/baselines/reversion.yaml does)")
+    _require(cfg.data.caption_dropout == 0, "data.caption_dropout",
+             f"{why} from its caption (reversion.caption), which every step must see: set data.caption_dropout=0")
+    _require(str(cfg.trainer.strategy) in ("auto", "ddp"), "trainer.strategy",
+             f"{cfg.trainer.strategy} is not supported with method=reversion (the text encoder and the token are "
+             "kept whole on every rank): use ddp or auto")
 
 
 def _check_analyze(cfg: DictConfig) -> None:
@@ -758,7 +835,8 @@ def _check_callbacks(cfg: DictConfig) -> None:
 # The keys each command reads: what its --print-config shows and what it saves beside its outputs.
 COMMAND_KEYS = {
     "train": ("relation", "custom_relation", "seed", "output_dir", "resume", "overwrite", "method", "model", "lora",
-              "hmt", "rcl", "motion_inversion", "data", "optim", "trainer", "speed", "preview", "relation_accuracy"),
+              "hmt", "rcl", "motion_inversion", "reversion", "data", "optim", "trainer", "speed", "preview",
+              "relation_accuracy"),
     "sample": ("relation", "custom_relation", "output_dir", "model", "speed", "sampling", "sample"),
     "evaluate": ("relation", "custom_relation", "output_dir", "model", "speed", "sampling", "judge", "evaluate"),
     "preprocess": ("relation", "custom_relation", "model", "data", "preprocess"),

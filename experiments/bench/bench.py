@@ -11,6 +11,9 @@ Timed:
       relvid.inference.sampler.sample (per attention path)
 Prints median time, peak memory, tokens/s, achieved TFLOP/s (FLOPs counted by
 torch.utils.flop_counter on one extra step: recomputation included) and the ratio (b)/(a).
+
+--preset NAME (repeatable; all: 80gb 40gb 24gb) adds rows (b) and (c) under configs/memory/NAME.yaml
+(e.g. the 24gb preset's fp8 base); --set KEY=VALUE passes any config key to (b) and (c).
 """
 
 from __future__ import annotations
@@ -29,16 +32,17 @@ from diffusers import MochiTransformer3DModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from relvid.components import prepare_for_sampling
-from relvid.config import SpeedConfig, load_config
+from relvid.config import load_config
 from relvid.data.datamodule import RelationDataModule
 from relvid.data.random_cache import write_random_cache
 from relvid.inference.sampler import sample
 from relvid.models.attention import apply_speed_config
-from relvid.models.backbone import tiny_transformer
+from relvid.models.backbone import apply_storage_dtype, resolve_storage_dtype, tiny_transformer
 from relvid.training.module import RelationModule
 from relvid.training.run import build_trainer
 
 REPO = Path(__file__).resolve().parents[2]
+PRESETS = ("80gb", "40gb", "24gb")  # configs/memory/<name>.yaml
 
 
 def sync(device: torch.device) -> None:
@@ -57,7 +61,16 @@ def peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-def build_model(args, device: torch.device, dtype: torch.dtype) -> MochiTransformer3DModel:
+def build_model(args, device: torch.device, dtype: torch.dtype, cfg=None) -> MochiTransformer3DModel:
+    """The benchmark's transformer; with `cfg`, its base stored in cfg.model.storage_dtype as relvid stores it."""
+    model = _random_model(args, device, dtype)
+    storage = resolve_storage_dtype(cfg.model.storage_dtype) if cfg is not None else None
+    if storage is not None:  # measured peaks start after this: the bf16 model built first is gone by then
+        apply_storage_dtype(model, storage, dtype)
+    return model
+
+
+def _random_model(args, device: torch.device, dtype: torch.dtype) -> MochiTransformer3DModel:
     if args.tiny:
         return tiny_transformer(seed=0).to(device=device, dtype=dtype)
     # random init straight on the GPU in bf16: 20 GB, no fp32 copy on the host
@@ -170,23 +183,30 @@ class StepTimer(L.Callback):
             self.times.append(time.perf_counter() - self._t0)
 
 
-def relvid_config(args, work: Path, attention: str, device):
+def relvid_config(args, work: Path, attention: str, device, preset: str | None = None):
+    """The run's config: the bench's settings, then configs/memory/<preset>.yaml, then --checkpoint,
+    --compile and --set (a preset decides its keys unless one of those names them)."""
     overrides = [
-        f"speed.attention={attention}", f"speed.checkpoint={args.checkpoint}", f"speed.compile={args.compile}",
-        f"lora.rank={args.rank}", f"lora.alpha={args.rank}", "data.num_workers=0",
-        f"data.cache_dir={work / 'cache'}", f"output_dir={work / f'run-{attention}'}",
+        f"speed.attention={attention}", f"lora.rank={args.rank}", f"lora.alpha={args.rank}", "data.num_workers=0",
+        f"data.cache_dir={work / 'cache'}", f"output_dir={work / ('run-' + attention + '-' + (preset or 'default'))}",
         f"trainer.max_steps={args.warmup + args.steps + 1}", "trainer.checkpoint_every=100000",
         "trainer.progress_bar=false", "trainer.devices=1", "optim.warmup_steps=0", "rcl.bank_size=8",
         f"trainer.accelerator={'cpu' if device.type == 'cpu' else 'gpu'}",
-        "model.gradient_checkpointing=true",  # as in (a)
     ]
+    if preset is None:
+        overrides += [f"speed.checkpoint={args.checkpoint or 'full'}", f"speed.compile={args.compile}",
+                      "model.gradient_checkpointing=true"]  # as in (a)
+    else:
+        overrides += [*([f"speed.checkpoint={args.checkpoint}"] if args.checkpoint else []),
+                      *(["speed.compile=true"] if args.compile else [])]
     files = [REPO / "configs" / "tiny.yaml"] if args.tiny else []
-    return load_config(files, overrides)
+    files += [REPO / "configs" / "memory" / f"{preset}.yaml"] if preset else []
+    return load_config(files, [*overrides, *args.set])
 
 
-def bench_relvid(args, device, dtype, attention: str, work: Path) -> dict:
-    cfg = relvid_config(args, work, attention, device)
-    model = build_model(args, device, dtype)
+def bench_relvid(args, device, dtype, attention: str, work: Path, preset: str | None = None) -> dict:
+    cfg = relvid_config(args, work, attention, device, preset)
+    model = build_model(args, device, dtype, cfg)
     if cfg.model.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     sh = shapes(args, model)
@@ -208,13 +228,14 @@ def bench_relvid(args, device, dtype, attention: str, work: Path) -> dict:
 
 
 # --- (c) one CFG sample ----------------------------------------------------------------------------
-def bench_sample(args, device, dtype, attention: str) -> dict:
+def bench_sample(args, device, dtype, attention: str, work: Path, preset: str | None = None) -> dict:
     from relvid.models.lora import TripletSpec, activate, inference_adapters, inject_triplet
 
-    model = build_model(args, device, dtype).eval()
+    cfg = relvid_config(args, work, attention, device, preset)
+    model = build_model(args, device, dtype, cfg).eval()
     model.requires_grad_(False)
     # what load_generation_parts does for `relvid sample` / `relvid evaluate`
-    prepare_for_sampling(model, SpeedConfig(attention=attention, compile=args.compile))
+    prepare_for_sampling(model, cfg.speed)
     spec = TripletSpec(rank=args.rank, alpha=float(args.rank))
     inject_triplet(model, spec)
     activate(model, inference_adapters(spec))
@@ -279,10 +300,17 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--sample-steps", type=int, default=None, help="CFG sample steps (default 64, tiny 8)")
     p.add_argument("--attention", choices=("both", "diffusers", "packed"), default="both")
-    p.add_argument("--checkpoint", choices=("full", "save_attention"), default="full")
+    p.add_argument("--checkpoint", choices=("full", "save_attention"), default=None,
+                   help="speed.checkpoint (default full, or the preset's)")
     p.add_argument("--compile", action="store_true", help="speed.compile: regional torch.compile of each block")
     p.add_argument("--skip", nargs="*", default=(), choices=("plain", "relvid", "sample", "check"))
+    p.add_argument("--preset", action="append", default=[], choices=(*PRESETS, "all"),
+                   help="rows (b) and (c) under configs/memory/<preset>.yaml instead of the defaults (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config key for rows (b) and (c), after any preset (repeatable), e.g. "
+                        "model.storage_dtype=float8_e4m3fn")
     args = p.parse_args(argv)
+    presets = list(PRESETS) if "all" in args.preset else list(dict.fromkeys(args.preset))
     args.steps = args.steps or (5 if args.tiny else 10)
     args.sample_steps = args.sample_steps or (8 if args.tiny else 64)
     if args.tiny:
@@ -299,23 +327,30 @@ def main(argv=None) -> int:
         work = Path(tmp)
         if "plain" not in args.skip:
             results["(a) diffusers+peft step"] = bench_plain(args, device, dtype)
-        if "relvid" not in args.skip:
-            for path in paths:
-                results[f"(b) relvid step [{path}]"] = bench_relvid(args, device, dtype, path, work)
-        if "sample" not in args.skip:
-            for path in paths:
-                results[f"(c) {args.sample_steps}-step CFG sample [{path}]"] = bench_sample(args, device, dtype, path)
+        for preset in presets or [None]:
+            tag = f" {preset}" if preset else ""
+            if "relvid" not in args.skip:
+                for path in paths:
+                    results[f"(b) relvid step [{path}]{tag}"] = bench_relvid(args, device, dtype, path, work, preset)
+                    reset_peak(device)
+            if "sample" not in args.skip:
+                for path in paths:
+                    results[f"(c) {args.sample_steps}-step CFG sample [{path}]{tag}"] = bench_sample(
+                        args, device, dtype, path, work, preset)
+                    reset_peak(device)
         check = None if "check" in args.skip else equivalence(args, device, dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (tiny config)"
-    print(f"\nrelvid benchmark on {name}, torch {torch.__version__}, checkpoint={args.checkpoint}, "
-          f"compile={args.compile}, steps={args.steps} (+{args.warmup} warm-up)")
+    checkpoint = args.checkpoint or ("per preset" if presets else "full")
+    print(f"\nrelvid benchmark on {name}, torch {torch.__version__}, checkpoint={checkpoint}, "
+          f"compile={args.compile}, steps={args.steps} (+{args.warmup} warm-up)"
+          f"{', presets ' + ' '.join(presets) if presets else ''}{', set ' + ' '.join(args.set) if args.set else ''}")
     print("| what                               |  median s | peak GiB |     tokens/s |  TFLOP/s |")
     print("|------------------------------------|-----------|----------|--------------|----------|")
     for key, r in results.items():
         print(row(key, r))
     plain = results.get("(a) diffusers+peft step")
     for path in paths:
-        b = results.get(f"(b) relvid step [{path}]")
+        b = results.get(f"(b) relvid step [{path}]{' ' + presets[0] if presets else ''}")
         if plain and b:
             ratio = statistics.median(b["times"]) / statistics.median(plain["times"])
             print(f"ratio (b)/(a) [{path}]: {ratio:.2f}")

@@ -3,8 +3,10 @@
 Stage 1 (<= 3 min): which SDPA backend relvid's attention runs at Mochi's head dim 128 (and how fast each
 one is at Mochi's sequence length), the gpu-marked tests, and a few `relvid train` steps of the tiny model
 on the GPU through the command line.
-Stage 2 (<= 5 min): full-size Mochi (10B, random weights, no download) training steps with step time and
-peak memory, and a 2-step CFG sample, both through experiments/bench/bench.py.
+Stage 2 (<= 9 min): full-size Mochi (10B, random weights, no download) training steps with step time and
+peak memory, and a 2-step CFG sample, both through experiments/bench/bench.py, with relvid's defaults (the
+40gb memory preset); then the training step under the 80gb and 24gb presets (configs/memory/) and the
+24gb preset's sample (its fp8 base).
 
 Every step runs in its own process group under a time limit: a hang or a crash becomes a row with its
 error, and the next step runs. Tables go to <out>/stage<N>.md and .json, each step's whole output to
@@ -33,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "experiments" / "bench" / "bench.py"
 EXIT_NO_GPU = 3
-STAGE_LIMITS = {1: 180.0, 2: 300.0}  # seconds per stage
+STAGE_LIMITS = {1: 180.0, 2: 540.0}  # seconds per stage
 # Mochi-1 attention: 24 heads of dim 128 over 17,490 vision tokens (61x480x848) + up to 256 text tokens.
 MOCHI_HEADS, MOCHI_HEAD_DIM, MOCHI_TOKENS = 24, 128, 17_490 + 256
 MOCHI_LATENT = (12, 11, 60, 106)  # (C, f, h, w) of a 61x480x848 clip
@@ -296,10 +298,29 @@ def sample_bench_step(check: Check, timeout: float) -> Row:
                       ["--sample-steps", "2", "--skip", "plain", "relvid", "check"])
 
 
+def preset_bench_step(preset: str, kind: str) -> Callable[[Check, float], Row]:
+    """Stage 2's row for configs/memory/<preset>.yaml: its training step or its 2-step CFG sample."""
+    flags = (["--steps", "3", "--warmup", "1", "--skip", "plain", "sample", "check"] if kind == "train"
+             else ["--sample-steps", "2", "--skip", "plain", "relvid", "check"])
+
+    def step(check: Check, timeout: float) -> Row:
+        size = "tiny (rehearsal)" if check.rehearse else "full-size"
+        what = "training step" if kind == "train" else "2-step CFG sample"
+        return bench_step(check, timeout, f"{size} {what}, {preset} preset", f"stage2-{kind}-{preset}.log",
+                          [*flags, "--preset", preset])
+
+    step.__name__ = f"{kind}_bench_{preset}_step"
+    return step
+
+
+# configs/memory presets measured in stage 2 besides the defaults (= 40gb): (preset, train or sample)
+PRESET_ROWS = (("80gb", "train"), ("24gb", "train"), ("24gb", "sample"))
+
 # (step, share of the stage's limit it may take at most); a step also stops at the stage's end
 STAGES: dict[int, list[tuple[Callable[[Check, float], Row], float]]] = {
     1: [(packages_step, 0.1), (sdpa_step, 0.3), (tests_step, 0.5), (train_step, 0.5)],
-    2: [(train_bench_step, 0.7), (sample_bench_step, 0.5)],
+    2: [(train_bench_step, 0.4), (sample_bench_step, 0.3),
+        *((preset_bench_step(preset, kind), 0.3) for preset, kind in PRESET_ROWS)],
 }
 TITLES = {1: "does relvid run on this GPU", 2: "full-size Mochi on this GPU (random weights)"}
 
@@ -444,12 +465,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stage", choices=("1", "2", "all"), default="all", help="which stage to run (default all)")
     p.add_argument("--out", type=Path, default=Path("outputs/gpu-check"), help="folder for the tables and logs")
     p.add_argument("--timeout", type=float, default=None,
-                   help="time limit of each stage in seconds (default 180 for stage 1, 300 for stage 2)")
+                   help="time limit of each stage in seconds (default 180 for stage 1, 540 for stage 2)")
     p.add_argument("--rehearse", action="store_true",
                    help="run the steps on the CPU (tiny shapes): checks an installation without a GPU")
     p.add_argument("--skip", nargs="*", default=(), metavar="STEP",
-                   choices=("packages", "sdpa", "tests", "train", "train_bench", "sample_bench"),
-                   help="steps to leave out: packages sdpa tests train (stage 1), train_bench sample_bench (stage 2)")
+                   choices=("packages", "sdpa", "tests", "train", "train_bench", "sample_bench",
+                            *(f"{kind}_bench_{preset}" for preset, kind in PRESET_ROWS)),
+                   help="steps to leave out: packages sdpa tests train (stage 1), train_bench sample_bench "
+                        "train_bench_80gb train_bench_24gb sample_bench_24gb (stage 2)")
     p.add_argument("--probe-sdpa", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.probe_sdpa:

@@ -19,6 +19,10 @@ its videos and judge answers, and an evaluated run is skipped.
 
 Arguments after `--` go to every `relvid evaluate` (judge, metrics, sampling); --set KEY=VALUE goes
 to both commands (model.path, model.dtype, ...), --train-set to training alone.
+
+ReVersion's row learns a token, not a relation prompt: it is evaluated on its own prompts, one subject
+pair per line written around the token ("A dog is <R> a cat."), in <out>/prompts/reversion.txt
+(REVERSION_PAIRS; --reversion-prompts names another file, with a {relation} field for one per relation).
 """
 
 from __future__ import annotations
@@ -40,6 +44,10 @@ METRICS = ("relation_accuracy", "clip_t", "temporal_consistency", "fvd")
 TITLES = {"relation_accuracy": "Relation Accuracy", "clip_t": "CLIP-T", "temporal_consistency": "Temporal Consistency",
           "fvd": "FVD"}
 BASE = "mochi"  # the base model's row: sampled without adapters, never trained
+# ReVersion's test prompts: "A dog is <R> a cat." for ten subject pairs of the evaluation prompts
+REVERSION_PAIRS = (("dog", "cat"), ("fox", "rabbit"), ("bear", "wolf"), ("panda", "koala"), ("penguin", "seal"),
+                   ("robot", "teddy bear"), ("astronaut", "alien"), ("monkey", "parrot"), ("kangaroo", "wallaby"),
+                   ("clown", "mime"))
 
 
 @dataclass(frozen=True)
@@ -52,7 +60,7 @@ class Row:
 TABLES: dict[str, tuple[str, list[Row]]] = {
     "1": ("Table 1: comparison with baselines", [
         Row("Mochi", None),
-        Row("ReVersion", None, missing="ReVersion (relation inversion) is not implemented in relvid"),
+        Row("ReVersion", "table1/reversion.yaml"),
         Row("Direct LoRA", "table1/direct_lora.yaml"),
         Row("MotionInversion", "table1/motion_inversion.yaml"),
         Row("DreamRelation", "table1/dreamrelation.yaml"),
@@ -146,6 +154,30 @@ def plan(tables: list[str], relations: list[str]) -> list[tuple[str, str, str | 
     return [(name, relation, config) for name, config in runs.items() for relation in relations]
 
 
+def _article(noun: str) -> str:
+    return f"{'An' if noun[0] in 'aeiou' else 'A'} {noun}"
+
+
+def reversion_prompts(token: str) -> list[str]:
+    """ReVersion's test prompts: each pair of REVERSION_PAIRS around the token."""
+    return [f"{_article(a)} is {token} {_article(b).lower()}." for a, b in REVERSION_PAIRS]
+
+
+def reversion_prompts_file(out: Path, relation: str, token: str, given: str | None) -> Path:
+    """The prompts file a ReVersion row is evaluated on: `given` (its {relation} filled in) or
+    <out>/prompts/reversion.txt, written from REVERSION_PAIRS."""
+    if given:
+        return Path(given.format(relation=relation))
+    from relvid.files import atomic_write
+
+    path = out / "prompts" / "reversion.txt"
+    text = "\n".join(reversion_prompts(token)) + "\n"
+    if not path.is_file() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, text)
+    return path
+
+
 def run_job(job: tuple[str, str, str | None], args: argparse.Namespace) -> None:
     """Train (unless the base model or finished) and evaluate (unless evaluated) one run on one relation."""
     from relvid.cli import main
@@ -166,6 +198,10 @@ def run_job(job: tuple[str, str, str | None], args: argparse.Namespace) -> None:
     if (eval_dir / name / "metrics.json").is_file():
         return
     what = ["--base"] if config is None else ["--adapters", str(run_dir / "adapters")]
+    if config is not None and row_config(config).method == "reversion":  # prompts written around its token
+        token = str(row_config(config).reversion.token)
+        prompts = reversion_prompts_file(out, relation, token, args.reversion_prompts)
+        what.append(f"evaluate.prompts_file={prompts}")
     argv = ["evaluate", "--relation", relation, *what, "--method", name, "--out", str(eval_dir), *shared,
             *args.evaluate_args]
     print("relvid", " ".join(argv), flush=True)
@@ -240,6 +276,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", default="outputs/paper", help="runs/, eval/ and tables.md go here")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="for train and evaluate")
     p.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE", help="for train only")
+    p.add_argument("--reversion-prompts", metavar="FILE", help="ReVersion's evaluation prompts, one per line with "
+                   "its token ({relation} is replaced); default: <out>/prompts/reversion.txt from REVERSION_PAIRS")
     p.add_argument("--job", type=int, help="run only this job (a SLURM array index; --list shows them)")
     p.add_argument("--list", action="store_true", help="print the jobs, one per line, and exit")
     p.add_argument("--report", action="store_true", help="only write the tables from what is evaluated")

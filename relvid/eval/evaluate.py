@@ -96,10 +96,13 @@ def generate_stage(cfg) -> list[Path]:
     info: dict = {}
     if todo:
         device = _device(cfg)
-        from relvid.components import encode_texts, load_generation_parts
+        from relvid.components import load_generation_parts
+        from relvid.inference.render import encode_prompts
 
-        # every prompt first, then T5 (~9 GB) is freed before the transformer loads
-        encoded = encode_texts(cfg.model, sorted({j.prompt for j in todo} | {settings.negative_prompt}), device)
+        # every prompt first (with a ReVersion token in place, when the adapters hold one), then T5 (~9 GB)
+        # is freed before the transformer loads
+        encoded = encode_prompts(cfg.model, sorted({j.prompt for j in todo} | {settings.negative_prompt}), device,
+                                 adapters)
         transformer, codec, _ = load_generation_parts(cfg.model, device, speed=cfg.speed, text_encoder=False)
         if adapters:
             from relvid.models.adapter_file import apply_adapter_source

@@ -18,6 +18,7 @@ from relvid.inference.sampler import sample
 from relvid.models.codecs import Codec
 from relvid.models.lora import TripletSpec, activate, active_adapters, inference_adapters
 from relvid.models.motion_inversion import MotionSpec, motion_embeddings
+from relvid.models.reversion import ReVersionSpec
 
 
 def sampling_record(settings: SamplingConfig) -> dict:
@@ -112,31 +113,33 @@ def codec_on(codec: Codec, device: str | torch.device) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def inference_scope(transformer: nn.Module, spec: TripletSpec | MotionSpec) -> Iterator[None]:
-    """Sample mid-training: inference adapters (MotionInversion: the debiased value embedding), eval mode,
-    then the training state exactly as it was.
+def inference_scope(transformer: nn.Module, spec: TripletSpec | MotionSpec | ReVersionSpec) -> Iterator[None]:
+    """Sample mid-training: inference adapters (MotionInversion: the debiased value embedding; ReVersion:
+    nothing in the transformer, its token is in the prompt's embedding), eval mode, then the training state
+    exactly as it was.
 
     Restores the active adapters, train/eval mode of every submodule, every parameter's
     requires_grad and the global CPU/CUDA random states, so a preview never shifts the training.
     """
     motion = motion_embeddings(transformer) if isinstance(spec, MotionSpec) else None
-    active = active_adapters(transformer) if motion is None else ()
+    lora = motion is None and not isinstance(spec, ReVersionSpec)
+    active = active_adapters(transformer) if lora else ()
     debiased = motion.inference if motion is not None else False
     modes = {name: m.training for name, m in transformer.named_modules()}
     grads = {name: p.requires_grad for name, p in transformer.named_parameters()}
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices):
         try:
-            if motion is None:
+            if lora:
                 activate(transformer, inference_adapters(spec))
-            else:
+            elif motion is not None:
                 motion.inference = True
             transformer.eval()
             yield
         finally:
-            if motion is None:
+            if lora:
                 activate(transformer, active)
-            else:
+            elif motion is not None:
                 motion.inference = debiased
             for name, m in transformer.named_modules():
                 m.training = modes[name]

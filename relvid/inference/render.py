@@ -211,11 +211,37 @@ def texts_to_encode(jobs: list[VideoJob], settings: SamplingConfig) -> list[str]
                                                   else set()))
 
 
+def encode_prompts(model_cfg, texts: list[str], device, adapters: str | None = None) -> dict[str, tuple]:
+    """text -> (embeds, mask) on the CPU by the model's text encoder, loaded for this call only. With a
+    ReVersion token among ``adapters`` (its file, a run's adapters/ folder or .ckpt), the prompts are
+    encoded with the learned token in place (write it in them: "A dog is <R> a cat.")."""
+    from relvid.components import encode_texts, free_memory, load_text_encoder
+
+    learned = None
+    if adapters and texts:
+        from relvid.models.adapter_file import read_reversion
+
+        learned = read_reversion(adapters)
+    if learned is None:
+        return encode_texts(model_cfg, texts, device)
+    from relvid.models.reversion import encode_with_token
+
+    spec, state = learned
+    encoder = load_text_encoder(model_cfg.text_encoder, model_cfg.text_encoder_path or model_cfg.path,
+                                device=str(device))
+    try:
+        outputs = encode_with_token(encoder, list(texts), spec, state)
+    finally:
+        del encoder
+        free_memory(device)
+    return {t: (e.cpu(), m.cpu()) for t, (e, m) in zip(texts, outputs, strict=True)}
+
+
 def sample_videos(cfg) -> list[Path]:
     """`relvid sample`: load the model (and the adapters, unless sample.base) and render every prompt x seed.
 
     ``cfg`` is the resolved config (relation, output_dir, model, sampling, sample)."""
-    from relvid.components import encode_texts, load_generation_parts
+    from relvid.components import load_generation_parts
 
     opts = cfg.sample
     adapters = choose_adapters(opts.base, opts.adapters, cfg.output_dir, cfg.relation)
@@ -226,7 +252,7 @@ def sample_videos(cfg) -> list[Path]:
     meta: dict = {"adapters_sha256": adapters_sha256(adapters), "base_weights": base_weights(cfg.model)}
     todo = pending(jobs, opts.out, cfg.sampling, meta)
     # the prompts first, then the text encoder is freed: T5-XXL never shares the GPU with the transformer
-    encoded = encode_texts(cfg.model, texts_to_encode([job for job, _ in todo], cfg.sampling), device)
+    encoded = encode_prompts(cfg.model, texts_to_encode([job for job, _ in todo], cfg.sampling), device, adapters)
     transformer, codec, _ = load_generation_parts(cfg.model, device, speed=cfg.speed, text_encoder=False)
     info: dict = {"model_path": cfg.model.path}
     if adapters:
@@ -237,7 +263,11 @@ def sample_videos(cfg) -> list[Path]:
         if source.sha256 != meta["adapters_sha256"]:
             raise InputError(f"{source.path} changed while it was loaded; run `relvid sample` again")
         info["adapters"] = source.to_dict()
-        active = "motion embeddings, value debiased" if isinstance(source.spec, MotionSpec) else "relation + ffn active"
+        from relvid.models.reversion import ReVersionSpec
+
+        active = ("motion embeddings, value debiased" if isinstance(source.spec, MotionSpec)
+                  else f"relation token {source.spec.token} in the prompts" if isinstance(source.spec, ReVersionSpec)
+                  else "relation + ffn active")
         print(f"adapters: {source.path} ({source.kind}, sha256 {source.sha256[:12]}); {active}")
     else:
         print("--base: sampling the base model without adapters")

@@ -8,7 +8,10 @@ files: both are read here, every file with weights_only=True (no code in a file 
 The triplet file is safetensors with every adapter's LoRA weights under "<adapter>/<module>.lora_A|B.weight"
 and the TripletSpec (placement, ranks, alpha, branches) as JSON metadata, so it loads without a config.
 A MotionInversion run (method=motion_inversion) writes its motion embeddings under the same name in its
-own format (relvid.models.motion_inversion); every reader here tells the two apart by the file's metadata.
+own format (relvid.models.motion_inversion), and a ReVersion run (method=reversion) its relation token
+(relvid.models.reversion); every reader here tells them apart by the file's metadata. A ReVersion token
+changes nothing in the transformer: it conditions through the prompt, so whoever encodes the prompts
+reads it with ``read_reversion`` and encodes them with ``reversion.encode_with_token``.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from torch import nn
 
 from relvid.errors import InputNotFoundError, UserError
 from relvid.files import atomic_path
-from relvid.models import motion_inversion
+from relvid.models import motion_inversion, reversion
 from relvid.models.lora import (
     LoRAConfigError,
     TripletSpec,
@@ -49,6 +52,13 @@ from relvid.models.motion_inversion import (
     is_motion_spec_dict,
     load_motion_file,
     save_motion_file,
+)
+from relvid.models.reversion import (
+    ReVersionSpec,
+    is_reversion_file,
+    is_reversion_spec_dict,
+    load_reversion_file,
+    save_reversion_file,
 )
 
 ADAPTER_FILE_NAME = "relvid_adapters.safetensors"
@@ -70,6 +80,8 @@ def save_adapter_state(
     motion embeddings in the MotionInversion format."""
     if isinstance(spec, MotionSpec):
         return save_motion_file(path, state, spec, metadata)
+    if isinstance(spec, ReVersionSpec):
+        return save_reversion_file(path, state, spec, metadata)
     path = Path(path)
     reserved = {"format", "version", "spec"} & set(metadata or {})
     if reserved:
@@ -110,6 +122,8 @@ def load_adapters(path: str | os.PathLike) -> tuple[TripletSpec, dict[str, torch
     if is_motion_file(path):
         raise LoRAConfigError(f"{path} is a MotionInversion file (motion embeddings, no LoRA weights): load it "
                               "with apply_adapter_source, or pass it to `relvid sample --adapters`")
+    if is_reversion_file(path):
+        raise LoRAConfigError(_NOT_A_TRIPLET_REVERSION.format(path=path))
     if header.get("format") != FORMAT_NAME:
         raise LoRAConfigError(
             f"{path}: not a relvid adapter file (metadata format={header.get('format')!r}, "
@@ -199,6 +213,13 @@ def adapters_from_checkpoint(path: str | Path) -> tuple[TripletSpec | MotionSpec
     if is_motion_spec_dict(meta.get("spec")):
         spec = MotionSpec.from_dict(meta["spec"])
         return spec, _motion_checkpoint_state(ckpt.get("state_dict", {}), spec, path)
+    if is_reversion_spec_dict(meta.get("spec")):
+        spec = ReVersionSpec.from_dict(meta["spec"])
+        prefix = f"{reversion.ATTR}."
+        tensors = ckpt.get("state_dict", {})
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        reversion.check_state(state, spec, str(path))
+        return spec, state
     return TripletSpec.from_dict(meta["spec"]), _lora_state(ckpt.get("state_dict", {}), path, others=False)
 
 
@@ -366,15 +387,42 @@ _NOT_A_TRIPLET = ("{path} holds MotionInversion motion embeddings, not LoRA weig
                   "diffusers LoRA form; sample it with `relvid sample --adapters {path}` (or evaluate it)")
 
 
-def _is_motion_checkpoint(path: Path) -> bool:
-    """A MotionInversion run's .ckpt file (read with weights_only=True)."""
+_NOT_A_TRIPLET_REVERSION = ("{path} holds a ReVersion relation token (a text-encoder row), not LoRA weights: it has "
+                             "no triplet and no diffusers LoRA form; sample it with `relvid sample --adapters {path}` "
+                             "(or evaluate it)")
+
+
+def _checkpoint_spec(path: Path) -> object:
+    """The spec dict of a .ckpt file (read with weights_only=True); None for a folder or an unreadable file."""
     if path.is_dir():
-        return False  # DeepSpeed folders: MotionInversion does not run under DeepSpeed
+        return None  # DeepSpeed folders: MotionInversion and ReVersion do not run under DeepSpeed
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # unreadable: adapters_from_checkpoint names the problem
-        return False
-    return isinstance(ckpt, dict) and is_motion_spec_dict((ckpt.get("relvid") or {}).get("spec"))
+        return None
+    return (ckpt.get("relvid") or {}).get("spec") if isinstance(ckpt, dict) else None
+
+
+def _is_motion_checkpoint(path: Path) -> bool:
+    """A MotionInversion run's .ckpt file."""
+    return is_motion_spec_dict(_checkpoint_spec(path))
+
+
+def _is_reversion_checkpoint(path: Path) -> bool:
+    """A ReVersion run's .ckpt file."""
+    return is_reversion_spec_dict(_checkpoint_spec(path))
+
+
+def read_reversion(source: str | os.PathLike) -> tuple[ReVersionSpec, dict[str, torch.Tensor]] | None:
+    """(spec, token vectors) when ``source`` (a file, a run's adapters/ folder or a .ckpt) holds a ReVersion
+    token; None for any other adapter source."""
+    path, kind = resolve_adapter_file(source)
+    if kind == "reversion":
+        spec, state, _ = load_reversion_file(path)
+        return spec, state
+    if kind == "checkpoint" and _is_reversion_checkpoint(path):
+        return adapters_from_checkpoint(path)
+    return None
 
 
 @dataclass(frozen=True)
@@ -382,9 +430,9 @@ class AdapterSource:
     """Which file was loaded, in which format, and its sha256 (recorded next to every video)."""
 
     path: Path
-    kind: str  # "checkpoint" | "relvid" | "motion" (a MotionInversion file) | "diffusers"
+    kind: str  # "checkpoint" | "relvid" | "motion" (a MotionInversion file) | "reversion" | "diffusers"
     sha256: str
-    spec: TripletSpec | MotionSpec | None  # None for a diffusers file (its peft config is in the file)
+    spec: TripletSpec | MotionSpec | ReVersionSpec | None  # None for a diffusers file (its peft config is in the file)
 
     def to_dict(self) -> dict:
         return {"path": str(self.path), "kind": self.kind, "sha256": self.sha256,
@@ -416,6 +464,8 @@ def resolve_adapter_file(source: str | os.PathLike) -> tuple[Path, str]:
             if (path / name).is_file():
                 if kind == "relvid" and is_motion_file(path / name):
                     return path / name, "motion"
+                if kind == "relvid" and is_reversion_file(path / name):
+                    return path / name, "reversion"
                 return path / name, kind
         if is_deepspeed_checkpoint(path):
             return path, "checkpoint"
@@ -440,6 +490,8 @@ def resolve_adapter_file(source: str | os.PathLike) -> tuple[Path, str]:
             "(loras/<relation>_stepNNNNNN.safetensors) or the run's adapters/ folder")
     if fmt == motion_inversion.FORMAT_NAME:
         return path, "motion"
+    if fmt == reversion.FORMAT_NAME:
+        return path, "reversion"
     return path, "relvid" if fmt == FORMAT_NAME else "diffusers"
 
 
@@ -451,10 +503,14 @@ def read_triplet(source: str | os.PathLike) -> tuple[TripletSpec, dict]:
                               f"triplet; pass a .ckpt, a {ADAPTER_FILE_NAME} or a run's adapters/ folder")
     if kind == "motion":
         raise LoRAConfigError(_NOT_A_TRIPLET.format(path=path))
+    if kind == "reversion":
+        raise LoRAConfigError(_NOT_A_TRIPLET_REVERSION.format(path=path))
     if kind == "checkpoint":
         spec, state = adapters_from_checkpoint(path)
         if isinstance(spec, MotionSpec):
             raise LoRAConfigError(_NOT_A_TRIPLET.format(path=path))
+        if isinstance(spec, ReVersionSpec):
+            raise LoRAConfigError(_NOT_A_TRIPLET_REVERSION.format(path=path))
         _check_state_keys(state, spec, where=str(path))  # the same checks as a triplet file, NaN included
         return spec, state
     spec, state, _ = load_adapters(path)
@@ -467,10 +523,13 @@ def apply_adapter_source(transformer: nn.Module, source: str | os.PathLike,
     ``select(spec)`` names active: by default the inference set (relation + FFN, or the direct LoRA).
     A diffusers file holds the inference set only and is loaded as it is. A MotionInversion file or
     checkpoint has no adapters to select: its embeddings are installed, the value embedding debiased as
-    its spec says (frame differencing by default)."""
+    its spec says (frame differencing by default). A ReVersion token leaves the transformer as it is: the
+    caller encodes its prompts with it (``read_reversion``, ``reversion.encode_with_token``)."""
     path, kind = resolve_adapter_file(source)
     spec = None
-    if kind == "motion" or (kind == "checkpoint" and _is_motion_checkpoint(path)):
+    if kind == "reversion" or (kind == "checkpoint" and _is_reversion_checkpoint(path)):
+        spec, _ = read_reversion(path)
+    elif kind == "motion" or (kind == "checkpoint" and _is_motion_checkpoint(path)):
         if kind == "motion":
             spec, state, _ = load_motion_file(path)
         else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -12,8 +13,8 @@ from diffusers import MochiTransformer3DModel
 from relvid.config import TinyModelConfig
 from relvid.models.weights import WeightsNotFoundError, check_diffusers_config, find_component_folder
 
-__all__ = ["WeightsNotFoundError", "find_transformer_folder", "load_transformer", "tiny_transformer",
-           "weights_variant"]
+__all__ = ["WeightsNotFoundError", "apply_storage_dtype", "find_transformer_folder", "load_transformer",
+           "parameter_bytes", "resolve_storage_dtype", "tiny_transformer", "weights_variant"]
 
 DOWNLOAD_HINT = (
     "download genmo/mochi-1-preview in diffusers format (e.g. `huggingface-cli download "
@@ -28,6 +29,32 @@ def resolve_dtype(name: str, on_gpu: bool) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if on_gpu else torch.float32
     return table[name]
+
+
+# model.storage_dtype: the frozen base's weights between uses (torch's spelling)
+STORAGE_DTYPES = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
+
+
+def resolve_storage_dtype(name: str | None) -> torch.dtype | None:
+    """None: the weights stay in the compute dtype."""
+    return None if name is None else STORAGE_DTYPES[name]
+
+
+def apply_storage_dtype(model: MochiTransformer3DModel, storage: torch.dtype, compute: torch.dtype) -> None:
+    """Keep the linear layers of `model` in `storage` and cast each one to `compute` for its own forward only
+    (diffusers' layerwise casting). Patch embedding and norms stay in `compute` (Mochi's skip list); adapters
+    injected afterwards are new modules, outside the casting, in their own dtype."""
+    model.enable_layerwise_casting(storage_dtype=storage, compute_dtype=compute)
+
+
+def parameter_bytes(tensors: Iterable[torch.Tensor]) -> dict[str, dict[str, int]]:
+    """Bytes of `tensors` (e.g. a module's parameters()) by device, then dtype: {"cuda:0": {"float8_e4m3fn": n}}."""
+    out: dict[str, dict[str, int]] = {}
+    for tensor in tensors:
+        by_dtype = out.setdefault(str(tensor.device), {})
+        name = str(tensor.dtype).removeprefix("torch.")
+        by_dtype[name] = by_dtype.get(name, 0) + tensor.numel() * tensor.element_size()
+    return out
 
 
 def find_transformer_folder(path: str | os.PathLike | None) -> Path:
@@ -72,23 +99,30 @@ def load_transformer(model_cfg, on_gpu: bool = False,
     From a folder the safetensors files are memory-mapped: on the CPU, weights stored in the wanted
     dtype are not copied, so the processes of one machine share one copy (the page cache). On a GPU
     each tensor goes straight from the file to the device, so host memory never holds the whole model.
+    With model.storage_dtype the linear layers are stored in that dtype (cast on the host, then moved) and
+    computed in model.dtype.
     """
     dtype = resolve_dtype(model_cfg.dtype, on_gpu)
+    storage = resolve_storage_dtype(getattr(model_cfg, "storage_dtype", None))
+    target = torch.device(device) if device is not None else torch.device("cpu")
     if model_cfg.preset == "tiny":
         tiny = model_cfg.tiny
         model = tiny_transformer(**{k: tiny[k] for k in tiny})
         if dtype != torch.float32:
             model = model.to(dtype)
-        if device is not None:
-            model = model.to(device)
     else:
         folder = find_transformer_folder(model_cfg.path)
         check_diffusers_config(folder, MochiTransformer3DModel, DOWNLOAD_HINT)
-        target = torch.device(device) if device is not None else torch.device("cpu")
-        placement = {} if target.type == "cpu" else {"device_map": {"": target}}
+        # With fp8 storage the weights are cast on the host (memory-mapped, one layer at a time) and only
+        # the fp8 copy goes to the GPU: loading there in bf16 first would need the bf16 model's memory.
+        placement = {} if target.type == "cpu" or storage is not None else {"device_map": {"": target}}
         model = MochiTransformer3DModel.from_pretrained(folder, torch_dtype=dtype, local_files_only=True,
                                                         low_cpu_mem_usage=True,
                                                         variant=weights_variant(folder, dtype), **placement)
+    if storage is not None:
+        apply_storage_dtype(model, storage, dtype)
+    if device is not None and (model_cfg.preset == "tiny" or storage is not None):  # else from_pretrained placed it
+        model = model.to(target)
     model.requires_grad_(False)
     if model_cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()

@@ -3,6 +3,10 @@
 Tokenization matches diffusers' MochiPipeline: at most 256 tokens, special tokens added (so every
 text ends with ``</s>``), attention mask passed to the encoder. Each embedding is then trimmed to
 its valid tokens, which is what the clip cache stores and the sampler pads again.
+
+ReVersion adds one token to the tokenizer (``add_token``: the first free id, a row the table already
+has on Mochi) and trains that row only: ``encode_learned`` runs the frozen encoder on input rows in
+which the token's row is the learned vector, so the gradient reaches that vector and nothing else.
 """
 
 from __future__ import annotations
@@ -135,4 +139,73 @@ class T5TextEncoder:
                     raise TextEncoderError(f"the T5 tokenizer gave no tokens for {text!r}: it must add </s>")
                 kept = row[valid]  # (L, D): the valid tokens, whichever side the tokenizer pads
                 out.append((kept.clone(), torch.ones(kept.shape[0], dtype=torch.bool)))
+        return out
+
+    # --- a learned token (ReVersion) -------------------------------------------------------------
+    def add_token(self, token: str) -> int:
+        """Add ``token`` to the tokenizer (once) and return its id: the row of the input table it reads.
+        The table grows only when the id lies past its rows (T5-XXL's has 28 spare rows)."""
+        if token not in self.tokenizer.get_vocab():
+            self.tokenizer.add_tokens([token])
+        token_id = int(self.tokenizer.convert_tokens_to_ids(token))
+        table = self.model.get_input_embeddings()
+        if token_id >= table.weight.shape[0]:
+            self.model.resize_token_embeddings(token_id + 1, mean_resizing=False)
+            self.model.get_input_embeddings().requires_grad_(False)
+        return token_id
+
+    def _single_id(self, word: str) -> int:
+        ids = self.tokenizer(word, add_special_tokens=False).input_ids
+        pieces = [i for i in ids if self.tokenizer.convert_ids_to_tokens(i) != "\u2581"]
+        if len(pieces) != 1:
+            raise TextEncoderError(f"{word!r} is {len(pieces)} T5 tokens, not one: reversion.init_word must be a "
+                                   "word the tokenizer keeps whole, e.g. and")
+        return int(pieces[0])
+
+    def initial_token_vectors(self, token: str, init_word: str) -> dict[str, Tensor]:
+        """The token's row taken from ``init_word``'s row of the input table (float32, CPU)."""
+        row = self.model.get_input_embeddings().weight[self._single_id(init_word)]
+        return {"embedding": row.detach().float().cpu().clone()}
+
+    def enable_checkpointing(self) -> None:
+        """Recompute each T5 block in the backward (activations of one block held at a time): how T5-XXL's
+        backward to its input rows fits beside the transformer. The weights stay frozen and dropout off."""
+        for module in self.model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.2x names it so
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self.model.train()  # transformers checkpoints only in train mode; dropout is 0 above
+
+    def encode_learned(self, texts: list[str], token: str, vectors: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(embeds (B, L, D) float32, mask (B, L)) on the encoder's device, padded to the longest text, with
+        ``token``'s input row replaced by ``vectors["embedding"]`` (differentiable with respect to it)."""
+        token_id = int(self.tokenizer.convert_tokens_to_ids(token))
+        tokens = self.tokenizer(list(texts), padding="longest", max_length=self.max_tokens, truncation=True,
+                                add_special_tokens=True, return_tensors="pt")
+        ids = tokens.input_ids.to(self.device)  # (B, L)
+        mask = tokens.attention_mask.bool().to(self.device)  # (B, L)
+        table = self.model.get_input_embeddings()
+        rows = table(ids)  # (B, L, D), frozen
+        learned = vectors["embedding"].to(self.device, rows.dtype)
+        rows = torch.where((ids == token_id)[..., None], learned.expand_as(rows), rows)
+        embeds = self.model(inputs_embeds=rows, attention_mask=mask)[0].float()
+        return embeds * mask[..., None], mask
+
+    def input_vectors(self, text: str) -> list[tuple[str, Tensor]]:
+        """(piece, its input row float32 on the CPU) for each token of ``text`` (no special tokens): the pieces
+        lower-cased without sentencepiece's word marker."""
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        table = self.model.get_input_embeddings().weight
+        out = []
+        special = set(self.tokenizer.all_special_ids)
+        for i in ids:
+            if int(i) in special:
+                continue
+            piece = self.tokenizer.convert_ids_to_tokens(int(i)).replace("\u2581", "").lower()
+            if piece:
+                out.append((piece, table[int(i)].detach().float().cpu()))
         return out

@@ -43,6 +43,18 @@ from relvid.models.motion_inversion import (
     motion_state,
     spec_for,
 )
+from relvid.models.reversion import ATTR as TOKEN_ATTR
+from relvid.models.reversion import METHOD as REVERSION
+from relvid.models.reversion import (
+    ReVersionError,
+    ReVersionSpec,
+    build_token,
+    draw_positives,
+    importance_sigmas,
+    is_reversion_spec_dict,
+    steering_loss,
+    steering_terms,
+)
 from relvid.seeding import derive_seed, generator_for
 from relvid.training.safety import check_finite_gradients, check_finite_loss
 from relvid.training.strategies import base_load_device
@@ -55,6 +67,7 @@ _SELECT_STREAM = 1
 _NOISE_STREAM = 2
 _RCL_STREAM = 3
 _GLOBAL_STREAM = 4
+_STEER_STREAM = 5
 
 
 class CheckpointMismatchError(UserError, RuntimeError):
@@ -84,16 +97,57 @@ def training_speed(cfg: DictConfig) -> DictConfig:
 
 
 def training_noise(shape: torch.Size | tuple[int, ...], seed: int, step: int, rank: int,
-                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """The noise (shape) and noise levels sigma (B,) of one training step, float32 on `device`.
+                   device: torch.device | str = "cpu",
+                   importance_alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noise (shape) and noise levels sigma (B,) of one training step, float32 on `device`; sigma
+    uniform, or with ReVersion's importance density 1 - alpha cos(pi sigma) when importance_alpha is given.
 
     Drawn on the CPU and moved, as sampling draws its noise: a CUDA generator's stream depends on the
     GPU model, so the same run would train on other noise on another GPU (or on the CPU).
     """
     gen = generator_for(seed, step, rank, _NOISE_STREAM)  # a CPU generator
     noise = torch.randn(tuple(shape), generator=gen, dtype=torch.float32)
-    sigma = sample_sigmas(shape[0], gen)  # (B,), from the same stream, after the noise
+    if importance_alpha is None:
+        sigma = sample_sigmas(shape[0], gen)  # (B,), from the same stream, after the noise
+    else:
+        sigma = importance_sigmas(shape[0], gen, float(importance_alpha))
     return noise.to(device), sigma.to(device)
+
+
+def method_of_spec(spec: dict) -> str:
+    """The method a checkpoint's or file's spec was trained with."""
+    if is_motion_spec_dict(spec):
+        return METHOD
+    return REVERSION if is_reversion_spec_dict(spec) else "lora"
+
+
+class ReVersionMemoryError(UserError, RuntimeError):
+    """A GPU too small for ReVersion's training (the transformer and T5 on it together)."""
+
+
+# Allowance for the activations of one checkpointed step at 61 x 480 x 848 (transformer + T5): an estimate, not
+# a measurement (experiments/bench measures a step on a GPU).
+REVERSION_ACTIVATION_GB = 8.0
+
+
+def reversion_memory_plan(transformer_bytes: int, text_encoder_bytes: int, total_bytes: int) -> dict[str, float]:
+    """GB of ReVersion's training on one GPU: the frozen transformer, the frozen text encoder (T5-XXL in bf16,
+    kept on the GPU: it runs in every step) and the checkpointed activations; refused when over the GPU."""
+    gb = 1024 ** 3
+    plan = {"transformer": transformer_bytes / gb, "text_encoder": text_encoder_bytes / gb,
+            "activations": REVERSION_ACTIVATION_GB}
+    plan["total"] = sum(plan.values())
+    if plan["total"] > total_bytes / gb:
+        raise ReVersionMemoryError(
+            f"method=reversion needs about {plan['total']:.0f} GB on the GPU (transformer {plan['transformer']:.1f}, "
+            f"text encoder {plan['text_encoder']:.1f}, activations {plan['activations']:.0f}), this GPU has "
+            f"{total_bytes / gb:.0f} GB: T5 runs in every step, so it cannot be offloaded between steps; train "
+            "ReVersion on a GPU of 40 GB or more (an A100 40GB, an H100)")
+    return plan
+
+
+def _module_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str, min_ratio: float,
@@ -113,14 +167,19 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str, min_r
 class RelationModule(L.LightningModule):
     """Mochi backbone + what the method learns: the relation LoRA triplet (or the direct LoRA), trained
     with hybrid mask training and RCL; or MotionInversion's motion embeddings (method=motion_inversion),
-    with RCL when rcl.enabled."""
+    with RCL when rcl.enabled; or ReVersion's relation token in the text encoder (method=reversion).
 
-    def __init__(self, cfg: DictConfig, transformer: torch.nn.Module | None = None) -> None:
+    ReVersion runs the (frozen) text encoder in the step: pass it as `text_encoder` or it is loaded from
+    the model section (T5 in bf16 when training on a GPU, moved there at fit start)."""
+
+    def __init__(self, cfg: DictConfig, transformer: torch.nn.Module | None = None, text_encoder=None) -> None:
         super().__init__()
         self.cfg = cfg
         self.motion_inversion = str(cfg.method) == METHOD
+        self.reversion = str(cfg.method) == REVERSION
         # MotionInversion's spec needs the clips' token grid: build_motion (at setup, from the cache) sets it
-        self.spec: TripletSpec | MotionSpec | None = None if self.motion_inversion else spec_from_config(cfg)
+        self.spec: TripletSpec | MotionSpec | ReVersionSpec | None = (
+            None if self.motion_inversion or self.reversion else spec_from_config(cfg))
         if transformer is None:  # each rank loads the base where its strategy keeps it (memory-mapped)
             transformer = load_transformer(cfg.model, wants_gpu(cfg), device=base_load_device(cfg))
         self.transformer = transformer
@@ -129,15 +188,56 @@ class RelationModule(L.LightningModule):
         # from_pretrained returns eval mode; LoRA dropout (lora.dropout) needs train mode.
         self.transformer.train()
         self.adapters: tuple[str, ...] = ()
-        if not self.motion_inversion:
+        self._text_encoder = None  # ReVersion's; a plain attribute: never part of the module's state
+        if self.reversion:
+            self._setup_reversion(text_encoder)
+        elif not self.motion_inversion:
             self.adapters = inject_triplet(self.transformer, self.spec)
         # the reference code's LoRA (and so its AdamW state) in bf16
-        if cfg.lora.dtype == "bf16" and not self.motion_inversion:
+        if cfg.lora.dtype == "bf16" and not self.motion_inversion and not self.reversion:
             cast_lora(self.transformer, torch.bfloat16)
         self.memory_bank = None  # attached by callbacks.MemoryBankCallback
         self.selections: list[str] = []  # the LoRA selected at each step this process ran
         self.strict_loading = False  # checkpoints hold the adapters only, not the frozen base
         self._sdpa_flags: tuple[bool, bool] | None = None  # flash / cuDNN SDPA before a deterministic run
+
+    # --- ReVersion: the relation token in the text encoder -----------------------------------------
+    def _setup_reversion(self, text_encoder) -> None:
+        rv = self.cfg.reversion
+        if text_encoder is None:
+            from relvid.components import load_text_encoder
+
+            dtype = torch.bfloat16 if wants_gpu(self.cfg) else None  # bf16 T5-XXL: ~9 GB beside the transformer
+            text_encoder = load_text_encoder(self.cfg.model.text_encoder,
+                                             self.cfg.model.text_encoder_path or self.cfg.model.path, dtype=dtype)
+        if not hasattr(text_encoder, "encode_learned"):
+            raise ReVersionError(f"method=reversion learns a token in the text encoder, which model.text_encoder="
+                                 f"{self.cfg.model.text_encoder} cannot: use t5 (or toy in the toy world)")
+        self._text_encoder = text_encoder
+        token = build_token(text_encoder, str(rv.token), str(rv.init_word))
+        setattr(self, TOKEN_ATTR, token)  # a submodule: its vectors are the run's parameters
+        self.spec = token.spec
+        if rv.text_encoder_checkpointing and hasattr(text_encoder, "enable_checkpointing"):
+            text_encoder.enable_checkpointing()
+
+    @property
+    def text_encoder(self):
+        """ReVersion's text encoder (None for the other methods)."""
+        return self._text_encoder
+
+    def _steering(self, batch_size: int, gen: torch.Generator) -> torch.Tensor:
+        """The steering loss of this step: the token against n_positives prepositions per sample (drawn from
+        `gen`) and the caption's other words of every sample, as one InfoNCE."""
+        rv = self.cfg.reversion
+        pos, neg = [], []
+        for _ in range(batch_size):
+            p, n = steering_terms(self._text_encoder, str(rv.caption), str(rv.token),
+                                  draw_positives(gen, int(rv.n_positives)))
+            pos.append(p)
+            neg.append(n)
+        relation = getattr(self, TOKEN_ATTR).embedding
+        return steering_loss(relation, torch.cat(pos).to(relation.device), torch.cat(neg).to(relation.device),
+                             float(rv.temperature))
 
     # --- MotionInversion: embeddings sized by the clips ------------------------------------------
     def build_motion(self, latent_shapes: list[tuple[int, ...]]) -> MotionSpec:
@@ -168,6 +268,8 @@ class RelationModule(L.LightningModule):
         motion embeddings."""
         if self.motion_inversion:
             return motion_parameters(self.transformer)
+        if self.reversion:
+            return dict(getattr(self, TOKEN_ATTR).named_parameters())
         return lora_parameters(self.transformer)
 
     # --- the step -------------------------------------------------------------------------
@@ -175,6 +277,8 @@ class RelationModule(L.LightningModule):
         """The LoRA group trained at `step`: the same on every rank, a pure function of the seed."""
         if self.motion_inversion:
             return "motion"  # the embeddings, every step
+        if self.reversion:
+            return "token"
         if self.spec.placement == "direct":
             return "direct"
         if not self.cfg.hmt.enabled:
@@ -220,7 +324,7 @@ class RelationModule(L.LightningModule):
         torch.manual_seed(derive_seed(seed, step, rank, _GLOBAL_STREAM))
 
         selection = self.select_lora(step)
-        if not self.motion_inversion:
+        if not self.motion_inversion and not self.reversion:
             active = adapters_for_selection(selection, self.spec)
             # hmt.unselected=zero_grad: the other adapters stay in the forward multiplied by 0 (reference code)
             zeroed = [a for a in self.adapters if a not in active] if self.cfg.hmt.unselected == "zero_grad" else []
@@ -228,15 +332,29 @@ class RelationModule(L.LightningModule):
         self.selections.append(selection)
 
         z0 = batch["latents"].float()  # (B, C, f, h, w), drawn from the cached posterior
-        noise, sigma = training_noise(z0.shape, seed, step, rank, z0.device)  # (B, C, f, h, w), (B,)
+        rv = self.cfg.reversion
+        alpha = float(rv.importance_alpha) if self.reversion and rv.importance_sampling else None
+        noise, sigma = training_noise(z0.shape, seed, step, rank, z0.device, alpha)  # (B, C, f, h, w), (B,)
         z_sigma = noisy_latents(z0, noise, sigma)
         target = velocity_target(z0, noise)
-        pred = self(z_sigma, model_timestep(sigma), batch["text_embeds"], batch["text_mask"])
+        text_embeds, text_mask = batch["text_embeds"], batch["text_mask"]
+        if self.reversion:  # the caption through the frozen encoder, the token's vectors learned
+            token = getattr(self, TOKEN_ATTR)
+            text_embeds, text_mask = self._text_encoder.encode_learned([str(rv.caption)] * z0.shape[0],
+                                                                       str(rv.token), token.vectors())
+            text_embeds, text_mask = text_embeds.to(z0.device), text_mask.to(z0.device)
+        pred = self(z_sigma, model_timestep(sigma), text_embeds, text_mask)
 
         mask = self._hybrid_mask(selection, batch, sigma)
         loss_rec = masked_flow_loss(pred.float(), target, mask, float(self.cfg.hmt.lambda_m), self.cfg.hmt.weighting)
         loss = loss_rec
         out: dict[str, Any] = {"clip_index": batch["clip_index"]}
+
+        if self.reversion and float(rv.steer_weight) > 0:
+            steer_gen = torch.Generator().manual_seed(derive_seed(seed, step, rank, _STEER_STREAM))
+            loss_steer = self._steering(z0.shape[0], steer_gen)
+            loss = loss + float(rv.steer_weight) * loss_steer
+            self.log("train/loss_steer", loss_steer.detach(), on_step=True)
 
         rcl = self.cfg.rcl
         if rcl.enabled:
@@ -271,6 +389,11 @@ class RelationModule(L.LightningModule):
 
     # --- deterministic mode (trainer.deterministic) ---------------------------------------------
     def on_fit_start(self) -> None:
+        if self.reversion and hasattr(self._text_encoder, "model"):
+            if self.device.type == "cuda":
+                total = torch.cuda.get_device_properties(self.device).total_memory
+                reversion_memory_plan(_module_bytes(self.transformer), _module_bytes(self._text_encoder.model), total)
+            self._text_encoder.model.to(self.device)  # it runs in every step: it stays on the GPU
         if self.cfg.trainer.deterministic and self.device.type == "cuda":
             # speed.attention=diffusers leaves the kernel to SDPA: keep to those with a deterministic
             # backward (the packed path names its own: training_speed)
@@ -298,6 +421,8 @@ class RelationModule(L.LightningModule):
         # the parameter entirely: no momentum and no weight decay for LoRAs that were not selected.
         if self.motion_inversion:
             params = list(motion_parameters(self.transformer).values())
+        elif self.reversion:
+            params = list(self.trained_parameters().values())
         else:
             trained = [a for a in adapter_names(self.spec) if a not in set(self.cfg.lora.frozen)]
             params = list(lora_parameters(self.transformer, trained).values())
@@ -317,7 +442,8 @@ class RelationModule(L.LightningModule):
 
     # --- checkpoints: adapters + training state, never the frozen base ---------------------
     def trainable_keys(self) -> list[str]:
-        return [f"transformer.{name}" for name in self.trained_parameters()]
+        prefix = TOKEN_ATTR if self.reversion else "transformer"
+        return [f"{prefix}.{name}" for name in self.trained_parameters()]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = set(self.trainable_keys())
@@ -334,14 +460,16 @@ class RelationModule(L.LightningModule):
         meta = checkpoint.get("relvid")
         if meta is None:
             raise CheckpointMismatchError("checkpoint has no 'relvid' section: it was not written by relvid train")
-        if is_motion_spec_dict(meta["spec"]) != self.motion_inversion:
-            saved_method = "lora" if self.motion_inversion else METHOD
+        saved_method = method_of_spec(meta["spec"])
+        if saved_method != str(self.cfg.method):
             raise CheckpointMismatchError(f"the checkpoint was trained with method={saved_method}, this run has "
                                           f"method={self.cfg.method}: set method as in the checkpoint's config")
-        saved = MotionSpec.from_dict(meta["spec"]) if self.motion_inversion else TripletSpec.from_dict(meta["spec"])
+        kind = {METHOD: MotionSpec, REVERSION: ReVersionSpec}.get(saved_method, TripletSpec)
+        saved = kind.from_dict(meta["spec"])
         if saved != self.spec:
-            what = "motion embeddings" if self.motion_inversion else "LoRA spec"
-            keys = "motion_inversion.* (and the same clip cache)" if self.motion_inversion else "lora.*"
+            what, keys = {METHOD: ("motion embeddings", "motion_inversion.* (and the same clip cache)"),
+                          REVERSION: ("relation token", "reversion.* and model.text_encoder")}.get(
+                              saved_method, ("LoRA spec", "lora.*"))
             raise CheckpointMismatchError(
                 f"checkpoint {what} {saved} differs from the configured {self.spec}: set {keys} as in the "
                 "checkpoint's config (saved under checkpoint['relvid']['config'])"
@@ -364,10 +492,14 @@ class RelationModule(L.LightningModule):
         if self.motion_inversion:
             motion_embeddings(self.transformer).inference = True
             return
+        if self.reversion:
+            return  # nothing in the transformer: the token conditions through the prompt's embedding
         activate(self.transformer, inference_adapters(self.spec))
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """What the run's file holds: adapter_state_dict, or the motion embeddings ("temporal.<block>", ...)."""
         if self.motion_inversion:
             return motion_state(self.transformer)
+        if self.reversion:
+            return {k: v.detach().to("cpu", copy=True) for k, v in self.trained_parameters().items()}
         return adapter_state_dict(self.transformer)

@@ -190,6 +190,60 @@ warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # inside Lightning
 
 
+RUN_INFO_NAME = "run_info.json"
+
+
+class RunInfo(L.Callback):
+    """<output_dir>/run_info.json when training starts (the model on its device, a resumed run's step
+    restored, before the first step): the transformer's parameter bytes by device and dtype, all of them and
+    those trained, so a user sees where the base is and in what dtype it is stored (model.storage_dtype)."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / RUN_INFO_NAME
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import json
+
+        import torch
+
+        from relvid.files import atomic_write
+        from relvid.models.backbone import parameter_bytes
+
+        if not trainer.is_global_zero:
+            return
+        transformer = pl_module.transformer
+        trained = pl_module.trained_parameters()
+        model = pl_module.cfg.model
+        info = {
+            "step": int(trainer.global_step),
+            "transformer": {
+                # the dtype each layer computes in, and the one the base's linear weights are kept in between uses
+                "compute_dtype": str(getattr(transformer, "dtype", "")).removeprefix("torch."),
+                "storage_dtype": model.storage_dtype,
+                "parameter_bytes": parameter_bytes(transformer.parameters()),
+                "trained_parameter_bytes": parameter_bytes(trained.values()),
+                "parameters": sum(p.numel() for p in transformer.parameters()),
+                "trained_parameters": sum(p.numel() for p in trained.values()),
+            },
+            "torch": torch.__version__,
+        }
+        atomic_write(self.path, json.dumps(info, indent=2) + "\n")
+
+
+def skip_stored_base_in_ddp_sync(module: L.LightningModule) -> None:
+    """DDP broadcasts every parameter from rank 0 when it wraps the model, and gloo (and older NCCL) cannot
+    send fp8 tensors. The base stored in model.storage_dtype is frozen and loaded alike on every rank, so
+    DDP leaves those parameters out."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from relvid.models.backbone import resolve_storage_dtype
+
+    storage = resolve_storage_dtype(module.cfg.model.storage_dtype)
+    if storage is not None:
+        stored = [name for name, p in module.named_parameters() if p.dtype == storage and not p.requires_grad]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, stored)
+
+
 def optional_callbacks(cfg: DictConfig) -> list[L.Callback]:
     """Previews and judged relation accuracy, when their every_n_steps is set."""
     out: list[L.Callback] = []
@@ -275,6 +329,7 @@ def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -
                         every_n_train_steps=int(cfg.trainer.checkpoint_every), save_top_k=-1, save_last=True),
         CrashCheckpoint(checkpoint_dir(cfg)),
         StopOnSignal(checkpoint_dir(cfg)),
+        RunInfo(out),
         *extra_callbacks,
     ]
     if cfg.trainer.progress_bar:
@@ -335,6 +390,7 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> Path:
         name = "config.yaml" if ckpt_path is None else f"config.resume-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
         save_config(cfg, out / name, command="train")
     module = RelationModule(cfg)
+    skip_stored_base_in_ddp_sync(module)
     check_cache_fits_model(datamodule.dataset.records, module.transformer, cfg.data.cache_dir)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)

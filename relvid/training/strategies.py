@@ -162,7 +162,8 @@ def full_adapter_state(trainer, module) -> dict[str, torch.Tensor]:
 
     from relvid.models.lora import adapter_state_dict, lora_parameters
 
-    if getattr(module, "motion_inversion", False):  # its embeddings, whole: it runs on one device or under DDP only
+    # MotionInversion's embeddings, ReVersion's token: whole, they run on one device or under DDP only
+    if getattr(module, "motion_inversion", False) or getattr(module, "reversion", False):
         return module.adapter_state()
     context = contextlib.nullcontext()  # FSDP keeps the LoRA whole (ignored_states): nothing to gather
     if getattr(trainer.strategy, "zero_stage_3", False) is True:

@@ -40,7 +40,7 @@ def test_every_row_of_tables_1_to_7_has_a_config_and_equal_rows_share_a_run(pape
     cfg = load_config([paper.TRAIN_BASE, paper.HERE / "table4/motion_inversion_rcl.yaml"])
     assert cfg.method == "motion_inversion" and cfg.rcl.enabled and cfg.trainer.max_steps == 3000
     assert (cfg.optim.lr, cfg.optim.weight_decay) == (2e-4, 0.01)
-    assert len({names[r.config] for _, rows in paper.TABLES.values() for r in rows if r.config}) == 21
+    assert len({names[r.config] for _, rows in paper.TABLES.values() for r in rows if r.config}) == 22
 
 
 def test_table_4_end_to_end_on_tiny_models(paper, tmp_path, random_cache, chat_server):

@@ -70,9 +70,17 @@ def test_relvid_sample_uses_the_speed_section(tmp_path, monkeypatch):
         videos[name] = read_video(next(out.glob("*.mp4")))
     assert processors(built[0]) == {PackedMochiAttnProcessor}
     assert processors(built[1]) == {MochiAttnProcessor2_0}
-    # the same video up to float rounding and mp4 coding
+    # the two transformers agree to float rounding ...
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, built[0].config.in_channels, 2, 4, 4, generator=g),
+                  encoder_hidden_states=torch.randn(1, 5, built[0].config.text_embed_dim, generator=g),
+                  timestep=torch.tensor([500.0]), encoder_attention_mask=torch.tensor([[1, 1, 1, 0, 0]]).bool(),
+                  return_dict=False)
+    with torch.no_grad():
+        assert torch.allclose(built[0](**inputs)[0], built[1](**inputs)[0], atol=1e-5)
+    # ... so the videos agree up to mp4 coding, where a pixel rounded the other way can move a whole block
     difference = (videos["packed"].float() - videos["diffusers"].float()).abs()
-    assert difference.mean() < 0.1 and difference.max() <= 16
+    assert difference.mean() < 4
 
 
 @pytest.fixture(scope="module")

@@ -87,8 +87,9 @@ def test_relvid_trains_what_the_reference_code_trains(tmp_path, random_cache, lo
     optimizer = reference_optimizer(ordered, lr=LR, weight_decay=float(cfg.optim.weight_decay))
     scheduler = reference_scheduler(optimizer, warmup_steps=WARMUP, total_steps=HORIZON)
     bank = ReferenceBank(int(cfg.rcl.positive_videos), int(cfg.rcl.negative_frames))
-    # fp32: float rounding only (a step moves a weight by ~1e-3; measured worst 4e-8); bf16: ~2 bf16 ulps
-    loss_tol, param_atol = (1e-5, 1e-7) if lora_dtype == "fp32" else (2e-3, 4e-5)
+    # fp32: float rounding only (a step moves a weight by ~1e-3; measured worst 4e-8 with 2 threads, more with
+    # 1, where reductions run in another order); bf16: ~2 bf16 ulps
+    loss_tol, param_atol = (1e-5, 1e-6) if lora_dtype == "fp32" else (2e-3, 4e-5)
 
     moved_while_unselected = set()
     for step, selection in enumerate(SELECTIONS):
