@@ -3,6 +3,7 @@ classifies the relation from their tracks. Model-free, so every paper metric has
 
 - Colour: each foreground pixel (far from the frame's background colour) takes the nearest toy
   colour, if near enough. A subject is present when its colour covers enough pixels in most frames.
+- Colour fidelity (colours_ok): both prompted colours present and no exemplar-coloured shape.
 - Shape: the subject's pixels in frames where the two are apart are matched (IoU) against each
   toy shape rendered over a small grid of centres and radii; the majority over frames wins.
 - Relation: tracks of the two objects in the frame, whatever their colour (relation accuracy and
@@ -43,6 +44,12 @@ class Judgement:
     subjects_ok: bool  # both subjects present with the prompted colour and shape
     leakage: bool  # an exemplar-coloured subject appears although the prompt has none
     tracks: Tensor | None = field(default=None, repr=False)  # (2, T, 2) centroids (x, y)
+
+    @property
+    def colours_ok(self) -> bool:
+        """Colour fidelity: both prompted colours present and no exemplar-coloured shape leaked in
+        (shapes not asked: a looser bar than subjects_ok, which the base's blob shapes rarely pass)."""
+        return all(self.present) and not self.leakage
 
 
 def _palette() -> tuple[list[str], Tensor]:

@@ -1,14 +1,16 @@
 """The judge on rendered ground truth: relations right, generic motion not taken for a relation,
-subjects (colour + shape) recognised, exemplar-coloured shapes reported as leakage."""
+subjects (colour + shape) recognised, exemplar-coloured shapes reported as leakage, colour fidelity
+(the prompted colours, no exemplar shape) apart from the shapes."""
 
 import random
 
 import pytest
 import torch
 
+from relvid.toy.drivers import evaluate
 from relvid.toy.judge import judge
 from relvid.toy.render import EXEMPLAR_STAGING, draw, render_clip
-from relvid.toy.world import GENERIC_MOTIONS, RELATIONS, Subject, all_subjects
+from relvid.toy.world import COLOURS, EXEMPLAR_COLOUR, GENERIC_MOTIONS, RELATIONS, Subject, all_subjects
 
 
 def pairs(n: int, seed: int, allow_white: bool = True) -> list[tuple[Subject, Subject]]:
@@ -76,3 +78,37 @@ def test_noise_does_not_fool_the_judge():
     noisy = (clip.video + 0.1 * torch.randn(clip.video.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
     verdict = judge(noisy, a, b)
     assert verdict.relation == "swapping" and verdict.subjects_ok
+
+
+def test_colour_fidelity_asks_the_colours_and_no_exemplar_shape_not_the_shapes():
+    red_circle, blue_square = Subject("red", "circle"), Subject("blue", "square")
+    clip = render_clip("approaching", red_circle, blue_square, 7)
+    right = judge(clip.video, red_circle, blue_square)
+    assert right.colours_ok and right.subjects_ok
+    # the prompted colours with other shapes: colour fidelity holds where subject fidelity fails
+    wrong_shapes = judge(clip.video, Subject("red", "cross"), Subject("blue", "triangle"))
+    assert wrong_shapes.colours_ok and not wrong_shapes.subjects_ok
+    # a prompted colour absent: neither
+    absent = judge(clip.video, red_circle, Subject("green", "square"))
+    assert not absent.colours_ok and absent.present == (True, False)
+    # both prompted colours present and an exemplar-white square in a corner of every frame: leakage,
+    # so no colour fidelity, although both subjects are still found
+    leaked = clip.video.clone()  # (3, T, H, W) in [-1, 1]
+    leaked[:, :, 1:6, 1:6] = torch.tensor(COLOURS[EXEMPLAR_COLOUR])[:, None, None, None] * 2 - 1
+    verdict = judge(leaked, red_circle, blue_square)
+    assert all(verdict.present) and verdict.leakage and not verdict.colours_ok
+
+
+def test_per_video_records_hold_every_metric_and_average_to_the_metrics():
+    prompts = evaluate.test_prompts("approaching", 2)
+    videos = [render_clip("approaching", p.s1, p.s2, i).video for i, p in enumerate(prompts)]
+    videos[1] = torch.zeros_like(videos[1])  # a blank video: nothing present
+    metrics, records, verdicts = evaluate.score_videos(videos, prompts)
+    assert set(metrics) == set(evaluate.METRICS) and "colour_fidelity" in evaluate.METRICS
+    assert [r["prompt"] for r in records] == [p.text for p in prompts]
+    assert [r["seed"] for r in records] == [p.seed for p in prompts]
+    assert records[0]["colour_fidelity"] and not records[1]["colour_fidelity"]
+    assert metrics["colour_fidelity"] == 0.5 and records[1]["present"] == [False, False]
+    for m in evaluate.METRICS:
+        assert metrics[m] == pytest.approx(sum(float(r[m]) for r in records) / 2)
+    assert metrics == evaluate.score(videos, prompts)[0] and [v.colours_ok for v in verdicts] == [True, False]

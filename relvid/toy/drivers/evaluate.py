@@ -2,8 +2,10 @@
 
 Metrics (fractions, toy counterparts of the paper's): relation accuracy (judged relation == the
 prompted one), subject fidelity (both prompted subjects with the right colour and shape, CLIP-T's
-role), appearance leakage (an exemplar-coloured shape in a video whose prompt has none) and
-temporal consistency (mean cosine similarity of consecutive frames, relvid.eval.metrics).
+role), colour fidelity (both prompted colours present and no exemplar-coloured shape: subject
+fidelity without the shapes, which the committed base rarely draws), appearance leakage (an
+exemplar-coloured shape in a video whose prompt has none) and temporal consistency (mean cosine
+similarity of consecutive frames, relvid.eval.metrics).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from relvid.toy.world import FPS, FRAMES, RELATIONS, SIZE, Subject, relation_cap
 
 # The toy world's sampling: fewer Euler steps than Mochi's 64 (the toy base converges sooner).
 TOY_SAMPLING = SamplingConfig(num_steps=24, guidance_scale=4.0, frames=FRAMES, height=SIZE, width=SIZE, fps=FPS)
-METRICS = ("relation_accuracy", "subject_fidelity", "appearance_leakage", "temporal_consistency")
+METRICS = ("relation_accuracy", "subject_fidelity", "colour_fidelity", "appearance_leakage", "temporal_consistency")
 _SAMPLE_STREAM = 301
 
 
@@ -80,18 +82,40 @@ def frame_similarity(video: Tensor) -> float:
     return temporal_consistency(video.float().flatten(1) / 255.0)  # (T, H*W*3)
 
 
-def score(videos: list[Tensor], prompts: list[TestPrompt]) -> tuple[dict[str, float], list[Judgement]]:
-    """The four metrics over a set of generated videos, and each video's judgement."""
+def video_record(video: Tensor, prompt: TestPrompt, verdict: Judgement) -> dict:
+    """One video's verdict as plain data: its prompt and sampling seed, what the judge saw, and
+    every metric for this video alone (a bool, or temporal consistency as a float)."""
+    return {
+        "prompt": prompt.text, "seed": prompt.seed, "judged_relation": verdict.relation,
+        "present": list(verdict.present), "shapes": list(verdict.shapes),
+        "relation_accuracy": verdict.relation == prompt.relation,
+        "subject_fidelity": verdict.subjects_ok,
+        "colour_fidelity": verdict.colours_ok,
+        "appearance_leakage": verdict.leakage,
+        "temporal_consistency": frame_similarity(video),
+    }
+
+
+def metrics_of(records: list[dict]) -> dict[str, float]:
+    """The metrics of a set of videos: each one's mean over the per-video records (video_record)."""
+    if not records:
+        raise ValueError("metrics_of: no videos")
+    return {m: sum(float(r[m]) for r in records) / len(records) for m in METRICS}
+
+
+def score_videos(videos: list[Tensor], prompts: list[TestPrompt]) -> tuple[dict[str, float], list[dict],
+                                                                          list[Judgement]]:
+    """The metrics over a set of generated videos, each video's record (video_record) and judgement."""
     if len(videos) != len(prompts) or not videos:
         raise ValueError(f"score: {len(videos)} videos for {len(prompts)} prompts")
     verdicts = [judge(v, p.s1, p.s2) for v, p in zip(videos, prompts, strict=True)]
-    n = len(videos)
-    metrics = {
-        "relation_accuracy": sum(j.relation == p.relation for j, p in zip(verdicts, prompts, strict=True)) / n,
-        "subject_fidelity": sum(j.subjects_ok for j in verdicts) / n,
-        "appearance_leakage": sum(j.leakage for j in verdicts) / n,
-        "temporal_consistency": sum(frame_similarity(v) for v in videos) / n,
-    }
+    records = [video_record(v, p, j) for v, p, j in zip(videos, prompts, verdicts, strict=True)]
+    return metrics_of(records), records, verdicts
+
+
+def score(videos: list[Tensor], prompts: list[TestPrompt]) -> tuple[dict[str, float], list[Judgement]]:
+    """The metrics over a set of generated videos, and each video's judgement."""
+    metrics, _, verdicts = score_videos(videos, prompts)
     return metrics, verdicts
 
 
