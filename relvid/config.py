@@ -696,18 +696,23 @@ def _check_method(cfg: DictConfig) -> None:
     _check_reversion(cfg)
     if cfg.method != "motion_inversion":
         return
-    why = "method=motion_inversion learns motion embeddings with the base frozen and no LoRA"
+    _require_no_lora(cfg, "method=motion_inversion learns motion embeddings with the base frozen and no LoRA",
+                     "configs/baselines/motion_inversion.yaml")
+    _require(str(cfg.trainer.strategy) in ("auto", "ddp"), "trainer.strategy",
+             f"{cfg.trainer.strategy} is not supported with method=motion_inversion (its embeddings are kept whole "
+             "on every rank, which the fsdp and deepspeed presets do for LoRAs only): use ddp or auto")
+
+
+def _require_no_lora(cfg: DictConfig, why: str, preset: str) -> None:
+    """The LoRA keys a method without LoRAs (motion_inversion, reversion) refuses, each named with
+    ``why`` and the preset file that sets it right."""
     _require(not cfg.hmt.enabled, "hmt.enabled", f"{why}, so there is no LoRA to select and no hybrid mask "
-             "loss: set hmt.enabled=false (configs/baselines/motion_inversion.yaml does)")
+             f"loss: set hmt.enabled=false ({preset} does)")
     _require(cfg.lora.placement != "direct", "lora.placement",
              f"direct names the Direct-LoRA baseline; {why}: drop lora.placement=direct")
     _require(not list(cfg.lora.frozen), "lora.frozen", f"{why}, so there is no adapter to freeze: drop lora.frozen")
     _require(not list(cfg.trainer.lora_formats), "trainer.lora_formats",
-             f"{why}, so there is no LoRA to write at checkpoints: set trainer.lora_formats=[] "
-             "(configs/baselines/motion_inversion.yaml does)")
-    _require(str(cfg.trainer.strategy) in ("auto", "ddp"), "trainer.strategy",
-             f"{cfg.trainer.strategy} is not supported with method=motion_inversion (its embeddings are kept whole "
-             "on every rank, which the fsdp and deepspeed presets do for LoRAs only): use ddp or auto")
+             f"{why}, so there is no LoRA to write at checkpoints: set trainer.lora_formats=[] ({preset} does)")
 
 
 def _check_reversion(cfg: DictConfig) -> None:
@@ -725,16 +730,9 @@ def _check_reversion(cfg: DictConfig) -> None:
     if cfg.method != "reversion":
         return
     why = "method=reversion learns one text token with the transformer frozen and no LoRA"
-    _require(not cfg.hmt.enabled, "hmt.enabled", f"{why}, so there is no LoRA to select and no hybrid mask "
-             "loss: set hmt.enabled=false (configs/baselines/reversion.yaml does)")
+    _require_no_lora(cfg, why, "configs/baselines/reversion.yaml")
     _require(not cfg.rcl.enabled, "rcl.enabled", f"{why}; its contrastive term is the steering loss "
              "(reversion.steer_weight): set rcl.enabled=false (configs/baselines/reversion.yaml does)")
-    _require(cfg.lora.placement != "direct", "lora.placement",
-             f"direct names the Direct-LoRA baseline; {why}: drop lora.placement=direct")
-    _require(not list(cfg.lora.frozen), "lora.frozen", f"{why}, so there is no adapter to freeze: drop lora.frozen")
-    _require(not list(cfg.trainer.lora_formats), "trainer.lora_formats",
-             f"{why}, so there is no LoRA to write at checkpoints: set trainer.lora_formats=[] "
-             "(configs/baselines/reversion.yaml does)")
     _require(cfg.data.caption_dropout == 0, "data.caption_dropout",
              f"{why} from its caption (reversion.caption), which every step must see: set data.caption_dropout=0")
     _require(str(cfg.trainer.strategy) in ("auto", "ddp"), "trainer.strategy",

@@ -82,3 +82,15 @@ def swap_in_folder(new: str | os.PathLike, target: str | os.PathLike) -> Path:
     if old.exists():
         shutil.rmtree(old)
     return target
+
+
+def read_safetensors(path: str | os.PathLike, error: type[Exception]) -> tuple[dict[str, str], dict]:
+    """(metadata, tensors) of a safetensors file; ``error`` naming the file when it cannot be read
+    (truncated, not safetensors). The adapter, MotionInversion and ReVersion files all read this way."""
+    import safetensors
+
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except safetensors.SafetensorError as err:
+        raise error(f"{path}: not a readable safetensors file ({err})") from None

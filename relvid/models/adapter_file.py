@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from relvid.errors import InputNotFoundError, UserError
-from relvid.files import atomic_path
+from relvid.files import atomic_path, read_safetensors
 from relvid.models import motion_inversion, reversion
 from relvid.models.lora import (
     LoRAConfigError,
@@ -113,12 +113,7 @@ def load_adapters(path: str | os.PathLike) -> tuple[TripletSpec, dict[str, torch
     path = Path(path)
     if not path.is_file():
         raise InputNotFoundError(f"adapter file not found: {path}")
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            header = dict(f.metadata() or {})
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except safetensors.SafetensorError as e:
-        raise LoRAConfigError(f"{path}: not a readable safetensors file ({e})") from e
+    header, state = read_safetensors(path, LoRAConfigError)
     if is_motion_file(path):
         raise LoRAConfigError(f"{path} is a MotionInversion file (motion embeddings, no LoRA weights): load it "
                               "with apply_adapter_source, or pass it to `relvid sample --adapters`")

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from relvid.errors import InputNotFoundError, UserError
-from relvid.files import atomic_path
+from relvid.files import atomic_path, read_safetensors
 
 # the attribute of the transformer that holds the embeddings (its parameters: "motion_embeddings.*")
 ATTR = "motion_embeddings"
@@ -332,12 +332,7 @@ def load_motion_file(path: str | os.PathLike) -> tuple[MotionSpec, dict[str, Ten
     path = Path(path)
     if not path.is_file():
         raise InputNotFoundError(f"motion embedding file not found: {path}")
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            header = dict(f.metadata() or {})
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except safetensors.SafetensorError as err:
-        raise MotionInversionError(f"{path}: not a readable safetensors file ({err})") from None
+    header, state = read_safetensors(path, MotionInversionError)
     if header.get("format") != FORMAT_NAME:
         raise MotionInversionError(f"{path}: not a MotionInversion file (metadata format={header.get('format')!r})")
     if header.get("version") != FORMAT_VERSION:

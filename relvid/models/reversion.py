@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from relvid.errors import InputNotFoundError, UserError
-from relvid.files import atomic_path
+from relvid.files import atomic_path, read_safetensors
 
 METHOD = "reversion"
 FORMAT_NAME = "relvid-reversion"
@@ -248,9 +248,7 @@ def load_reversion_file(path: str | os.PathLike) -> tuple[ReVersionSpec, dict[st
     path = Path(path)
     if not path.is_file():
         raise InputNotFoundError(f"ReVersion file not found: {path}")
-    with safetensors.safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    meta, state = read_safetensors(path, ReVersionError)  # a truncated file: a ReVersionError naming it
     if meta.get("format") != FORMAT_NAME:
         raise ReVersionError(f"{path} is not a ReVersion file (format {meta.get('format')!r})")
     if meta.get("version") != FORMAT_VERSION:

@@ -148,3 +148,11 @@ def test_a_gpu_too_small_for_t5_beside_the_transformer_is_refused():
     assert plan["total"] == pytest.approx(37.5)
     with pytest.raises(ReVersionMemoryError, match="24 GB"):
         reversion_memory_plan(20 * gb, int(9.5 * gb), 24 * gb)
+
+
+def test_a_truncated_reversion_file_is_named(tmp_path):
+    from relvid.models.reversion import ReVersionError, load_reversion_file
+
+    (tmp_path / "token.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\"")
+    with pytest.raises(ReVersionError, match=r"token.safetensors: not a readable safetensors file"):
+        load_reversion_file(tmp_path / "token.safetensors")
