@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from relvid.errors import InputNotFoundError, UserError
 from relvid.files import atomic_path, read_safetensors
+from relvid.models.attention import mochi_blocks
 
 # the attribute of the transformer that holds the embeddings (its parameters: "motion_embeddings.*")
 ATTR = "motion_embeddings"
@@ -196,26 +197,18 @@ def _v_input(motion: MotionEmbeddings, block: int, module: nn.Module, args: tupl
     return (motion.add_value(block, args[0]), *args[1:])
 
 
-def _mochi_blocks(transformer: nn.Module) -> list[nn.Module]:
-    blocks = getattr(transformer, "transformer_blocks", None)
-    if blocks is None:
-        raise TypeError("expected a MochiTransformer3DModel (with transformer_blocks), got "
-                        f"{type(transformer).__name__}")
-    return list(blocks)
-
-
 def spec_for(transformer: nn.Module, blocks: list[int] | None, frames: int, latent_height: int, latent_width: int,
              stride: int, inference: str = "frame_difference") -> MotionSpec:
     """The spec for `transformer` trained on clips of (frames, latent_height, latent_width) latents; blocks
     None or empty: every block. Refuses block indices the model does not have, naming the key."""
-    count = len(_mochi_blocks(transformer))
+    count = len(mochi_blocks(transformer))
     chosen = list(range(count)) if not blocks else [int(b) for b in blocks]
     bad = [b for b in chosen if not 0 <= b < count]
     if bad:
         raise MotionInversionError(f"motion_inversion.blocks: {bad} are not blocks of this model, which has "
                                    f"{count} (0 .. {count - 1}); leave it empty for every block")
     patch = int(transformer.config.patch_size)
-    first = _mochi_blocks(transformer)[0].attn1.to_q
+    first = mochi_blocks(transformer)[0].attn1.to_q
     return MotionSpec(blocks=tuple(chosen), frames=int(frames), height=int(latent_height) // patch,
                       width=int(latent_width) // patch, stride=int(stride), channels=int(first.in_features),
                       inference=inference)
@@ -232,7 +225,7 @@ def inject_motion_embeddings(transformer: nn.Module, spec: MotionSpec) -> Motion
     `motion_embeddings` and forward pre-hooks on the chosen blocks' vision to_q, to_k and to_v."""
     if motion_embeddings(transformer) is not None:
         raise MotionInversionError("this transformer already has motion embeddings; install them once")
-    blocks = _mochi_blocks(transformer)
+    blocks = mochi_blocks(transformer)
     bad = [b for b in spec.blocks if b >= len(blocks)]
     if bad:
         raise MotionInversionError(f"motion embeddings for blocks {bad}, but the model has {len(blocks)} blocks: "
