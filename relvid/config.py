@@ -62,6 +62,14 @@ class ModelConfig:
     # layer's forward (Mochi: 11.9 GiB of weights instead of 18.7): null (stored in model.dtype) |
     # float8_e4m3fn | float8_e5m2. LoRA weights keep lora.dtype. See docs/memory.md.
     storage_dtype: Optional[str] = None
+    # Block offload of the frozen base: none | blocks (the transformer blocks after the first
+    # model.resident_blocks wait off the GPU and come onto it one block at a time for their forward; LoRA
+    # weights stay on the GPU). Not with trainer.strategy ddp/fsdp/deepspeed_*, nor speed.compile.
+    offload: str = "none"
+    resident_blocks: int = 0  # blocks that stay on the GPU with model.offload=blocks (Mochi has 48)
+    # null: offloaded blocks wait in pinned host memory; a folder: they are written there (a fresh
+    # subfolder per load, removed at exit) and read back for each use, for hosts short of RAM
+    offload_dir: Optional[str] = None
     gradient_checkpointing: bool = True
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     # Codec and text encoder for previews and sampling (training reads cached latents and
@@ -200,6 +208,10 @@ class WandbConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = 2400
+    # batches (micro-batches) per optimizer step: the effective batch is data.batch_size x this x the devices;
+    # optim.lr is used as set (not scaled with it); every step count (max_steps, checkpoint_every, warm-up) counts
+    # optimizer steps
+    accumulate_grad_batches: int = 1
     accelerator: str = "auto"
     devices: Any = "auto"
     num_nodes: int = 1
@@ -256,6 +268,9 @@ class SamplingConfig:
     # (diffusers' MochiPipeline; "" is one </s> token) | zeros: no text tokens at all (reference code,
     # like training's caption dropout; the negative prompt must then be empty)
     null_condition: str = "encoded"
+    # decode the VAE in overlapping spatial tiles (256 px, stride 192): lower peak memory at 61x480x848,
+    # at some speed cost; false decodes whole frames (more memory)
+    vae_tiling: bool = True
 
     def __post_init__(self) -> None:  # settings built in code are checked like a config's
         _check_sampling(self, "sampling")
@@ -295,7 +310,8 @@ class PreviewConfig:
 
     every_n_steps: int = 0  # 0 disables previews
     # Prompts whose embeddings are in the cache's prompts.safetensors; empty: the cache's first
-    # max_prompts prompts. The negative prompt must be in the cache too ("" always is).
+    # max_prompts prompts. The negative prompt must be in the cache too ("" always is). method=reversion:
+    # prompts that carry reversion.token, encoded at each preview with its current vectors (empty: reversion.caption).
     prompts: List[str] = field(default_factory=list)
     max_prompts: int = 2
     seed: int = 0  # one fixed noise per prompt: previews at different steps are comparable
@@ -392,7 +408,8 @@ class PreprocessConfig:
     progress: bool = True
 
 
-ANALYZE_SUBSETS = ("none", "relation+ffn", "subjects+ffn", "all")
+ANALYZE_SUBSETS = ("none", "relation+ffn", "subjects+ffn", "all")  # the default ones
+ANALYZE_MORE_SUBSETS = ("subject1+ffn", "subject2+ffn")  # the adapters a subject step of hybrid mask training trains
 ANALYZE_JUDGES = ("auto", "toy", "vlm", "none")
 
 
@@ -410,9 +427,14 @@ class AnalyzeConfig:
     # (-4: step 60 of the 64-step schedule, the paper's choice, near the clean end).
     steps: List[int] = field(default_factory=lambda: [-4])
     ranks: List[int] = field(default_factory=lambda: [1, 4, 16, 64])  # qkv-subspace: top-r subspaces compared
-    subsets: List[str] = field(default_factory=lambda: list(ANALYZE_SUBSETS))  # attribution: adapter subsets
+    subsets: List[str] = field(default_factory=lambda: list(ANALYZE_SUBSETS))  # attribution, exemplar-fit
     judge: str = "auto"  # attribution: auto (toy for the toy codec, else vlm if judge.kind is set) | toy | vlm | none
     seeds: List[int] = field(default_factory=lambda: [0])
+    # exemplar-fit: the clip cache (with subject masks) whose exemplars are scored; default data.cache_dir
+    cache_dir: Optional[str] = None
+    # exemplar-fit: noise levels in [0, 1], each reported on its own; empty: drawn uniformly, as in training
+    sigmas: List[float] = field(default_factory=list)
+    draws: int = 4  # exemplar-fit: noise draws per exemplar (the same noise for every model)
     out: str = "${output_dir}/analysis"
     device: Optional[str] = None  # default: cuda:LOCAL_RANK when a GPU is present, else cpu
 
@@ -589,6 +611,7 @@ def _check(cfg: DictConfig) -> None:
     _require(cfg.model.preset in ("mochi", "tiny"), "model.preset", "must be 'mochi' or 'tiny'")
     _require(cfg.model.dtype in ("auto", "bf16", "fp16", "fp32"), "model.dtype", "must be auto, bf16, fp16 or fp32")
     _check_storage_dtype(cfg)
+    _check_offload(cfg)
     _require(cfg.lora.placement in PLACEMENTS, "lora.placement", f"must be one of {', '.join(PLACEMENTS)}")
     _require(cfg.lora.branches in BRANCHES, "lora.branches", f"must be one of {', '.join(BRANCHES)}")
     _require(cfg.lora.rank >= 1, "lora.rank", "must be >= 1")
@@ -643,6 +666,8 @@ def _check(cfg: DictConfig) -> None:
              "(configs/baselines/direct_lora.yaml does)")
     _require(cfg.trainer.max_steps >= 1, "trainer.max_steps", "must be >= 1")
     _require(cfg.trainer.checkpoint_every >= 1, "trainer.checkpoint_every", "must be >= 1")
+    _require(cfg.trainer.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches",
+             f"must be an integer >= 1 (1: no gradient accumulation), got {cfg.trainer.accumulate_grad_batches}")
     formats = list(cfg.trainer.lora_formats)
     _require(set(formats) <= {"diffusers", "mochi"} and len(set(formats)) == len(formats), "trainer.lora_formats",
              f"must list each of diffusers, mochi at most once ([] for none), got {formats}")
@@ -682,6 +707,29 @@ def _check_storage_dtype(cfg: DictConfig) -> None:
     _require(not cfg.speed.compile, "model.storage_dtype",
              "fp8 storage casts each layer's weights in a hook that speed.compile does not trace: set "
              "speed.compile=false, or model.storage_dtype=null")
+
+
+OFFLOAD_MODES = ("none", "blocks")
+
+
+def _check_offload(cfg: DictConfig) -> None:
+    """model.offload / resident_blocks / offload_dir, and what block offload cannot be combined with."""
+    model = cfg.model
+    _require(model.offload in OFFLOAD_MODES, "model.offload", f"must be none or blocks, got {model.offload!r}")
+    _require(model.resident_blocks >= 0, "model.resident_blocks",
+             f"must be >= 0 (blocks kept on the GPU with model.offload=blocks), got {model.resident_blocks}")
+    _require(model.offload_dir is None or model.offload == "blocks", "model.offload_dir",
+             "only applies with model.offload=blocks: set model.offload=blocks, or model.offload_dir=null")
+    if model.offload == "none":
+        return
+    strategy = str(cfg.trainer.strategy)
+    _require(strategy == "auto", "model.offload",
+             f"block offload is not supported with trainer.strategy={strategy} (ddp would broadcast the offloaded "
+             "weights, fsdp and deepspeed shard them themselves): train on one GPU with trainer.strategy=auto, "
+             "or set model.offload=none")
+    _require(not cfg.speed.compile, "model.offload",
+             "block offload swaps each block's weights in a hook that speed.compile does not trace: set "
+             "speed.compile=false, or model.offload=none")
 
 
 def _check_method(cfg: DictConfig) -> None:
@@ -738,6 +786,11 @@ def _check_reversion(cfg: DictConfig) -> None:
     _require(str(cfg.trainer.strategy) in ("auto", "ddp"), "trainer.strategy",
              f"{cfg.trainer.strategy} is not supported with method=reversion (the text encoder and the token are "
              "kept whole on every rank): use ddp or auto")
+    _require(int(cfg.relation_accuracy.every_n_steps) == 0, "relation_accuracy.every_n_steps",
+             "judged relation accuracy during training samples the cache's pre-encoded prompts, which cannot hold "
+             f"the learned token {cfg.reversion.token}: set relation_accuracy.every_n_steps=0 and judge the run's "
+             f"file afterwards (relvid evaluate --adapters <output_dir>/adapters with prompts that carry "
+             f"{cfg.reversion.token})")
 
 
 def _check_analyze(cfg: DictConfig) -> None:
@@ -745,11 +798,15 @@ def _check_analyze(cfg: DictConfig) -> None:
     _require(len(an.steps) >= 1, "analyze.steps", "must list schedule steps, e.g. [-4] (step 60 of 64)")
     _require(len(an.ranks) >= 1 and all(r >= 1 for r in an.ranks), "analyze.ranks",
              f"must list ranks >= 1, e.g. [1, 4, 16, 64]; got {list(an.ranks)}")
-    _require(len(an.subsets) >= 1 and set(an.subsets) <= set(ANALYZE_SUBSETS), "analyze.subsets",
-             f"must list subsets among {', '.join(ANALYZE_SUBSETS)}; got {list(an.subsets)}")
+    subsets = ANALYZE_SUBSETS + ANALYZE_MORE_SUBSETS
+    _require(len(an.subsets) >= 1 and set(an.subsets) <= set(subsets), "analyze.subsets",
+             f"must list subsets among {', '.join(subsets)}; got {list(an.subsets)}")
     _require(an.judge in ANALYZE_JUDGES, "analyze.judge", f"must be one of {', '.join(ANALYZE_JUDGES)}")
     _require(an.phrase is None or an.phrase.strip() != "", "analyze.phrase",
              "must be words of the prompt (e.g. orbiting), not empty")
+    _require(all(_finite(s) and 0 <= s <= 1 for s in an.sigmas), "analyze.sigmas",
+             f"must be noise levels in [0, 1], e.g. [0.5, 0.98], or empty (drawn uniformly); got {list(an.sigmas)}")
+    _require(an.draws >= 1, "analyze.draws", f"must be >= 1 noise draws per exemplar, got {an.draws}")
 
 
 def _check_optim(optim) -> None:

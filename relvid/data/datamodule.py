@@ -1,7 +1,8 @@
 """Training data: the clip cache as a stream of samples indexed by a global sample index k.
 
 Every random choice for sample k (which clip, the posterior draw, caption dropout) is a pure
-function of (seed, k), and the sampler derives k from (optimizer step, rank, position in batch).
+function of (seed, k), and the sampler derives k from (batch, rank, position in batch), where a
+run's batches are its optimizer steps, or under gradient accumulation each step's micro-batches.
 Resuming at any step or changing the number of data workers therefore reproduces the stream
 exactly, with no RNG state in checkpoints.
 """
@@ -145,6 +146,10 @@ class StepSampler(Sampler[int]):
 
 class _TrainerStepSampler(StepSampler):
     """A StepSampler for a Lightning run: one epoch is the whole run, resumed where it stopped.
+
+    Its steps are batches: optimizer step s with trainer.accumulate_grad_batches = a reads batches
+    s * a ... s * a + a - 1, so a run resumed from a checkpoint (written between optimizer steps) reads
+    exactly the clips the uninterrupted run read after that step.
 
     On a mid-run resume Lightning restores its batch counter of the epoch (step s) and ends the
     epoch when that counter reaches ``len(dataloader)``; reporting the whole run's length makes

@@ -55,14 +55,14 @@ from relvid.models.reversion import (
     steering_loss,
     steering_terms,
 )
-from relvid.seeding import derive_seed, generator_for
+from relvid.seeding import derive_seed
 from relvid.training.safety import check_finite_gradients, check_finite_loss
 from relvid.training.strategies import base_load_device
 
 CHECKPOINT_FORMAT = 1
 
-# Independent random streams, each a pure function of (seed, step[, rank]): resuming at any step
-# and every rank of a multi-process run reproduce them exactly.
+# Independent random streams, each a pure function of (seed, step[, rank][, micro-batch]): resuming at any
+# step and every rank of a multi-process run reproduce them exactly.
 _SELECT_STREAM = 1
 _NOISE_STREAM = 2
 _RCL_STREAM = 3
@@ -96,16 +96,29 @@ def training_speed(cfg: DictConfig) -> DictConfig:
     return speed
 
 
+def step_seed(seed: int, step: int, rank: int, stream: int, micro: int = 0) -> int:
+    """The seed of one kind of draw (`stream`) in micro-batch `micro` of optimizer step `step` on `rank`.
+
+    Micro-batch 0 keeps the key (seed, step, rank, stream) that every step used before gradient accumulation
+    existed, so a run with trainer.accumulate_grad_batches=1 draws exactly as before; the later micro-batches of
+    a step add their index (before the stream tag), so each draws its own noise, sigma, RCL and steering draws.
+    """
+    if micro == 0:
+        return derive_seed(seed, step, rank, stream)
+    return derive_seed(seed, step, rank, micro, stream)
+
+
 def training_noise(shape: torch.Size | tuple[int, ...], seed: int, step: int, rank: int,
                    device: torch.device | str = "cpu",
-                   importance_alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The noise (shape) and noise levels sigma (B,) of one training step, float32 on `device`; sigma
-    uniform, or with ReVersion's importance density 1 - alpha cos(pi sigma) when importance_alpha is given.
+                   importance_alpha: float | None = None, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noise (shape) and noise levels sigma (B,) of micro-batch `micro` of one training step, float32 on
+    `device`; sigma uniform, or with ReVersion's importance density 1 - alpha cos(pi sigma) when importance_alpha
+    is given.
 
     Drawn on the CPU and moved, as sampling draws its noise: a CUDA generator's stream depends on the
     GPU model, so the same run would train on other noise on another GPU (or on the CPU).
     """
-    gen = generator_for(seed, step, rank, _NOISE_STREAM)  # a CPU generator
+    gen = torch.Generator().manual_seed(step_seed(seed, step, rank, _NOISE_STREAM, micro))  # a CPU generator
     noise = torch.randn(tuple(shape), generator=gen, dtype=torch.float32)
     if importance_alpha is None:
         sigma = sample_sigmas(shape[0], gen)  # (B,), from the same stream, after the noise
@@ -197,7 +210,11 @@ class RelationModule(L.LightningModule):
         if cfg.lora.dtype == "bf16" and not self.motion_inversion and not self.reversion:
             cast_lora(self.transformer, torch.bfloat16)
         self.memory_bank = None  # attached by callbacks.MemoryBankCallback
-        self.selections: list[str] = []  # the LoRA selected at each step this process ran
+        self.selections: list[str] = []  # the LoRA selected at each optimizer step this process ran
+        # gradient accumulation: the optimizer step the last batch belonged to, and that batch's index in it
+        self._micro_step: int | None = None
+        self.micro = 0
+        self._step_sums: dict[str, tuple[Any, int]] = {}  # logged values summed over the step's batches so far
         self.strict_loading = False  # checkpoints hold the adapters only, not the frozen base
         self._sdpa_flags: tuple[bool, bool] | None = None  # flash / cuDNN SDPA before a deterministic run
 
@@ -225,9 +242,10 @@ class RelationModule(L.LightningModule):
         """ReVersion's text encoder (None for the other methods)."""
         return self._text_encoder
 
-    def _steering(self, batch_size: int, gen: torch.Generator) -> torch.Tensor:
+    def _steering(self, batch_size: int, gen: torch.Generator) -> torch.Tensor | None:
         """The steering loss of this step: the token against n_positives prepositions per sample (drawn from
-        `gen`) and the caption's other words of every sample, as one InfoNCE."""
+        `gen`) and the caption's other words of every sample, as one InfoNCE; None when the tokenizer knows
+        none of the drawn prepositions (a small test vocabulary; T5-XXL's knows them all)."""
         rv = self.cfg.reversion
         pos, neg = [], []
         for _ in range(batch_size):
@@ -236,6 +254,8 @@ class RelationModule(L.LightningModule):
             pos.append(p)
             neg.append(n)
         relation = getattr(self, TOKEN_ATTR).embedding
+        if not any(len(p) for p in pos):
+            return None
         return steering_loss(relation, torch.cat(pos).to(relation.device), torch.cat(neg).to(relation.device),
                              float(rv.temperature))
 
@@ -315,26 +335,51 @@ class RelationModule(L.LightningModule):
             return_dict=False,
         )[0]
 
+    def _next_micro(self, step: int) -> int:
+        """This batch's index within optimizer step `step` (0 without gradient accumulation). Counted here, not
+        taken from batch_idx: it restarts whenever the step changes, and checkpoints are written between
+        optimizer steps, so a resumed run starts at 0 as the uninterrupted one did at that step."""
+        if step != self._micro_step:
+            self._micro_step, self.micro = step, 0
+            self._step_sums = {}
+        else:
+            self.micro += 1
+        return self.micro
+
+    def _log_step_mean(self, name: str, value: torch.Tensor | float, **kwargs: Any) -> None:
+        """Logs `value`'s mean over the optimizer step's batches so far: Lightning writes the last batch's
+        log, so under gradient accumulation the step shows the mean over its micro-batches, unscaled."""
+        total, count = self._step_sums.get(name, (None, 0))
+        total = value if total is None else total + value
+        self._step_sums[name] = (total, count + 1)
+        self.log(name, total if count == 0 else total / (count + 1), on_step=True, **kwargs)
+
+    def on_train_start(self) -> None:
+        self._micro_step, self.micro, self._step_sums = None, 0, {}
+
     def training_step(self, batch: dict, batch_idx: int) -> dict:
-        step = self.global_step
+        step = self.global_step  # optimizer steps done: the same for every micro-batch of a step
+        micro = self._next_micro(step)
         seed = int(self.cfg.seed)
         rank = self.global_rank
         # Anything else drawing from the global generators (LoRA dropout, user callbacks) is
-        # reseeded per step, so resuming needs no snapshot and previews cannot shift the stream.
-        torch.manual_seed(derive_seed(seed, step, rank, _GLOBAL_STREAM))
+        # reseeded per batch, so resuming needs no snapshot and previews cannot shift the stream.
+        torch.manual_seed(step_seed(seed, step, rank, _GLOBAL_STREAM, micro))
 
+        # one selection per optimizer step: every micro-batch of the step trains the same adapters
         selection = self.select_lora(step)
         if not self.motion_inversion and not self.reversion:
             active = adapters_for_selection(selection, self.spec)
             # hmt.unselected=zero_grad: the other adapters stay in the forward multiplied by 0 (reference code)
             zeroed = [a for a in self.adapters if a not in active] if self.cfg.hmt.unselected == "zero_grad" else []
             activate(self.transformer, active, zeroed=zeroed)
-        self.selections.append(selection)
+        if micro == 0:
+            self.selections.append(selection)
 
         z0 = batch["latents"].float()  # (B, C, f, h, w), drawn from the cached posterior
         rv = self.cfg.reversion
         alpha = float(rv.importance_alpha) if self.reversion and rv.importance_sampling else None
-        noise, sigma = training_noise(z0.shape, seed, step, rank, z0.device, alpha)  # (B, C, f, h, w), (B,)
+        noise, sigma = training_noise(z0.shape, seed, step, rank, z0.device, alpha, micro)  # (B, C, f, h, w), (B,)
         z_sigma = noisy_latents(z0, noise, sigma)
         target = velocity_target(z0, noise)
         text_embeds, text_mask = batch["text_embeds"], batch["text_mask"]
@@ -348,17 +393,19 @@ class RelationModule(L.LightningModule):
         mask = self._hybrid_mask(selection, batch, sigma)
         loss_rec = masked_flow_loss(pred.float(), target, mask, float(self.cfg.hmt.lambda_m), self.cfg.hmt.weighting)
         loss = loss_rec
-        out: dict[str, Any] = {"clip_index": batch["clip_index"]}
+        out: dict[str, Any] = {"clip_index": batch["clip_index"], "micro": micro, "sigma": sigma.detach()}
 
         if self.reversion and float(rv.steer_weight) > 0:
-            steer_gen = torch.Generator().manual_seed(derive_seed(seed, step, rank, _STEER_STREAM))
+            steer_gen = torch.Generator().manual_seed(step_seed(seed, step, rank, _STEER_STREAM, micro))
             loss_steer = self._steering(z0.shape[0], steer_gen)
-            loss = loss + float(rv.steer_weight) * loss_steer
-            self.log("train/loss_steer", loss_steer.detach(), on_step=True)
+            self._log_step_mean("train/steer_skipped", float(loss_steer is None))
+            if loss_steer is not None:
+                loss = loss + float(rv.steer_weight) * loss_steer
+                self._log_step_mean("train/loss_steer", loss_steer.detach())
 
         rcl = self.cfg.rcl
         if rcl.enabled:
-            rcl_gen = torch.Generator().manual_seed(derive_seed(seed, step, rank, _RCL_STREAM))
+            rcl_gen = torch.Generator().manual_seed(step_seed(seed, step, rank, _RCL_STREAM, micro))
             bank = self.memory_bank
             if bank is None:
                 raise RuntimeError("rcl.enabled needs a MemoryBankCallback on the trainer "
@@ -371,18 +418,19 @@ class RelationModule(L.LightningModule):
             out["rcl_frames"] = info["frames"]
             out["rcl_dynamics"] = info["dynamics"]
             if loss_rcl is None:
-                self.log("train/rcl_skipped", 1.0, on_step=True)
+                self._log_step_mean("train/rcl_skipped", 1.0)
             else:
                 loss = loss + float(rcl.lambda_1) * loss_rcl
-                self.log("train/loss_rcl", loss_rcl.detach(), on_step=True)
-                self.log("train/rcl_skipped", 0.0, on_step=True)
+                self._log_step_mean("train/loss_rcl", loss_rcl.detach())
+                self._log_step_mean("train/rcl_skipped", 0.0)
 
         check_finite_loss(loss, self.global_step + 1, {"loss_rec": loss_rec.detach(), "loss": loss.detach()})
-        self.log("train/loss", loss.detach(), on_step=True, prog_bar=True)
-        self.log("train/loss_rec", loss_rec.detach(), on_step=True)
+        # the loss as computed, not divided by accumulate_grad_batches (Lightning divides what it backpropagates)
+        self._log_step_mean("train/loss", loss.detach(), prog_bar=True)
+        self._log_step_mean("train/loss_rec", loss_rec.detach())
         if selection in SELECTIONS:
             self.log("train/selected_lora", float(SELECTIONS.index(selection)), on_step=True)
-        self.log("train/sigma", sigma.mean(), on_step=True)
+        self._log_step_mean("train/sigma", sigma.mean())
         out["loss"] = loss
         out["selection"] = selection
         return out

@@ -333,7 +333,8 @@ def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -
         *extra_callbacks,
     ]
     if cfg.trainer.progress_bar:
-        refresh = progress_refresh_rate(int(cfg.trainer.progress_refresh), int(cfg.trainer.max_steps))
+        batches = int(cfg.trainer.max_steps) * int(cfg.trainer.accumulate_grad_batches)  # what the bar counts
+        refresh = progress_refresh_rate(int(cfg.trainer.progress_refresh), batches)
         callbacks.append(TQDMProgressBar(refresh_rate=refresh))
     callbacks.extend(optional_callbacks(cfg))
     strategy = build_strategy(cfg)
@@ -341,7 +342,9 @@ def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -
     return L.Trainer(
         plugins=None if deepspeed else [AtomicCheckpointIO()],
         default_root_dir=str(out),
-        max_steps=int(cfg.trainer.max_steps),
+        max_steps=int(cfg.trainer.max_steps),  # optimizer steps
+        # micro-batches per optimizer step; Lightning divides each one's loss by it before the backward
+        accumulate_grad_batches=int(cfg.trainer.accumulate_grad_batches),
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
         num_nodes=int(cfg.trainer.num_nodes),

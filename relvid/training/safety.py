@@ -116,7 +116,14 @@ class StopOnSignal(L.Callback):
         for signum in (signal.SIGINT, signal.SIGTERM):
             self._previous[signum] = signal.signal(signum, self._handle)
 
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
+        self._step_before = trainer.global_step
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        # Only where an optimizer step ended (trainer.accumulate_grad_batches > 1: not after every micro-batch), so
+        # the checkpoint holds a whole step; every rank is at the same micro-batch, so all decide together here.
+        if trainer.global_step == getattr(self, "_step_before", -1):
+            return
         # Every rank takes part in the decision, so all of them stop at the same step.
         if not trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False):
             return

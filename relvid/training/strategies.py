@@ -49,6 +49,11 @@ def check_strategy(cfg: DictConfig) -> None:
     if name not in STRATEGIES:
         raise StrategyConfigError(f"trainer.strategy={name!r} is unknown; use one of {', '.join(STRATEGIES)} "
                                   "(presets in configs/strategy/)")
+    if str(cfg.model.offload) != "none" and resolved_strategy(cfg) != "single":
+        raise StrategyConfigError(
+            f"model.offload={cfg.model.offload} trains on one device: this run starts {process_count(cfg)} processes "
+            "(trainer.devices/num_nodes), which would run DDP over the offloaded weights. Set trainer.devices=1, "
+            "or model.offload=none")
     if name in ("fsdp", "deepspeed_stage_3"):
         for key in ("preview", "relation_accuracy"):
             if cfg[key].every_n_steps > 0:
@@ -416,6 +421,12 @@ def _deepspeed_strategy_class():
 
         def convert_input(self, data: Any) -> Any:
             return data
+
+        def backward(self, tensor: torch.Tensor, model, optimizer, *args: Any, **kwargs: Any) -> None:
+            # Lightning has already divided the loss by trainer.accumulate_grad_batches; DeepSpeed's backward
+            # would divide it by its gradient_accumulation_steps (the same number) a second time
+            kwargs.setdefault("scale_wrt_gas", False)
+            super().backward(tensor, model, optimizer, *args, **kwargs)
 
         def forward_context(self):
             import contextlib

@@ -127,7 +127,9 @@ def test_the_file_round_trips_and_is_not_a_lora(tmp_path, t5_root):
 def test_the_baseline_config_and_its_refusals(repo_root):
     cfg = load_config([repo_root / "configs" / "tiny.yaml", repo_root / "configs" / "baselines" / "reversion.yaml"])
     assert cfg.method == "reversion" and cfg.reversion.caption == "A person is <R> a person."
-    assert cfg.optim.lr == pytest.approx(2.5e-4 * cfg.data.batch_size) and cfg.optim.schedule == "constant"
+    # ReVersion's defaults: batch 2 x gradient accumulation 4, lr 2.5e-4 x the effective batch, constant
+    assert cfg.data.batch_size == 2 and cfg.trainer.accumulate_grad_batches == 4
+    assert cfg.optim.lr == pytest.approx(2.5e-4 * 2 * 4) and cfg.optim.schedule == "constant"
     assert cfg.trainer.max_steps == 3000 and cfg.reversion.steer_weight == 0.01
     toy = load_config([repo_root / "configs" / "toy" / "dreamrelation.yaml",
                        repo_root / "configs" / "toy" / "methods" / "reversion.yaml"], ["data.cache_dir=x"])
@@ -137,9 +139,11 @@ def test_the_baseline_config_and_its_refusals(repo_root):
     for override, key in (("hmt.enabled=true", "hmt.enabled"), ("rcl.enabled=true", "rcl.enabled"),
                           ("data.caption_dropout=0.1", "data.caption_dropout"),
                           ("reversion.caption=A person near a person.", "reversion.caption"),
-                          ("trainer.strategy=fsdp", "trainer.strategy")):
+                          ("trainer.strategy=fsdp", "trainer.strategy"),
+                          ("relation_accuracy.every_n_steps=5", "relation_accuracy.every_n_steps")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-            load_config([], [*base, override])
+            load_config([], [*base, "relation_accuracy.judge.base_url=http://127.0.0.1:9/v1",
+                             "relation_accuracy.judge.model=m", override])
 
 
 def test_a_gpu_too_small_for_t5_beside_the_transformer_is_refused():

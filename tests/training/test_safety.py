@@ -75,6 +75,31 @@ def test_a_signal_stops_at_the_step_boundary_and_resume_last_is_exact(tmp_path, 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+class SignalInFirstMicroBatch(L.Callback):
+    """Sends a real signal after the first micro-batch of optimizer step `step` (1-based)."""
+
+    def __init__(self, step: int, signum: int) -> None:
+        self.step, self.signum, self.sent = step, signum, False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step + 1 == self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+
+def test_a_signal_between_micro_batches_stops_after_the_whole_step_and_resumes_exactly(tmp_path, cache, tiny_cfg):
+    accumulate = ("trainer.accumulate_grad_batches=2", "trainer.max_steps=4")
+    whole = run(tiny_cfg(*accumulate, "trainer.checkpoint_every=100", f"output_dir={tmp_path / 'whole'}"))
+    cfg = tiny_cfg(*accumulate, "trainer.checkpoint_every=100")
+    with pytest.raises(TrainingInterrupted, match=r"stopped at step 3"):
+        run(cfg, extra_callbacks=[SignalInFirstMicroBatch(3, signal.SIGTERM)])
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "on_exception.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3  # both micro-batches of step 3, not the first alone
+    out = run(tiny_cfg(*accumulate, "trainer.checkpoint_every=100", "resume=last"))
+    a, b = adapters_of(whole), adapters_of(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.distributed
 def test_sigterm_to_a_training_process_checkpoints_and_exits_non_zero(tmp_path, cache, repo_root):
     args = [sys.executable, "-m", "relvid.cli", "train", str(repo_root / "configs" / "tiny.yaml"),

@@ -12,8 +12,9 @@ from relvid.training.safety import INTERRUPT_CHECKPOINT
 class CrashCheckpoint(L.Callback):
     """Writes `<dirpath>/on_exception.ckpt` when an exception ends the run at a step boundary.
 
-    An exception inside a step (in the forward, the backward or the optimizer step) leaves half a step
-    in the weights, the optimizer or the memory bank: resuming it would not reproduce the run, so
+    An exception inside a step (in the forward, the backward or the optimizer step, or between two
+    micro-batches of one step under gradient accumulation) leaves half a step in the weights, the
+    gradients, the optimizer or the memory bank: resuming it would not reproduce the run, so
     nothing is written then and the run's last step checkpoint stays the newest. Lightning's
     OnExceptionCheckpoint also makes `fit(ckpt_path=None)` silently mean "last"; relvid decides what to
     resume itself (training.run.resolve_resume), so it uses this plain callback instead.
@@ -28,12 +29,16 @@ class CrashCheckpoint(L.Callback):
     def __init__(self, dirpath: str | Path) -> None:
         self.dirpath = Path(dirpath)
         self.at_boundary = True
+        self._step_before: int | None = None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
         self.at_boundary = False
+        self._step_before = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        self.at_boundary = True
+        # Under gradient accumulation a batch that did not end an optimizer step leaves accumulated gradients
+        # (and its features in the memory bank) that no checkpoint holds: still inside the step.
+        self.at_boundary = trainer.global_step != self._step_before
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if trainer.global_step == 0:

@@ -37,6 +37,7 @@ class LoRASnapshots(L.Callback):
         self.formats = tuple(formats)
         self.relation = str(relation)
         self._last_step: int | None = None
+        self._step_before: int | None = None  # global_step when the current batch started
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> LoRASnapshots:
@@ -51,9 +52,14 @@ class LoRASnapshots(L.Callback):
                 if old.is_file() and _SNAPSHOT.match(old.name):
                     old.unlink()
 
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        self._step_before = trainer.global_step
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
         step = trainer.global_step  # counts optimizer steps, as ModelCheckpoint's every_n_train_steps does
+        if step == self._step_before:
+            return  # a batch that ended no optimizer step (gradient accumulation): the weights have not moved
         if step > 0 and step % self.every_n_steps == 0:
             self._write(trainer, pl_module, step)
 
@@ -64,7 +70,7 @@ class LoRASnapshots(L.Callback):
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         if not self.formats or step == self._last_step or step == 0:
-            return  # one snapshot per step, also under gradient accumulation (several batches per step)
+            return  # one snapshot per step (on_train_end may follow the write at the last step)
         if not isinstance(getattr(pl_module, "spec", None), TripletSpec):
             return  # a run without LoRAs (method=motion_inversion): nothing with a LoRA form to write
         self._last_step = step

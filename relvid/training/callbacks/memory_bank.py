@@ -1,4 +1,4 @@
-"""MemoryBankCallback: holds the RCL memory bank, fills it after each step, saves it in checkpoints."""
+"""MemoryBankCallback: holds the RCL memory bank, fills it after each batch, saves it in checkpoints."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ from relvid.losses.contrastive import MemoryBank
 class MemoryBankCallback(L.Callback):
     """Owns the FIFO memory bank of relational dynamics that the RCL draws positives from.
 
-    After every optimizer step the current videos' (detached) features go into the bank; in a
-    multi-process run every rank's features are gathered first, so all ranks hold the same bank
-    and a checkpoint written by rank zero restores every rank exactly.
+    After every batch the current videos' (detached) features go into the bank: under gradient
+    accumulation every micro-batch's, so a later micro-batch of the same step can draw positives from
+    an earlier one. In a multi-process run every rank's features are gathered first, so all ranks hold
+    the same bank and a checkpoint written by rank zero (between optimizer steps) restores every rank
+    exactly.
     """
 
     def __init__(self, bank: MemoryBank | int = 64) -> None:

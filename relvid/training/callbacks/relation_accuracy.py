@@ -41,6 +41,7 @@ class RelationAccuracyCallback(L.Callback):
         self.out_dir = Path(cfg.output_dir)
         self._judge = None
         self._codec = None
+        self._step_before: int | None = None  # global_step when the current batch started
         self.history: list[dict] = []
 
     @classmethod
@@ -110,8 +111,13 @@ class RelationAccuracyCallback(L.Callback):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
+        self._step_before = trainer.global_step
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
+        if step == self._step_before:
+            return  # a micro-batch inside an optimizer step (gradient accumulation): measured once the step ends
         if step % self.every_n_steps == 0 and trainer.is_global_zero:
             self.measure(trainer, pl_module, step)
 
