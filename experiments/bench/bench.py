@@ -67,6 +67,13 @@ def build_model(args, device: torch.device, dtype: torch.dtype, cfg=None) -> Moc
     storage = resolve_storage_dtype(cfg.model.storage_dtype) if cfg is not None else None
     if storage is not None:  # measured peaks start after this: the bf16 model built first is gone by then
         apply_storage_dtype(model, storage, dtype)
+    if cfg is not None and cfg.model.offload == "blocks":  # as load_transformer: offloaded blocks on the host
+        from relvid.models.attention import mochi_blocks
+        from relvid.models.offload import apply_block_offload
+
+        for block in mochi_blocks(model)[int(cfg.model.resident_blocks):]:
+            block.to("cpu")
+        apply_block_offload(model, int(cfg.model.resident_blocks), cfg.model.offload_dir, pin=device.type == "cuda")
     return model
 
 
@@ -239,6 +246,7 @@ def bench_sample(args, device, dtype, attention: str, work: Path, preset: str | 
     spec = TripletSpec(rank=args.rank, alpha=float(args.rank))
     inject_triplet(model, spec)
     activate(model, inference_adapters(spec))
+    model.to(device)  # LoRA weights made beside host-side (offloaded) blocks join the rest on the device
     sh = shapes(args, model)
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(1, *sh["latent"], generator=g).to(device)

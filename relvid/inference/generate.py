@@ -18,6 +18,7 @@ from relvid.inference.sampler import sample
 from relvid.models.codecs import Codec
 from relvid.models.lora import TripletSpec, activate, active_adapters, inference_adapters
 from relvid.models.motion_inversion import MotionSpec, motion_embeddings
+from relvid.models.offload import block_offload
 from relvid.models.reversion import ReVersionSpec
 
 
@@ -28,6 +29,8 @@ def sampling_record(settings: SamplingConfig) -> dict:
                                                 "threshold_noise")}
     if settings.null_condition != "encoded":  # recorded when not the default, so older sidecars still match
         record["null_condition"] = settings.null_condition
+    if not settings.vae_tiling:  # the same: recorded when not the default
+        record["vae_tiling"] = False
     return record
 
 
@@ -79,6 +82,9 @@ def generate_video(
         raise ValueError(f"generate_video: embeds must be (L, D) with an (L,) mask, got {tuple(embeds.shape)} "
                          f"and {tuple(mask.shape)}")
     settings = settings if settings is not None else SamplingConfig()
+    offloaded = block_offload(transformer) is not None
+    if offloaded:  # adapters injected on the host side, and whatever left for a decode, back on the device
+        transformer.to(device)
     noise = initial_noise(codec, settings, seed).to(device)
     neg_e, neg_m = unconditional_input(settings, embeds, mask, negative)
     neg_e = None if neg_e is None else neg_e[None].to(device)  # (1, L', D)
@@ -88,9 +94,39 @@ def generate_video(
         negative_embeds=neg_e, negative_mask=neg_m, num_steps=settings.num_steps,
         guidance_scale=settings.guidance_scale, threshold_noise=settings.threshold_noise, progress=progress,
     )
-    with codec_on(codec, device):
+    # with block offload the transformer's resident part leaves the GPU before the VAE comes on
+    with off_device(transformer, device) if offloaded else contextlib.nullcontext(), codec_on(codec, device), \
+            codec_tiling(codec, settings.vae_tiling):
         video = codec.decode(latents)  # (1, 3, T, H, W) in [-1, 1]
     return to_uint8_frames(video[0])
+
+
+@contextlib.contextmanager
+def off_device(transformer: nn.Module, device: str | torch.device) -> Iterator[None]:
+    """A block-offloaded transformer on the CPU for the duration (a decode), its GPU memory handed back, then
+    on `device` again: its offloaded blocks wait on the host anyway, the rest (embeddings, resident blocks,
+    adapters) is small beside a VAE decode. On a CPU `device`: left alone."""
+    target = torch.device(device)
+    if target.type != "cuda":
+        yield
+        return
+    offload = block_offload(transformer)
+    if offload is not None:
+        offload.release()  # the next block, copied ahead of its use
+    transformer.to("cpu")
+    torch.cuda.empty_cache()
+    try:
+        yield
+    finally:
+        transformer.to(target)
+
+
+@contextlib.contextmanager
+def codec_tiling(codec: Codec, enabled: bool) -> Iterator[None]:
+    """sampling.vae_tiling for the duration, on a codec that tiles (the Mochi VAE); others are left alone."""
+    tiling = getattr(codec, "tiling", None)
+    with tiling(enabled) if callable(tiling) else contextlib.nullcontext():
+        yield
 
 
 @contextlib.contextmanager

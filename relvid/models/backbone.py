@@ -100,11 +100,14 @@ def load_transformer(model_cfg, on_gpu: bool = False,
     dtype are not copied, so the processes of one machine share one copy (the page cache). On a GPU
     each tensor goes straight from the file to the device, so host memory never holds the whole model.
     With model.storage_dtype the linear layers are stored in that dtype (cast on the host, then moved) and
-    computed in model.dtype.
+    computed in model.dtype. With model.offload=blocks the blocks after the first model.resident_blocks keep
+    their weights on the host (pinned memory, or files under model.offload_dir) and come onto `device` one
+    block at a time for their forward (relvid.models.offload); the rest of the model goes to `device`.
     """
     dtype = resolve_dtype(model_cfg.dtype, on_gpu)
     storage = resolve_storage_dtype(getattr(model_cfg, "storage_dtype", None))
     target = torch.device(device) if device is not None else torch.device("cpu")
+    offload = getattr(model_cfg, "offload", "none") == "blocks"
     if model_cfg.preset == "tiny":
         tiny = model_cfg.tiny
         model = tiny_transformer(**{k: tiny[k] for k in tiny})
@@ -115,14 +118,21 @@ def load_transformer(model_cfg, on_gpu: bool = False,
         check_diffusers_config(folder, MochiTransformer3DModel, DOWNLOAD_HINT)
         # With fp8 storage the weights are cast on the host (memory-mapped, one layer at a time) and only
         # the fp8 copy goes to the GPU: loading there in bf16 first would need the bf16 model's memory.
-        placement = {} if target.type == "cpu" or storage is not None else {"device_map": {"": target}}
+        # With block offload the offloaded blocks stay on the host: the model is built there too.
+        host_first = target.type == "cpu" or storage is not None or offload
+        placement = {} if host_first else {"device_map": {"": target}}
         model = MochiTransformer3DModel.from_pretrained(folder, torch_dtype=dtype, local_files_only=True,
                                                         low_cpu_mem_usage=True,
                                                         variant=weights_variant(folder, dtype), **placement)
     if storage is not None:
         apply_storage_dtype(model, storage, dtype)
-    if device is not None and (model_cfg.preset == "tiny" or storage is not None):  # else from_pretrained placed it
-        model = model.to(target)
+    if offload:  # before .to(target): that then moves all but the offloaded blocks' weights
+        from relvid.models.offload import apply_block_offload
+
+        apply_block_offload(model, int(model_cfg.resident_blocks), model_cfg.offload_dir,
+                            pin=target.type == "cuda")
+    if device is not None and (model_cfg.preset == "tiny" or storage is not None or offload):
+        model = model.to(target)  # else from_pretrained placed it
     model.requires_grad_(False)
     if model_cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()

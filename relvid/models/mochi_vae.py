@@ -9,7 +9,9 @@ affine map: ``logvar_z = logvar_raw + 2 log(scaling_factor / latents_std)``.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -59,9 +61,10 @@ class MochiCodec:
         self._mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(shape)
         # The scale from raw to normalized latents: scaling_factor / latents_std.
         self._scale = (float(cfg.scaling_factor) / torch.tensor(cfg.latents_std, dtype=torch.float32)).view(shape)
+        self.tile, self.tile_stride = int(tile), int(tile_stride)
         if tiling:
             # Integer strides: diffusers uses them as range() steps.
-            vae.enable_tiling(tile, tile, tile_stride, tile_stride)
+            vae.enable_tiling(self.tile, self.tile, self.tile_stride, self.tile_stride)
 
     @classmethod
     def from_folder(
@@ -88,6 +91,19 @@ class MochiCodec:
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         return check_video_shape(self, frames, height, width)
+
+    @contextlib.contextmanager
+    def tiling(self, enabled: bool) -> Iterator[None]:
+        """Encode and decode in overlapping spatial tiles (``tile``/``tile_stride`` pixels) or whole frames for
+        the duration (sampling.vae_tiling), then as before."""
+        before = bool(self.vae.use_tiling)
+        if enabled and not before:
+            self.vae.enable_tiling(self.tile, self.tile, self.tile_stride, self.tile_stride)
+        self.vae.use_tiling = bool(enabled)
+        try:
+            yield
+        finally:
+            self.vae.use_tiling = before
 
     @torch.inference_mode()
     def encode(self, video: Tensor) -> tuple[Tensor, Tensor]:

@@ -155,7 +155,8 @@ def test_relvid_sample_with_adapters_on_an_fp8_base(tmp_path, trained_adapters):
 # --- configs/memory presets -------------------------------------------------------------------------
 PRESETS = ("80gb", "40gb", "24gb")
 # keys that mean the same for every method and every command: the base's storage and the speed paths
-PRESET_KEYS = {"model.storage_dtype", "model.gradient_checkpointing", "speed.checkpoint", "speed.compile"}
+PRESET_KEYS = {"model.storage_dtype", "model.gradient_checkpointing", "speed.checkpoint", "speed.compile",
+               "model.offload", "model.resident_blocks"}
 
 
 def _keys(tree: dict, prefix: str = "") -> set[str]:
