@@ -23,6 +23,7 @@ results.{md,csv,json}.
     python experiments/toy/run.py --relations orbiting --seeds 0 --methods base dreamrelation
     python experiments/toy/run.py --relations moving_apart --tables 6   # the lambda_m sweep
     python experiments/toy/run.py --relations moving_apart --tables 1r  # Table 1, reference semantics
+    python experiments/toy/run.py --relations moving_apart --tables 1v  # ReVersion: prompts carry its token <R>
     python experiments/toy/run.py --finished-only       # report what is done; train nothing
     python experiments/toy/run.py --finished-only --guidance 8 --results /tmp/cfg8
                                                         # re-sample finished adapters at guidance 8
@@ -51,7 +52,7 @@ from omegaconf import OmegaConf
 
 from relvid.eval.metrics import mean_std
 from relvid.eval.report import markdown_table, write_results
-from relvid.models.adapter_file import RUN_ADAPTER_FILE
+from relvid.models.adapter_file import RUN_ADAPTER_FILE, read_reversion
 from relvid.toy.drivers.base import BASE_DIR
 from relvid.toy.drivers.customize import (
     ADAPTER_SET_DESCRIPTIONS,
@@ -63,7 +64,7 @@ from relvid.toy.drivers.customize import (
     method_files,
 )
 from relvid.toy.drivers.datasets import build_exemplar_cache, exemplar_frames
-from relvid.toy.drivers.evaluate import METRICS, TOY_SAMPLING, generate, score_videos, test_prompts
+from relvid.toy.drivers.evaluate import METRICS, TOY_SAMPLING, generate, score_videos, test_prompts, token_prompt_form
 from relvid.toy.render import render_clip
 from relvid.toy.world import EXEMPLAR_SUBJECTS, GENERIC_MOTIONS, RELATIONS
 
@@ -79,14 +80,12 @@ TABLES = {  # the paper's table number -> its rows
     "1r": ["base", "direct_lora", "dreamrelation", "dreamrelation_zero_grad", "direct_lora_paper_steps", "reference"],
     # Table 4: MotionInversion alone and with the RCL (1000 steps: the paper's 3000 x 1/3)
     "4": ["motion_inversion", "motion_inversion_rcl"],
-    # ReVersion: its method file exists, but the grid cannot sample it yet (its test prompts must carry the
-    # learned token <R>); asking for it stops with that reason
+    # ReVersion (1000 steps: the paper's 3000 x 1/3): its test prompts carry the learned token <R> in place
+    # of the relation's phrase ("A red circle is <R> a blue square."), encoded with the run's vectors
     "1v": ["reversion"],
 }
 TABLE_TITLES = {"1r": "Table 1 (reference semantics)", "4": "Table 4 (MotionInversion + RCL)",
                 "1v": "Table 1 (ReVersion)"}
-NOT_YET_SAMPLED = {"reversion": "the toy grid samples plain test prompts; ReVersion's must carry its learned "
-                                "token <R> (relvid.models.reversion.encode_with_token), which the grid does not do yet"}
 DEFAULT_TABLES = ["1", "2", "3"]  # the paper's Tables 1-3; Table 6 (lambda_m) and 1r on request
 
 
@@ -160,9 +159,12 @@ def metrics_name(guidance: float, adapters: str = "inference") -> str:
 def run_settings(method: str, cfg, adapter_set: str, args: argparse.Namespace) -> dict:
     """What a run's metrics depend on besides (method, relation, seed), kept in its metrics file and
     compared before a finished run is reused."""
-    return {"world": args.world, "steps": method_steps(method, args.steps), "prompts": args.prompts,
-            "sampling_steps": TOY_SAMPLING.num_steps, "guidance": args.guidance, "adapters": adapter_set,
-            "null_condition": "encoded" if cfg is None else str(cfg.sampling.null_condition)}
+    settings = {"world": args.world, "steps": method_steps(method, args.steps), "prompts": args.prompts,
+                "sampling_steps": TOY_SAMPLING.num_steps, "guidance": args.guidance, "adapters": adapter_set,
+                "null_condition": "encoded" if cfg is None else str(cfg.sampling.null_condition)}
+    if cfg is not None and cfg.method == "reversion":  # its test prompts carry the learned token
+        settings["test_prompts"] = token_prompt_form(str(cfg.reversion.token))
+    return settings
 
 
 def check_run_settings(path: Path, found: dict, expected: dict) -> None:
@@ -181,13 +183,12 @@ def run_one(method: str, relation: str, seed: int, args: argparse.Namespace) -> 
     --finished-only) and sampled. None when --finished-only and the run has neither adapters nor
     metrics yet. A finished run's metrics file is copied to --runs."""
     method = SAME_RUN.get(method, method)
-    if method in NOT_YET_SAMPLED:
-        raise SystemExit(f"toy grid: {method}: {NOT_YET_SAMPLED[method]}")
     folder = Path(args.out) / "runs" / method / relation / f"seed{seed}"
     cfg = None if method == "base" else method_config(method, relation, Path(args.out) / "cache",
                                                       folder / "train")
-    # the base has no adapters and a direct placement has one: "all" is their inference set
-    one_set = cfg is None or cfg.lora.placement == "direct"
+    # the base has no adapters, a direct placement has one and ReVersion none (its token is in the prompts):
+    # "all" is their inference set
+    one_set = cfg is None or cfg.lora.placement == "direct" or cfg.method == "reversion"
     adapter_set = "inference" if one_set else args.adapters
     expected = run_settings(method, cfg, adapter_set, args)
     name = metrics_name(args.guidance, adapter_set)
@@ -211,11 +212,14 @@ def run_one(method: str, relation: str, seed: int, args: argparse.Namespace) -> 
             customize(method, relation, Path(args.out) / "cache", folder / "train", seed=seed,
                       overrides=[f"trainer.max_steps={expected['steps']}", "trainer.progress_bar=false"])
         model = load_customized(adapters, adapters=adapter_set)
-    prompts = test_prompts(relation, args.prompts, seed=seed)
+    # a ReVersion run's test prompts carry its token, encoded with the vectors it learned
+    learned = read_reversion(adapters) if cfg is not None and cfg.method == "reversion" else None
+    prompts = test_prompts(relation, args.prompts, seed=seed, token=None if learned is None else learned[0].token)
     # the toy sampler, at --guidance, with the method's own unconditional input (sampling.null_condition)
     settings = dataclasses.replace(TOY_SAMPLING, guidance_scale=args.guidance,
                                    null_condition=expected["null_condition"])
-    metrics, videos, _ = score_videos(generate(model, prompts, settings=settings, progress=False), prompts)
+    frames = generate(model, prompts, settings=settings, progress=False, learned=learned)
+    metrics, videos, _ = score_videos(frames, prompts)
     record = {**metrics, "method": method, "relation": relation, "seed": seed, "settings": expected,
               "videos": videos}
     text = json.dumps(record, indent=1) + "\n"

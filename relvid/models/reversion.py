@@ -20,9 +20,11 @@ the toy encoder, ``previous`` (dim,), with the spec (token, id, encoder) in its 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -258,6 +260,27 @@ def load_reversion_file(path: str | os.PathLike) -> tuple[ReVersionSpec, dict[st
     check_state(state, spec, str(path))
     extra = {k: v for k, v in meta.items() if k not in ("format", "version", "spec")}
     return spec, state, extra
+
+
+@contextlib.contextmanager
+def encoder_inference_scope(encoder: object) -> Iterator[None]:
+    """The text encoder's torch module (T5's ``model``; the toy encoder has none) in eval mode for the
+    duration, then every submodule's train/eval mode and every parameter's requires_grad as they were: how
+    a preview encodes mid-training (training may hold T5 in train mode for its recomputed blocks)."""
+    model = getattr(encoder, "model", None)
+    if not isinstance(model, nn.Module):
+        yield
+        return
+    modes = {name: m.training for name, m in model.named_modules()}
+    grads = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        model.eval()
+        yield
+    finally:
+        for name, m in model.named_modules():
+            m.training = modes[name]
+        for name, p in model.named_parameters():
+            p.requires_grad_(grads[name])
 
 
 def encode_with_token(encoder: TokenEncoder, texts: list[str], spec: ReVersionSpec,

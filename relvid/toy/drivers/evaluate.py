@@ -6,6 +6,11 @@ role), colour fidelity (both prompted colours present and no exemplar-coloured s
 fidelity without the shapes, which the committed base rarely draws), appearance leakage (an
 exemplar-coloured shape in a video whose prompt has none) and temporal consistency (mean cosine
 similarity of consecutive frames, relvid.eval.metrics).
+
+A ReVersion run learns a token, not adapters: its test prompts carry the token in place of the relation's
+phrase, in its training caption's form ("A person is <R> a person." -> "A red circle is <R> a blue
+square."), and are encoded with the run's learned vectors (relvid.models.reversion.encode_with_token). The
+judge reads the videos only, so they are scored as every other method's.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from relvid.config import SamplingConfig
 from relvid.errors import InputError
 from relvid.eval.metrics import temporal_consistency
 from relvid.inference.generate import generate_video
+from relvid.models.reversion import ReVersionSpec, encode_with_token
 from relvid.seeding import derive_seed
 from relvid.toy.codec import ToyCodec
 from relvid.toy.judge import Judgement, judge
@@ -30,6 +36,13 @@ from relvid.toy.world import FPS, FRAMES, RELATIONS, SIZE, Subject, relation_cap
 TOY_SAMPLING = SamplingConfig(num_steps=24, guidance_scale=4.0, frames=FRAMES, height=SIZE, width=SIZE, fps=FPS)
 METRICS = ("relation_accuracy", "subject_fidelity", "colour_fidelity", "appearance_leakage", "temporal_consistency")
 _SAMPLE_STREAM = 301
+# ReVersion's test prompts: its training caption ("A person is <R> a person.") with the test pair.
+TOKEN_PROMPT = "A {s1} is {token} a {s2}."
+
+
+def token_prompt_form(token: str) -> str:
+    """How ReVersion's test prompts read, as recorded in its metrics: "A <subject> is <R> a <subject>."."""
+    return TOKEN_PROMPT.format(s1="<subject>", s2="<subject>", token=token)
 
 
 @dataclass(frozen=True)
@@ -38,27 +51,51 @@ class TestPrompt:
     s1: Subject
     s2: Subject
     seed: int
+    token: str | None = None  # ReVersion's learned token, in place of the relation's phrase
 
     @property
     def text(self) -> str:
+        if self.token is not None:
+            return TOKEN_PROMPT.format(s1=self.s1, s2=self.s2, token=self.token)
         return relation_caption(self.relation, self.s1, self.s2)
 
 
-def test_prompts(relation: str, n_prompts: int = 10, n_seeds: int = 1, seed: int = 0) -> list[TestPrompt]:
-    """n_prompts unseen subject pairs x n_seeds sampling seeds for one relation."""
+def test_prompts(relation: str, n_prompts: int = 10, n_seeds: int = 1, seed: int = 0,
+                 token: str | None = None) -> list[TestPrompt]:
+    """n_prompts unseen subject pairs x n_seeds sampling seeds for one relation; with `token` (ReVersion's),
+    the prompts carry it instead of the relation's phrase (the same pairs and seeds)."""
     pairs = test_pairs()
     if not 1 <= n_prompts <= len(pairs):
         raise InputError(f"--prompts must be in 1..{len(pairs)}, got {n_prompts}")
-    return [TestPrompt(relation, a, b, derive_seed(seed, i, k, _SAMPLE_STREAM))
+    return [TestPrompt(relation, a, b, derive_seed(seed, i, k, _SAMPLE_STREAM), token)
             for i, (a, b) in enumerate(pairs[:n_prompts]) for k in range(n_seeds)]
 
 
+def encode_test_prompts(text: ToyTextEncoder, prompts: list[TestPrompt],
+                        learned: tuple[ReVersionSpec, dict[str, Tensor]] | None = None) -> list[tuple[Tensor, Tensor]]:
+    """Per prompt (embeds, mask): by the toy encoder, or with a ReVersion token's learned vectors `learned`
+    ((spec, vectors), relvid.models.adapter_file.read_reversion), which every prompt must then carry."""
+    tokens = {p.token for p in prompts}
+    if learned is None:
+        if tokens != {None}:
+            raise ValueError(f"prompts carrying {sorted(t for t in tokens if t)} need the token's learned vectors "
+                             "(learned=read_reversion(<the run's adapters>))")
+        return text.encode([p.text for p in prompts])
+    spec, vectors = learned
+    if tokens != {spec.token}:
+        raise ValueError(f"a learned token ({spec.token}) samples prompts that carry it: "
+                         f"test_prompts(..., token={spec.token!r})")
+    return encode_with_token(text, [p.text for p in prompts], spec, vectors)
+
+
 def generate(transformer: nn.Module, prompts: list[TestPrompt], settings: SamplingConfig = TOY_SAMPLING,
-             device: str = "cpu", progress: bool = True, desc: str = "sampling") -> list[Tensor]:
-    """One uint8 (T, H, W, 3) video per prompt, with the transformer's adapters as they are set."""
+             device: str = "cpu", progress: bool = True, desc: str = "sampling",
+             learned: tuple[ReVersionSpec, dict[str, Tensor]] | None = None) -> list[Tensor]:
+    """One uint8 (T, H, W, 3) video per prompt, with the transformer's adapters as they are set, and with
+    `learned` (a ReVersion run's (spec, vectors)) its token in the prompts. The negative prompt is plain."""
     codec, text = ToyCodec(), ToyTextEncoder()
     negative = text.encode([settings.negative_prompt])[0]
-    encoded = text.encode([p.text for p in prompts])
+    encoded = encode_test_prompts(text, prompts, learned)
     transformer.eval()
     videos = []
     for prompt, (embeds, mask) in tqdm(list(zip(prompts, encoded, strict=True)), desc=desc, disable=not progress):

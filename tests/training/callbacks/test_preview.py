@@ -114,3 +114,37 @@ def test_previews_of_other_prompts_never_overwrite_old_ones_and_carry_sidecars(c
         assert old.read_bytes() == old_bytes and json.loads(old.with_suffix(".json").read_text()) == side
     sides = [json.loads(p.read_text()) for p in sorted(first.out_dir.glob("*.json"))]
     assert len(sides) == 4 and {s["prompt"] for s in sides} == set(PROMPTS)
+
+
+def fit_with_previews(cfg, accumulate: int, ckpt_path=None) -> PreviewCallback:
+    """Lightning's own Trainer with gradient accumulation, the preview callback and a checkpoint every 2 steps."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from relvid.data.datamodule import RelationDataModule
+    from relvid.training.module import RelationModule
+
+    steps = int(cfg.trainer.max_steps)
+    datamodule = RelationDataModule(cfg.data.cache_dir, relation=cfg.relation, batch_size=1, num_workers=0,
+                                    seed=int(cfg.seed), caption_dropout=0.0, total_steps=steps)
+    previews = PreviewCallback.from_config(cfg)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, accumulate_grad_batches=accumulate,
+                        logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        num_sanity_val_steps=0, use_distributed_sampler=False, default_root_dir=cfg.output_dir,
+                        callbacks=[previews, ModelCheckpoint(dirpath=f"{cfg.output_dir}/ckpt", filename="{step}",
+                                                             every_n_train_steps=2, save_top_k=-1)])
+    trainer.fit(RelationModule(cfg), datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    assert trainer.global_step == steps
+    return previews
+
+
+def test_gradient_accumulation_previews_each_step_once_and_resume_does_not_repeat_it(cache, toy_cfg):
+    """Two micro-batches per optimizer step: on_train_batch_end runs twice per step with the same global_step."""
+    cfg = toy_cfg("accumulate", *PREVIEW, "preview.max_prompts=1", "rcl.enabled=false")
+    full = fit_with_previews(cfg, accumulate=2)
+    assert [p.name[:13] for p in full.written] == ["step000002_p0", "step000004_p0"]  # no step 0, none twice
+
+    resumed_cfg = toy_cfg("accumulate_resumed", *PREVIEW, "preview.max_prompts=1", "rcl.enabled=false")
+    resumed = fit_with_previews(resumed_cfg, accumulate=2, ckpt_path=f"{cfg.output_dir}/ckpt/step=2.ckpt")
+    assert [p.name[:13] for p in resumed.written] == ["step000004_p0"]  # step 2 was previewed before the stop
+    assert torch.equal(read_video(resumed.written[0]), read_video(full.written[1]))
