@@ -3,7 +3,7 @@
 # (seed 0, 800 steps) by direct LoRA, DreamRelation (hmt.unselected=skip, the demo's run) and
 # DreamRelation with hmt.unselected=zero_grad. Writes the figures and JSON next to this script.
 #
-#   bash experiments/analysis/run.sh                  # about 15 min on 2 CPU cores (trains 3 runs, then analyzes)
+#   bash experiments/analysis/run.sh                  # about 25 min on 2 CPU cores (trains 3 runs, then analyzes)
 #   WORK=/tmp/toy bash experiments/analysis/run.sh    # keep the runs elsewhere (default outputs/analysis-toy)
 set -euo pipefail
 RELVID=${RELVID:-relvid}
@@ -35,3 +35,10 @@ python -c "import json, sys; print('\\n'.join(json.load(open(sys.argv[1]))['prom
     "$WORK/demo/demo.json" > "$WORK/prompts5.txt"
 $RELVID analyze attribution --model $BASE "${ADAPTERS[@]}" --prompts-file "$WORK/prompts5.txt" \
     --relation moving_apart custom_relation=true --judge toy --sampling-steps 24 --out "$HERE/attribution"
+# 4. exemplar fit: the error on the exemplars the adapters trained on, inside and outside the subjects, per
+# subset (subject1+ffn, subject2+ffn: a subject step's adapters); drawn noise levels, then two fixed ones
+SUBSETS=(--subsets none relation+ffn subjects+ffn all subject1+ffn subject2+ffn)
+$RELVID analyze exemplar-fit --model $BASE "${ADAPTERS[@]}" --cache "$WORK/demo/cache" --relation moving_apart \
+    custom_relation=true "${SUBSETS[@]}" --out "$HERE/exemplar_fit"
+$RELVID analyze exemplar-fit --model $BASE "${ADAPTERS[@]}" --cache "$WORK/demo/cache" --relation moving_apart \
+    custom_relation=true "${SUBSETS[@]}" --sigmas 0.5 0.98 --out "$HERE/exemplar_fit_sigmas"

@@ -6,17 +6,20 @@ section, or temporal consistency alone."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from torch import Tensor
+from torch import Tensor, nn
 
 from relvid.errors import InputError
 from relvid.files import atomic_write
 
-# subset -> the adapters of a triplet it activates ("none" is the base model)
-SUBSET_ADAPTERS = {"relation+ffn": ("relation", "ffn"), "subjects+ffn": ("subject1", "subject2", "ffn")}
+# subset -> the adapters of a triplet it activates ("none" is the base model, "all" every adapter);
+# subject1+ffn and subject2+ffn are what a subject step of hybrid mask training trains
+SUBSET_ADAPTERS = {"relation+ffn": ("relation", "ffn"), "subjects+ffn": ("subject1", "subject2", "ffn"),
+                   "subject1+ffn": ("subject1", "ffn"), "subject2+ffn": ("subject2", "ffn")}
 
 
 class VideoScorer(Protocol):
@@ -83,7 +86,8 @@ def make_scorer(cfg, device, toy_scorer=None) -> VideoScorer:
 
 def subset_adapters(subset: str, spec) -> tuple[str, ...] | None:
     """The adapters a subset activates for a triplet `spec`; None when the subset has no meaning for it
-    (a direct LoRA has one adapter: only "all")."""
+    (a direct LoRA has one adapter: only "all"). The one definition of the subsets, for attribution,
+    exemplar-fit and the toy grid's re-sampling with an adapter set."""
     from relvid.models.lora import adapter_names
 
     if subset == "all":
@@ -91,6 +95,58 @@ def subset_adapters(subset: str, spec) -> tuple[str, ...] | None:
     if spec.placement == "direct":
         return None
     return SUBSET_ADAPTERS[subset]
+
+
+def source_labels(sources: list[str]) -> list[str]:
+    """Short names of adapter sources (parts.label_of), made unique with as many of their folders as it
+    takes: runs/a/seed0/train/adapters and runs/b/seed0/train/adapters are a/seed0 and b/seed0."""
+    from relvid.analysis.parts import label_of
+
+    def folders(source: str) -> list[str]:
+        return [p for p in Path(source).parts if p not in ("adapters", "checkpoints", "train", "/")
+                and not p.endswith((".safetensors", ".ckpt"))]
+
+    labels = [label_of(s) for s in sources]
+    for n in range(2, 1 + max((len(folders(s)) for s in sources), default=0)):
+        dup = {x for x in labels if labels.count(x) > 1}
+        if not dup:
+            break
+        labels = ["/".join(folders(s)[-n:]) if x in dup else x for s, x in zip(sources, labels, strict=True)]
+    return labels
+
+
+def subset_models(cfg, device, skipped: list[str]) -> Iterator[tuple[str, str, tuple[str, ...], nn.Module]]:
+    """(source label, subset, active adapters, model with exactly those adapters on) for every subset of
+    analyze.subsets: the base model first ("none"), then each source of analyze.adapters, loaded once.
+    Subsets that have no meaning for a source are noted in `skipped` instead."""
+    from relvid.analysis.parts import load_model
+    from relvid.models.adapter_file import resolve_adapter_file
+    from relvid.models.lora import TripletSpec, activate
+
+    an = cfg.analyze
+    for source in an.adapters:  # a missing or unknown source is refused before any model runs
+        resolve_adapter_file(source)
+    if "none" in an.subsets:
+        model, _ = load_model(cfg, device)
+        yield "base", "none", (), model
+        del model
+    for source, label in zip(an.adapters, source_labels(list(an.adapters)), strict=True):
+        model, info = load_model(cfg, device, source)
+        spec = info["adapters"]["spec"]
+        for subset in [s for s in an.subsets if s != "none"]:
+            if spec is None:  # a diffusers LoRA file holds the inference set only, loaded as it is
+                if subset == "relation+ffn":
+                    yield label, "inference set (diffusers file)", ("relvid_inference",), model
+                else:
+                    skipped.append(f"{label}: {subset} (a diffusers LoRA file holds the inference set only)")
+                continue
+            names = subset_adapters(subset, TripletSpec.from_dict(spec))
+            if names is None:
+                skipped.append(f"{label}: {subset} (placement {spec['placement']} has one adapter: see 'all')")
+                continue
+            activate(model, list(names))
+            yield label, subset, names, model
+        del model
 
 
 def render(model, codec, encoded: dict, jobs, cfg, desc: str) -> list[Tensor]:
@@ -107,11 +163,10 @@ def render(model, codec, encoded: dict, jobs, cfg, desc: str) -> list[Tensor]:
 
 def run(cfg, toy_scorer=None) -> dict[str, Path]:
     from relvid.analysis.figures import number_table, save_png, stack, tile_grid
-    from relvid.analysis.parts import device_of, label_of, load_model
+    from relvid.analysis.parts import device_of
     from relvid.components import encode_texts, load_codec
     from relvid.eval.metrics import keyframe_indices
     from relvid.inference.render import plan_jobs, texts_to_encode
-    from relvid.models.lora import TripletSpec, activate
     from relvid.prompts import collect_prompts
 
     an = cfg.analyze
@@ -132,29 +187,9 @@ def run(cfg, toy_scorer=None) -> dict[str, Path]:
         strips.append((f"{adapters}: {subset}", [(f"t={t}", first[t].numpy())
                                                  for t in keyframe_indices(first.shape[0], min(7, first.shape[0]))]))
 
-    if "none" in an.subsets:
-        model, _ = load_model(cfg, device)
-        add("base", "none", (), model)
-        del model
-    skipped = []
-    for source in an.adapters:
-        label = label_of(source)
-        model, info = load_model(cfg, device, source)
-        spec = info["adapters"]["spec"]
-        for subset in [s for s in an.subsets if s != "none"]:
-            if spec is None:  # a diffusers LoRA file holds the inference set only, loaded as it is
-                if subset == "relation+ffn":
-                    add(label, "inference set (diffusers file)", ("relvid_inference",), model)
-                else:
-                    skipped.append(f"{label}: {subset} (a diffusers LoRA file holds the inference set only)")
-                continue
-            names = subset_adapters(subset, TripletSpec.from_dict(spec))
-            if names is None:
-                skipped.append(f"{label}: {subset} (placement {spec['placement']} has one adapter: see 'all')")
-                continue
-            activate(model, list(names))
-            add(label, subset, names, model)
-        del model
+    skipped: list[str] = []
+    for adapters, subset, active, model in subset_models(cfg, device, skipped):
+        add(adapters, subset, active, model)
     for note in skipped:
         print(f"skipped {note}")
     out = Path(an.out)

@@ -15,6 +15,7 @@ KINDS = {
     "features": "Q, K, V feature maps of the vision tokens at a sampling step (Fig. 3, 5a)",
     "attention": "attention maps between the vision tokens and a phrase of the prompt (Fig. 7a)",
     "attribution": "the evaluation's metrics with each adapter subset: which adapter carries the relation",
+    "exemplar-fit": "flow-matching error on a cache's exemplars inside and outside the subjects, per adapter subset",
 }
 
 
@@ -26,6 +27,8 @@ def _run(kind: str, cfg) -> dict:
         from relvid.analysis.features import run
     elif kind == "attention":
         from relvid.analysis.attention import run
+    elif kind == "exemplar-fit":
+        from relvid.analysis.exemplar_fit import run
     else:
         from relvid.analysis.attribution import run
         from relvid.commands.toy import toy_video_scorer
@@ -42,6 +45,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     cfg = command_config(args)
     apply_model_folder(cfg)
+    if cfg.analyze.cache_dir is None:  # exemplar-fit reads the relation's cache unless told another
+        cfg.analyze.cache_dir = cfg.data.cache_dir
     if args.print_config:
         print(to_yaml(cfg, "analyze"), end="")
         return 0
@@ -70,6 +75,17 @@ def register(subparsers) -> None:
         if kind == "qkv-subspace":
             alias(q, "--ranks", key="analyze.ranks", type=int, nargs="+", help="e.g. --ranks 1 4 16 64")
             continue
+        if kind == "exemplar-fit":
+            alias(q, "--cache", key="analyze.cache_dir",
+                  help="a clip cache with subject masks, e.g. the one the adapters trained on (default data.cache_dir)")
+            alias(q, "--sigmas", key="analyze.sigmas", type=float, nargs="+",
+                  help="noise levels in [0, 1], each reported on its own, e.g. --sigmas 0.5 0.98 "
+                       "(default: levels drawn uniformly, as in training)")
+            alias(q, "--subsets", key="analyze.subsets", nargs="+",
+                  help="none relation+ffn subjects+ffn all (default), subject1+ffn subject2+ffn")
+            alias(q, "--seed", "--seeds", key="analyze.seeds", type=int, nargs="+", help="the noise seed (the first)")
+            alias(q, "--draws", key="analyze.draws", type=int, help="noise draws per exemplar (default 4)")
+            continue
         alias(q, "--prompt", "-p", key="analyze.prompts", action="append",
               help="the prompt" + (" (repeatable)" if kind == "attribution" else ""))
         alias(q, "--seed", "--seeds", key="analyze.seeds", type=int, nargs="+",
@@ -85,6 +101,7 @@ def register(subparsers) -> None:
             alias(q, "--phrase", key="analyze.phrase", help="words of the prompt, e.g. orbiting")
         if kind == "attribution":
             alias(q, "--prompts-file", key="analyze.prompts_file", help="one prompt per line")
-            alias(q, "--subsets", key="analyze.subsets", nargs="+", help="none relation+ffn subjects+ffn all")
+            alias(q, "--subsets", key="analyze.subsets", nargs="+",
+                  help="none relation+ffn subjects+ffn all (default), subject1+ffn subject2+ffn")
             alias(q, "--judge", key="analyze.judge", choices=("auto", "toy", "vlm", "none"),
                   help="auto: the toy judge for a toy model, the `judge` section's VLM if set, else none")

@@ -19,7 +19,7 @@ from relvid.config import SHIPPED_CONFIGS, ModelConfig, load_config
 from relvid.errors import InputError
 from relvid.models.adapter_file import RUN_ADAPTER_FILE, apply_adapter_source
 from relvid.models.backbone import load_transformer
-from relvid.models.lora import TripletSpec, adapter_names, inference_adapters
+from relvid.models.lora import TripletSpec, inference_adapters
 from relvid.toy.drivers.base import BASE_DIR
 
 
@@ -77,18 +77,24 @@ ADAPTER_SET_DESCRIPTIONS = {
 ADAPTER_SETS = tuple(ADAPTER_SET_DESCRIPTIONS)
 
 
+# run.py --adapters -> the subset of `relvid analyze attribution` it activates (one definition of the subsets)
+SET_SUBSETS = {"inference": "relation+ffn", "all": "all", "subjects": "subjects+ffn"}
+
+
 def adapters_in_set(spec: TripletSpec, adapters: str) -> tuple[str, ...]:
-    """The adapter names `adapters` (one of ADAPTER_SETS) activates for a run of `spec`."""
+    """The adapter names `adapters` (one of ADAPTER_SETS) activates for a run of `spec`: the subsets of
+    relvid.analysis.attribution."""
+    from relvid.analysis.attribution import subset_adapters
+
     if adapters not in ADAPTER_SETS:
         raise ValueError(f"adapters must be one of {ADAPTER_SETS}, got {adapters!r}")
-    if adapters == "inference":
-        return inference_adapters(spec)
-    if adapters == "all":
-        return adapter_names(spec)
-    if spec.placement == "direct":
+    names = subset_adapters(SET_SUBSETS[adapters], spec)
+    if names is None and adapters == "inference":
+        return inference_adapters(spec)  # a direct LoRA's inference set is its one adapter
+    if names is None:
         raise ValueError("adapters='subjects': a direct LoRA run has one adapter and no subject LoRAs; "
                          "use 'inference' or 'all'")
-    return tuple(name for name in adapter_names(spec) if name != "relation")
+    return tuple(names)
 
 
 def load_customized(adapter_file: str | Path, base_dir: str | Path = BASE_DIR, device: str = "cpu",
@@ -96,7 +102,11 @@ def load_customized(adapter_file: str | Path, base_dir: str | Path = BASE_DIR, d
     """The base with a run's adapters. `adapters="inference"` activates the method's inference set
     (relation + FFN, or direct); "all" also keeps the subject LoRAs, the set a hybrid-mask "relation"
     step trains; "subjects" keeps the subject and FFN LoRAs and drops the relation LoRA. The last two
-    are diagnostics: how much of the relation the adapters the method drops (or keeps) hold."""
+    are diagnostics: how much of the relation the adapters the method drops (or keeps) hold.
+
+    A MotionInversion run installs its motion embeddings (no set to choose). A ReVersion run (method=reversion)
+    puts nothing in the transformer: this is the base, and the run samples through its prompts, which carry
+    its token (relvid.models.adapter_file.read_reversion, then evaluate.generate(..., learned=...))."""
     if adapters not in ADAPTER_SETS:  # before the base is loaded
         raise ValueError(f"adapters must be one of {ADAPTER_SETS}, got {adapters!r}")
     model = load_base(base_dir, device="cpu")
