@@ -143,3 +143,20 @@ def tiny_toy_base(folder: Path) -> Path:
 TINY_TOY_BASE = {"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16, "pooled_projection_dim": 16,
                  "time_embed_dim": 16}
 
+
+
+def padded_batch(in_channels: int, text_dim: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """A transformer input of 2 clips (3 x 8 x 8 latents), the second's text padded after 4 of 6 tokens:
+    (latents (B, C, f, h, w), text (B, L, D), timesteps (B,), text mask (B, L))."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(2, in_channels, 3, 8, 8, generator=g)
+    text = torch.randn(2, 6, text_dim, generator=g)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    return z, text, torch.tensor([300.0, 800.0]), mask
+
+
+def forward_no_grad(model: nn.Module, inputs) -> torch.Tensor:
+    """The transformer's output on `inputs` (padded_batch's order), without gradients."""
+    with torch.no_grad():
+        return model(*inputs, return_dict=False)[0]

@@ -20,20 +20,7 @@ from relvid.training.module import RelationModule
 from relvid.training.run import build_trainer
 from relvid.training.strategies import StrategyConfigError, check_strategy
 from tests.helpers.configs import TOY_CHANNELS
-
-
-def _inputs(in_channels: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(2, in_channels, 3, 8, 8, generator=g)  # (B, C, f, h, w)
-    text = torch.randn(2, 6, 32, generator=g)  # (B, L, D)
-    mask = torch.ones(2, 6, dtype=torch.bool)
-    mask[1, 4:] = False
-    return z, text, torch.tensor([300.0, 800.0]), mask
-
-
-def _forward(model, inputs):
-    with torch.no_grad():
-        return model(*inputs, return_dict=False)[0]
+from tests.helpers.tiny_models import forward_no_grad, padded_batch
 
 
 def _resident(block: torch.nn.Module) -> list[bool]:
@@ -64,8 +51,8 @@ def test_disk_offload_gives_the_plain_output_with_blocks_off_between_uses(tiny_c
 
     for i in (1, 2):
         blocks[i].register_forward_pre_hook(watch(i), with_kwargs=True)
-    inputs = _inputs(4)
-    torch.testing.assert_close(_forward(model, inputs), _forward(plain, inputs), rtol=0, atol=0)
+    inputs = padded_batch(4, 32)
+    torch.testing.assert_close(forward_no_grad(model, inputs), forward_no_grad(plain, inputs), rtol=0, atol=0)
     assert seen == {1: [True, False], 2: [False, True]}  # each offloaded block on only for its own forward
     assert not any(_resident(blocks[1])) and not any(_resident(blocks[2]))  # and off again afterwards
     files = sorted(p.name for p in (tmp_path / "offload").rglob("*.safetensors"))
@@ -92,8 +79,8 @@ def test_fp8_storage_and_offload_together_give_the_fp8_output(tiny_cfg, tmp_path
     model = load_transformer(tiny_cfg(*_offload(tmp_path, 1, fp8)).model)
     weight = model.transformer_blocks[2].ff.net[0].proj.weight
     assert weight.dtype == torch.float8_e4m3fn and not _resident(model.transformer_blocks[2])[0]
-    inputs = _inputs(4, seed=1)
-    torch.testing.assert_close(_forward(model, inputs), _forward(plain, inputs), rtol=0, atol=0)
+    inputs = padded_batch(4, 32, seed=1)
+    torch.testing.assert_close(forward_no_grad(model, inputs), forward_no_grad(plain, inputs), rtol=0, atol=0)
 
 
 def test_offloaded_weights_refuse_a_dtype_change(tiny_cfg, tmp_path):
@@ -169,7 +156,7 @@ def test_training_step_under_checkpointing_onloads_blocks_again_in_backward(tiny
     blocks[2].register_forward_pre_hook(
         lambda block, args, kwargs: calls.append((torch.is_grad_enabled(), all(_resident(block)),
                                                   any(_resident(blocks[1])))), with_kwargs=True)
-    z, text, t, mask = _inputs(4)
+    z, text, t, mask = padded_batch(4, 32)
     out = module.transformer(z, text, t, mask, return_dict=False)[0]
     out.square().mean().backward()
     # the forward, then the recomputation in backward: block 2 on each time, block 1 off meanwhile
@@ -221,10 +208,10 @@ def test_gpu_offload_keeps_blocks_on_the_host_and_matches_the_plain_model(tiny_c
             seen.append(({p.device.type for p in block.parameters()}, {p.device.type for p in other.parameters()}))
 
         model.transformer_blocks[2].register_forward_pre_hook(watch, with_kwargs=True)
-        inputs = [t.to(device) for t in _inputs(4)]
+        inputs = [t.to(device) for t in padded_batch(4, 32)]
         inputs[0], inputs[1] = inputs[0].bfloat16(), inputs[1].bfloat16()
         for _ in range(2):  # the second pass uses the copies made ahead on the side stream
-            torch.testing.assert_close(_forward(model, inputs), _forward(plain, inputs), rtol=0, atol=0)
+            torch.testing.assert_close(forward_no_grad(model, inputs), forward_no_grad(plain, inputs), rtol=0, atol=0)
         assert seen == [({"cuda"}, {"cpu"})] * 2
         assert {p.device.type for p in model.transformer_blocks[2].parameters()} == {"cpu"}
 

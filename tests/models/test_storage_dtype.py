@@ -9,23 +9,13 @@ from relvid.errors import UserError
 from relvid.inference.sampler import sample
 from relvid.models.backbone import load_transformer, parameter_bytes
 from relvid.models.lora import TripletSpec, activate, cast_lora, inference_adapters, inject_triplet, lora_parameters
+from tests.helpers.tiny_models import forward_no_grad, padded_batch
 
 FP8 = "model.storage_dtype=float8_e4m3fn"
 
 
 def _inputs(model, seed: int = 0):
-    cfg = model.config
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(2, cfg.in_channels, 3, 8, 8, generator=g)  # (B, C, f, h, w)
-    text = torch.randn(2, 6, cfg.text_embed_dim, generator=g)  # (B, L, D)
-    mask = torch.ones(2, 6, dtype=torch.bool)
-    mask[1, 4:] = False
-    return z, text, torch.tensor([300.0, 800.0]), mask
-
-
-def _forward(model, inputs):
-    with torch.no_grad():
-        return model(*inputs, return_dict=False)[0]
+    return padded_batch(model.config.in_channels, model.config.text_embed_dim, seed)
 
 
 def test_fp8_storage_keeps_linear_weights_in_fp8_and_the_rest_in_the_compute_dtype(tiny_cfg):
@@ -81,7 +71,7 @@ def test_fp8_output_is_the_unquantized_model_with_fp8_rounded_weights(tiny_cfg):
             if fp8.get_parameter(name).dtype == torch.float8_e4m3fn:
                 p.copy_(p.to(torch.float8_e4m3fn).float())
     inputs = _inputs(reference)
-    out_ref, out_fp8, out_rounded = (_forward(m, inputs) for m in (reference, fp8, rounded))
+    out_ref, out_fp8, out_rounded = (forward_no_grad(m, inputs) for m in (reference, fp8, rounded))
     torch.testing.assert_close(out_fp8, out_rounded, rtol=0, atol=1e-6)
     rel = float((out_fp8 - out_ref).abs().max() / out_ref.abs().max())
     assert 0 < rel < 0.1, rel  # really quantized, and still the same model
@@ -126,7 +116,7 @@ def test_fp8_storage_on_a_gpu_halves_the_base_and_computes_in_bf16(tiny_cfg):
     assert fp8_bytes["float8_e4m3fn"] > 0 and sum(fp8_bytes.values()) < full_bytes
     inputs = [t.cuda() for t in _inputs(full)]
     inputs[0], inputs[1] = inputs[0].bfloat16(), inputs[1].bfloat16()
-    out_full, out_fp8 = _forward(full.eval(), inputs), _forward(fp8.eval(), inputs)
+    out_full, out_fp8 = forward_no_grad(full.eval(), inputs), forward_no_grad(fp8.eval(), inputs)
     assert out_fp8.dtype == torch.bfloat16
     rel = float((out_fp8.float() - out_full.float()).abs().max() / out_full.float().abs().max())
     assert rel < 0.1, rel
