@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from relvid.config import SamplingConfig
+from relvid.config import ReVersionConfig, SamplingConfig
 from relvid.errors import UserError
 from relvid.files import atomic_write
 from relvid.inference.generate import generate_video, inference_scope, sampling_record
@@ -144,7 +144,10 @@ class PreviewCallback(L.Callback):
         self.seed = seed
         self.codec_name, self.codec_path = codec, codec_path
         self.token = token
-        self.caption = caption if caption is not None else (f"A person is {token} a person." if token else None)
+        # without a caption: the schema's default caption, with this token in it
+        default = ReVersionConfig()
+        self.caption = caption if caption is not None else (
+            default.caption.replace(default.token, token) if token else None)
         self._codec = None
         self._prompts: dict | None = None  # text -> (embeds, mask), plus "" as the negative
         self._last_step: int | None = None  # the optimizer step the last training batch ended at
