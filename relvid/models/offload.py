@@ -181,6 +181,24 @@ def block_offload(model: nn.Module) -> BlockOffload | None:
     return getattr(model, OFFLOAD_ATTR, None)
 
 
+def _refuse_dtype_change(fn, dtype: torch.dtype) -> None:
+    if fn(torch.empty(0, dtype=dtype)).dtype != dtype:
+        raise OffloadError("the transformer's offloaded blocks cannot change dtype: set model.dtype (and "
+                           "model.storage_dtype) to the dtype wanted, or model.offload=none")
+
+
+def _checked_apply(dtype: torch.dtype):
+    """nn.Module._apply for the whole transformer: a dtype change is refused before any module is cast, so a
+    refused `.to(dtype)` leaves the model as it was (the blocks' own guard alone would refuse only after the
+    modules before the first offloaded block had been cast)."""
+
+    def _apply(self, fn, recurse=True):
+        _refuse_dtype_change(fn, dtype)
+        return type(self)._apply(self, fn, recurse)
+
+    return _apply
+
+
 def _guarded_apply(managed_ids: set[int]):
     """nn.Module._apply for an offloaded block: `.to(device)` / `.cuda()` move everything but the offloaded
     weights, which stay on the host; a dtype change of those is refused (they are stored as loaded)."""
@@ -193,10 +211,7 @@ def _guarded_apply(managed_ids: set[int]):
                     if tensor is not None and id(tensor) in managed_ids:
                         hidden.append((store, name, tensor))
         if hidden:
-            probe = hidden[0][2]
-            if fn(torch.empty(0, dtype=probe.dtype, device=probe.device)).dtype != probe.dtype:
-                raise OffloadError("the transformer's offloaded blocks cannot change dtype: set model.dtype (and "
-                                   "model.storage_dtype) to the dtype wanted, or model.offload=none")
+            _refuse_dtype_change(fn, hidden[0][2].dtype)
         for store, name, _ in hidden:
             store[name] = None  # skipped by nn.Module._apply; the order of the entries is kept
         try:
@@ -236,5 +251,7 @@ def apply_block_offload(model: nn.Module, resident_blocks: int = 0, folder: str 
     guard = _guarded_apply(offload.managed)
     for item in offloaded:
         item.block._apply = types.MethodType(guard, item.block)
+    if offloaded:
+        model._apply = types.MethodType(_checked_apply(offloaded[0].originals[0].dtype), model)
     setattr(model, OFFLOAD_ATTR, offload)
     return offload

@@ -208,19 +208,31 @@ class RunInfo(L.Callback):
 
         from relvid.files import atomic_write
         from relvid.models.backbone import parameter_bytes
+        from relvid.models.offload import block_offload
 
         if not trainer.is_global_zero:
             return
         transformer = pl_module.transformer
         trained = pl_module.trained_parameters()
         model = pl_module.cfg.model
+        offload = block_offload(transformer)
+        kept = offload.managed if offload is not None else set()
+        where = parameter_bytes(p for p in transformer.parameters() if id(p) not in kept)
+        if kept:
+            # blocks offloaded to model.offload_dir hold no host memory: their bytes are on the disk
+            offloaded = parameter_bytes(p for p in transformer.parameters() if id(p) in kept)
+            if offload.folder is not None:
+                offloaded = {"disk": offloaded.get("cpu", {})}
+            for device, by_dtype in offloaded.items():
+                for dtype, n in by_dtype.items():
+                    where.setdefault(device, {})[dtype] = where.get(device, {}).get(dtype, 0) + n
         info = {
             "step": int(trainer.global_step),
             "transformer": {
                 # the dtype each layer computes in, and the one the base's linear weights are kept in between uses
                 "compute_dtype": str(getattr(transformer, "dtype", "")).removeprefix("torch."),
                 "storage_dtype": model.storage_dtype,
-                "parameter_bytes": parameter_bytes(transformer.parameters()),
+                "parameter_bytes": where,
                 "trained_parameter_bytes": parameter_bytes(trained.values()),
                 "parameters": sum(p.numel() for p in transformer.parameters()),
                 "trained_parameters": sum(p.numel() for p in trained.values()),

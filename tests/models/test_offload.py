@@ -86,8 +86,11 @@ def test_fp8_storage_and_offload_together_give_the_fp8_output(tiny_cfg, tmp_path
 def test_offloaded_weights_refuse_a_dtype_change(tiny_cfg, tmp_path):
     model = load_transformer(tiny_cfg(*_offload(tmp_path)).model)
     model.to("cpu")  # a move: fine (nothing to move on the CPU)
+    before = {name: p.dtype for name, p in model.named_parameters()}
     with pytest.raises(OffloadError, match="model.dtype"):
         model.to(torch.bfloat16)
+    # refused before anything is cast: the embedders and the resident block keep their dtype too
+    assert {name: p.dtype for name, p in model.named_parameters()} == before
     with pytest.raises(OffloadError, match="already installed"):
         apply_block_offload(model)
 

@@ -47,6 +47,18 @@ def test_run_info_shows_the_base_stored_in_fp8_and_the_loras_in_fp32(cache, tiny
     assert full_total - fp8_total == 3 * fp8["parameter_bytes"]["cpu"]["float8_e4m3fn"]
 
 
+def test_run_info_puts_blocks_offloaded_to_disk_on_the_disk(cache, tiny_cfg, tmp_path):
+    common = ("trainer.max_steps=1", "model.tiny.num_layers=3")
+    plain = _info(run(tiny_cfg(*common, f"output_dir={tmp_path / 'plain'}")))["transformer"]
+    disk = _info(run(tiny_cfg(*common, "model.offload=blocks", "model.resident_blocks=1",
+                              f"model.offload_dir={tmp_path / 'offload'}", f"output_dir={tmp_path / 'disk'}")))
+    disk = disk["transformer"]
+    assert set(disk["parameter_bytes"]) == {"cpu", "disk"} and disk["parameters"] == plain["parameters"]
+    on_disk, in_memory = disk["parameter_bytes"]["disk"]["float32"], disk["parameter_bytes"]["cpu"]["float32"]
+    # two of the three blocks are on the disk; the total is the plain run's
+    assert on_disk > 0 and on_disk + in_memory == plain["parameter_bytes"]["cpu"]["float32"]
+
+
 def test_fp8_run_selects_as_before_resumes_exactly_and_exports_fp32_loras(cache, tiny_cfg, tmp_path):
     common = ("trainer.max_steps=4", "trainer.checkpoint_every=2", "lora.dropout=0.1")
     plain_sel, fp8_sel = Selections(), Selections()
