@@ -61,13 +61,15 @@ class SignalInsideTheOptimizerStep(L.Callback):
 def test_a_signal_stops_at_the_step_boundary_and_resume_last_is_exact(tmp_path, cache, tiny_cfg, signum, capsys):
     whole = run(tiny_cfg("trainer.max_steps=6", "trainer.checkpoint_every=100", f"output_dir={tmp_path / 'whole'}"))
     cfg = tiny_cfg("trainer.max_steps=6", "trainer.checkpoint_every=2")
+    # the handler the process had before (Python's default_int_handler; SIG_IGN in a job started with nohup or `&`)
+    before = signal.getsignal(signal.SIGINT)
     with pytest.raises(TrainingInterrupted, match=r"stopped at step 3.*on_exception.ckpt.*resume=last") as stop:
         run(cfg, extra_callbacks=[SignalInsideTheOptimizerStep(3, signum)])
     assert stop.value.exit_code == 128 + signum  # a non-zero exit: `train && export` stops here
     ckpt = tmp_path / "run" / "checkpoints" / "on_exception.ckpt"
     assert torch.load(ckpt, weights_only=True)["global_step"] == 3  # the whole step, not half of it
     assert not (tmp_path / "run" / "adapters").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers are given back
+    assert signal.getsignal(signal.SIGINT) is before  # handlers are given back
     # resume=last picks the newest consistent checkpoint (on_exception.ckpt at step 3, not step000002.ckpt)
     out = run(tiny_cfg("trainer.max_steps=6", "trainer.checkpoint_every=2", "resume=last"))
     assert f"resuming from {ckpt} (step 3)" in capsys.readouterr().out
