@@ -215,17 +215,12 @@ class RunInfo(L.Callback):
         transformer = pl_module.transformer
         trained = pl_module.trained_parameters()
         model = pl_module.cfg.model
+        # blocks offloaded to model.offload_dir hold no host memory: their bytes are listed under "disk"
         offload = block_offload(transformer)
-        kept = offload.managed if offload is not None else set()
-        where = parameter_bytes(p for p in transformer.parameters() if id(p) not in kept)
-        if kept:
-            # blocks offloaded to model.offload_dir hold no host memory: their bytes are on the disk
-            offloaded = parameter_bytes(p for p in transformer.parameters() if id(p) in kept)
-            if offload.folder is not None:
-                offloaded = {"disk": offloaded.get("cpu", {})}
-            for device, by_dtype in offloaded.items():
-                for dtype, n in by_dtype.items():
-                    where.setdefault(device, {})[dtype] = where.get(device, {}).get(dtype, 0) + n
+        on_disk = offload.managed if offload is not None and offload.folder is not None else set()
+        where = parameter_bytes(p for p in transformer.parameters() if id(p) not in on_disk)
+        if on_disk:
+            where["disk"] = parameter_bytes(p for p in transformer.parameters() if id(p) in on_disk)["cpu"]
         info = {
             "step": int(trainer.global_step),
             "transformer": {
